@@ -1,0 +1,3 @@
+"""PStorage: a data-reducing, log-structured block storage daemon."""
+
+__version__ = "0.1.0"

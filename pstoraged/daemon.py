@@ -1,0 +1,91 @@
+"""pstoraged: one trio process that owns a pool and serves its volumes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from .control import Api, ControlServer
+from .dataserver import DataServer
+from .engine import Engine
+from .errors import PStorageError
+from .exports import ExportManager
+from .format import DEFAULT_SEGMENT_SIZE
+from .pool import create_pool, open_pool
+from .units import parse_size
+from .worker import EngineWorker
+
+log = logging.getLogger("pstoraged")
+
+DEFAULT_POOL_DIR = "/var/lib/pstorage"
+DEFAULT_RUN_DIR = "/run/pstorage"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pstoraged", description=__doc__)
+    p.add_argument("--pool-dir", default=os.environ.get("PSTORAGE_POOL_DIR", DEFAULT_POOL_DIR),
+                   help="pool directory: metadata and pool.json (default %(default)s)")
+    p.add_argument("--run-dir", default=os.environ.get("PSTORAGE_RUN_DIR", DEFAULT_RUN_DIR),
+                   help="sockets and export state (default %(default)s)")
+    p.add_argument("--init", action="store_true", help="create the pool first if there is none")
+    p.add_argument("--device", help="with --init: backing block device or file")
+    p.add_argument("--size", help="with --init: create the backing file with this size (e.g. 20G)")
+    p.add_argument("--segment-size", default=str(DEFAULT_SEGMENT_SIZE), help="with --init")
+    p.add_argument("--force", action="store_true", help="with --init: overwrite signatures")
+    p.add_argument("--log-level", default=os.environ.get("PSTORAGE_LOG_LEVEL", "INFO"))
+    return p.parse_args(argv)
+
+
+async def serve(engine: Engine, run_dir: str) -> None:
+    data_sock = os.path.join(run_dir, "data.sock")
+    worker = EngineWorker(engine)
+    worker.start()
+    try:
+        exports = await trio.to_thread.run_sync(ExportManager, run_dir, data_sock)
+        api = Api(worker, exports)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(DataServer(worker, data_sock).serve)
+            await nursery.start(ControlServer(api, os.path.join(run_dir, "control.sock")).serve)
+            log.info("pstoraged ready: pool %s, %d volumes, sockets in %s",
+                     engine.pool.sb.uuid.hex(), len(engine.volumes), run_dir)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    break
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await worker.stop()  # drains queued I/O, commits, marks the pool clean
+        log.info("pstoraged stopped cleanly")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.init and not os.path.exists(os.path.join(args.pool_dir, "pool.json")):
+            if not args.device:
+                raise PStorageError("--init needs --device", "e.g. --device /var/lib/pstorage/pool.img --size 20G")
+            create_pool(args.pool_dir, args.device,
+                        file_size=parse_size(args.size) if args.size else None,
+                        segment_size=parse_size(args.segment_size), force=args.force)
+            log.info("created pool in %s on %s", args.pool_dir, args.device)
+        engine = Engine(open_pool(args.pool_dir))
+    except PStorageError as e:
+        print(f"pstoraged: {e}", file=sys.stderr)
+        return e.exit_code
+    os.makedirs(args.run_dir, exist_ok=True)
+    trio.run(serve, engine, args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,504 @@
+"""The data-reducing engine: volumes, L2P maps, dedupe, compression, refcounts.
+
+The engine is synchronous and single-threaded by design: the daemon runs it
+in one worker thread and feeds it batches (see worker.py), tests drive it
+directly. All state changes go into the metadata store's open transaction;
+`flush()` writes the segment data, syncs it, then commits the metadata, so
+data is always durable before anything points at it.
+
+Per written 4 KiB block: all-zero -> no chunk; else SHA-256 fingerprint ->
+pool-wide dedupe index -> hit: one more reference; miss: compress (early
+abort) and append a new chunk record to the segment log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid as uuidlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import codecs
+from .errors import Conflict, CorruptData, InvalidArgument, NotFound, ReadOnly
+from .format import (
+    BLOCK_SIZE,
+    CHUNK_KEY,
+    CHUNK_META,
+    KIND_CHUNK,
+    L2P_KEY,
+    NO_CHUNK,
+    U64,
+    ZERO_BLOCK,
+    ChunkHeader,
+    crc32,
+    l2p_key,
+    l2p_unpack,
+    pack_chunk_header,
+)
+from .pool import Pool
+from .segments import SegmentLog
+from .units import validate_name, validate_volume_size
+
+log = logging.getLogger(__name__)
+
+COMMIT_EVERY = 16384  # metadata updates per group commit when no flush comes
+MAX_EXTENTS = 1024  # runs per extents reply; NBD lets a reply cover less
+
+_sha256 = hashlib.sha256
+_unpack_chunk = CHUNK_META.unpack
+_pack_chunk = CHUNK_META.pack
+_ckey = CHUNK_KEY.pack
+
+
+@dataclass(slots=True)
+class VolumeStats:
+    """Per-volume counters. `*_bytes` ingest counters are cumulative."""
+
+    written_bytes: int = 0  # bytes of blocks written (after read-modify-write)
+    zero_bytes: int = 0  # of those, all-zero blocks: stored as nothing
+    dedupe_bytes: int = 0  # of those, blocks already in the pool
+    unique_bytes: int = 0  # of those, new unique blocks
+    stored_bytes: int = 0  # what the new unique blocks took in segments
+    mapped_blocks: int = 0  # current: blocks that hold data (not zero, not hole)
+    reads: int = 0
+    writes: int = 0
+    read_bytes: int = 0
+
+
+@dataclass(slots=True)
+class Volume:
+    id: int
+    name: str
+    size: int
+    compression: str = "lz4"
+    gen: int = 1  # the live map generation (snapshots freeze older ones)
+    created_ns: int = 0
+    readonly: bool = False
+    stats: VolumeStats = field(default_factory=VolumeStats)
+
+    def record(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("stats")
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    volumes: int
+    provisioned_bytes: int
+    logical_bytes: int  # blocks that hold data, over all volumes
+    unique_bytes: int  # raw size of the live chunks
+    stored_bytes: int  # their size in segments, headers included
+    allocated_bytes: int  # segments in use
+    capacity_bytes: int
+    free_bytes: int
+    live_chunks: int
+    checksum_errors: int
+    io_errors: int
+    commits: int
+
+
+class Engine:
+    def __init__(self, pool: Pool, *, reserve_segments: int = 2) -> None:
+        self.pool = pool
+        self.meta = pool.meta
+        self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
+        self.comp = codecs.Compressor()
+        txn = self.meta.txn
+        self.segs.load(iter(txn.cursor(db=self.meta.segs)))
+        self.volumes: dict[str, Volume] = {}
+        self.by_id: dict[int, Volume] = {}
+        for _name, v in txn.cursor(db=self.meta.vols):
+            rec = json.loads(v)
+            vol = Volume(**rec)
+            vol.stats = VolumeStats(**self.meta.get_json(f"vstats:{vol.id}", {}))
+            self.volumes[vol.name] = vol
+            self.by_id[vol.id] = vol
+        c = self.meta.get_json("counters", {})
+        self.next_chunk = c.get("next_chunk", 1)
+        self.next_volume = c.get("next_volume", 1)
+        self.live_chunks = c.get("live_chunks", 0)
+        self.live_stored = c.get("live_stored", 0)
+        self.checksum_errors = c.get("checksum_errors", 0)
+        self.io_errors = c.get("io_errors", 0)
+        self.commits = 0
+        self.dirty = False
+        # Instance tracking lets a reconnecting client learn whether writes it
+        # had acknowledged from the previous run could have been lost.
+        self.instance = uuidlib.uuid4().bytes
+        prev = self.meta.get_json("instance", {})
+        self.prev_instance = bytes.fromhex(prev.get("id", "00" * 16))
+        self.prev_clean = bool(prev.get("clean", False))
+        self.meta.put_json("instance", {"id": self.instance.hex(), "clean": False})
+        self._commit()
+
+    # ------------------------------------------------------------------ volumes
+    def _persist_volume(self, vol: Volume) -> None:
+        self.meta.txn.put(vol.name.encode(), json.dumps(vol.record()).encode(), db=self.meta.vols)
+
+    def volume(self, name: str) -> Volume:
+        try:
+            return self.volumes[name]
+        except KeyError:
+            raise NotFound(f"no volume named {name!r}", "see 'pstorage volume list'") from None
+
+    def create_volume(self, name: str, size: int, compression: str = "lz4") -> Volume:
+        validate_name(name)
+        validate_volume_size(size)
+        codecs.codec_id(compression)
+        if name in self.volumes:
+            raise Conflict(f"volume {name!r} already exists", "choose another name")
+        vol = Volume(self.next_volume, name, size, compression, created_ns=time.time_ns())
+        self.next_volume += 1
+        self.volumes[name] = vol
+        self.by_id[vol.id] = vol
+        self._persist_volume(vol)
+        self.flush()
+        return vol
+
+    def resize_volume(self, name: str, size: int, shrink: bool = False) -> Volume:
+        vol = self.volume(name)
+        validate_volume_size(size)
+        if size < vol.size:
+            if not shrink:
+                raise InvalidArgument(
+                    f"{size} is smaller than the volume ({vol.size})",
+                    "pass --shrink to cut the volume; data past the new end is released",
+                )
+            self._unmap_range(vol, size // BLOCK_SIZE, vol.size // BLOCK_SIZE)
+        vol.size = size
+        self._persist_volume(vol)
+        self.flush()
+        return vol
+
+    def set_compression(self, name: str, compression: str) -> Volume:
+        vol = self.volume(name)
+        codecs.codec_id(compression)
+        vol.compression = compression
+        self._persist_volume(vol)
+        self.flush()
+        return vol
+
+    def delete_volume(self, name: str) -> None:
+        vol = self.volume(name)
+        self._unmap_range(vol, 0, (1 << 64) - 1)
+        self.meta.txn.delete(name.encode(), db=self.meta.vols)
+        self.meta.delete(f"vstats:{vol.id}")
+        del self.volumes[name]
+        del self.by_id[vol.id]
+        self.flush()
+
+    # ------------------------------------------------------------------ chunks
+    def _incref(self, cid: int) -> None:
+        txn, key = self.meta.txn, _ckey(cid)
+        rc, s, off, slen, codec, slot, res, fp = _unpack_chunk(txn.get(key, db=self.meta.chunks))
+        txn.put(key, _pack_chunk(rc + 1, s, off, slen, codec, slot, res, fp), db=self.meta.chunks)
+
+    def _decref(self, cid: int) -> None:
+        txn, key = self.meta.txn, _ckey(cid)
+        raw = txn.get(key, db=self.meta.chunks)
+        if raw is None:
+            log.error("refcount underflow: chunk %d is not in the index", cid)
+            return
+        rc, s, off, slen, codec, slot, res, fp = _unpack_chunk(raw)
+        if rc > 1:
+            txn.put(key, _pack_chunk(rc - 1, s, off, slen, codec, slot, res, fp), db=self.meta.chunks)
+            return
+        txn.delete(key, db=self.meta.chunks)
+        txn.delete(fp, db=self.meta.fp)
+        size = ChunkHeader.SIZE + slen
+        size += -size % 16
+        self.segs.release(s, size)
+        self.live_chunks -= 1
+        self.live_stored -= size
+
+    def _new_chunk(self, vol: Volume, data: bytes, fp: bytes) -> int:
+        codec, payload = self.comp.compress(codecs.IDS[vol.compression], data)
+        cid = self.next_chunk
+        hdr = pack_chunk_header(KIND_CHUNK, codec, cid, len(data), len(payload), fp, crc32(payload))
+        s, off, size = self.segs.append(hdr, payload)
+        self.next_chunk += 1
+        txn = self.meta.txn
+        txn.put(_ckey(cid), _pack_chunk(1, s, off, len(payload), codec, 0, 0, fp), db=self.meta.chunks)
+        txn.put(fp, U64.pack(cid), db=self.meta.fp)
+        self.live_chunks += 1
+        self.live_stored += size
+        vol.stats.stored_bytes += size
+        return cid
+
+    def read_chunk(self, cid: int) -> bytes:
+        raw = self.meta.txn.get(_ckey(cid), db=self.meta.chunks)
+        if raw is None:
+            raise CorruptData(f"chunk {cid} is referenced but not in the chunk index")
+        _, s, off, slen, codec, _, _, fp = _unpack_chunk(raw)
+        try:
+            rec = self.segs.read(s, off, ChunkHeader.SIZE + slen)
+            h = ChunkHeader.from_buffer(rec)
+            payload = memoryview(rec)[ChunkHeader.SIZE :]
+            if h.chunk_id != cid or h.stored_len != slen or h.fingerprint != fp:
+                raise CorruptData(f"segment {s} offset {off} holds chunk {h.chunk_id}, not {cid}")
+            if crc32(payload) != h.payload_crc:
+                raise CorruptData(f"chunk {cid} (segment {s} offset {off}): payload checksum mismatch")
+            return self.comp.decompress(h.codec, payload, h.raw_len)
+        except CorruptData as e:
+            self.checksum_errors += 1
+            self.dirty = True
+            log.error("checksum error: %s", e)
+            raise
+
+    # ------------------------------------------------------------------ the map
+    def _lookup(self, vol: Volume, lba: int, gen: int) -> int:
+        cur = self.meta.txn.cursor(db=self.meta.l2p)
+        key = l2p_key(vol.id, lba, gen)
+        if cur.set_range(key) and cur.key()[:12] == key[:12]:
+            return U64.unpack(cur.value())[0]
+        return NO_CHUNK
+
+    def _map(self, vol: Volume, lba: int, cid: int) -> None:
+        """Point (vol, lba) at chunk `cid` (NO_CHUNK: zeros) in the live generation."""
+        txn, db = self.meta.txn, self.meta.l2p
+        gen = vol.gen
+        key = l2p_key(vol.id, lba, gen)
+        prefix = key[:12]
+        cur = txn.cursor(db=db)
+        old, own, older = NO_CHUNK, False, False
+        if cur.set_range(key) and cur.key()[:12] == prefix:
+            old = U64.unpack(cur.value())[0]
+            own = cur.key() == key
+            if own:
+                older = cur.next() and cur.key()[:12] == prefix
+            else:
+                older = True  # a frozen generation still holds this block
+        if cid == NO_CHUNK and not older:
+            if own:
+                txn.delete(key, db=db)
+        else:
+            txn.put(key, U64.pack(cid), db=db)
+        if own and old != NO_CHUNK:
+            self._decref(old)
+        vol.stats.mapped_blocks += (cid != NO_CHUNK) - (old != NO_CHUNK)
+        self.meta.pending_ops += 1
+
+    def _unmap_range(self, vol: Volume, first: int, end: int) -> int:
+        """Drop blocks [first, end) of the live generation; cost is O(mapped blocks)."""
+        txn, db = self.meta.txn, self.meta.l2p
+        gen = vol.gen
+        todo: list[int] = []
+        cur = txn.cursor(db=db)
+        start = L2P_KEY.pack(vol.id, first, 0)
+        stop_lba = min(end, (1 << 64) - 1)
+        last = -1
+        ok = cur.set_range(start)
+        while ok:
+            v, lba, g = l2p_unpack(cur.key())
+            if v != vol.id or lba >= stop_lba:
+                break
+            if lba != last and g <= gen:
+                last = lba
+                if U64.unpack(cur.value())[0] != NO_CHUNK:
+                    todo.append(lba)
+            ok = cur.next()
+        for lba in todo:
+            self._map(vol, lba, NO_CHUNK)
+            self._maybe_commit()
+        return len(todo)
+
+    # ------------------------------------------------------------------ I/O
+    def _check_range(self, vol: Volume, offset: int, length: int) -> None:
+        if self.by_id.get(vol.id) is not vol:
+            raise NotFound(f"volume {vol.name!r} was deleted")
+        if offset < 0 or length < 0 or offset + length > vol.size:
+            raise InvalidArgument(
+                f"range {offset}+{length} is outside volume {vol.name!r} ({vol.size} bytes)"
+            )
+
+    def read(self, vol: Volume, offset: int, length: int) -> bytes:
+        self._check_range(vol, offset, length)
+        out = bytearray(length)
+        lba = offset // BLOCK_SIZE
+        pos = 0
+        while pos < length:
+            boff = (offset + pos) % BLOCK_SIZE
+            n = min(BLOCK_SIZE - boff, length - pos)
+            cid = self._lookup(vol, lba, vol.gen)
+            if cid != NO_CHUNK:
+                out[pos : pos + n] = self.read_chunk(cid)[boff : boff + n]
+            pos += n
+            lba += 1
+        vol.stats.reads += 1
+        vol.stats.read_bytes += length
+        return bytes(out)
+
+    def _read_block(self, vol: Volume, lba: int) -> bytes:
+        cid = self._lookup(vol, lba, vol.gen)
+        return ZERO_BLOCK if cid == NO_CHUNK else self.read_chunk(cid)
+
+    def write(self, vol: Volume, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self._writable(vol)
+        self._check_range(vol, offset, len(data))
+        mv = memoryview(data)
+        lba = offset // BLOCK_SIZE
+        pos = 0
+        st = vol.stats
+        while pos < len(mv):
+            boff = (offset + pos) % BLOCK_SIZE
+            n = min(BLOCK_SIZE - boff, len(mv) - pos)
+            if n == BLOCK_SIZE:
+                block = bytes(mv[pos : pos + n])
+            else:  # read-modify-write of a partial block
+                old = bytearray(self._read_block(vol, lba))
+                old[boff : boff + n] = mv[pos : pos + n]
+                block = bytes(old)
+            st.written_bytes += BLOCK_SIZE
+            if block == ZERO_BLOCK:
+                st.zero_bytes += BLOCK_SIZE
+                self._map(vol, lba, NO_CHUNK)
+            else:
+                fp = _sha256(block).digest()
+                hit = self.meta.txn.get(fp, db=self.meta.fp)
+                if hit is not None:
+                    cid = U64.unpack(hit)[0]
+                    self._incref(cid)
+                    st.dedupe_bytes += BLOCK_SIZE
+                else:
+                    cid = self._new_chunk(vol, block, fp)
+                    st.unique_bytes += BLOCK_SIZE
+                self._map(vol, lba, cid)
+            pos += n
+            lba += 1
+        st.writes += 1
+        self.dirty = True
+        if fua:
+            self.flush()
+        else:
+            self._maybe_commit()
+
+    def _writable(self, vol: Volume) -> None:
+        if vol.readonly:
+            raise ReadOnly(f"volume {vol.name!r} is read-only")
+
+    def zero(self, vol: Volume, offset: int, length: int, fua: bool = False) -> None:
+        """Write zeros; whole blocks become holes (no space), edges are rewritten."""
+        self._writable(vol)
+        self._check_range(vol, offset, length)
+        end = offset + length
+        first = -(-offset // BLOCK_SIZE)
+        last = end // BLOCK_SIZE
+        if first >= last:  # inside one block
+            if length:
+                self.write(vol, offset, bytes(length))
+        else:
+            if offset < first * BLOCK_SIZE:
+                self.write(vol, offset, bytes(first * BLOCK_SIZE - offset))
+            if end > last * BLOCK_SIZE:
+                self.write(vol, last * BLOCK_SIZE, bytes(end - last * BLOCK_SIZE))
+            self._unmap_range(vol, first, last)
+        self.dirty = True
+        if fua:
+            self.flush()
+
+    # TRIM: our discarded blocks read back as zeros, which NBD allows.
+    trim = zero
+
+    def extents(self, vol: Volume, offset: int, length: int) -> list[tuple[int, int]]:
+        """Runs of (length, type) from offset: type 0 data, 3 hole+zero."""
+        self._check_range(vol, offset, length)
+        end = offset + length
+        cur = self.meta.txn.cursor(db=self.meta.l2p)
+        first = offset // BLOCK_SIZE
+        runs: list[tuple[int, int]] = []
+        pos = offset
+
+        def add(upto: int, typ: int) -> None:
+            nonlocal pos
+            upto = min(upto, end)
+            if upto <= pos:
+                return
+            if runs and runs[-1][1] == typ:
+                runs[-1] = (runs[-1][0] + upto - pos, typ)
+            else:
+                runs.append((upto - pos, typ))
+            pos = upto
+
+        ok = cur.set_range(L2P_KEY.pack(vol.id, first, 0))
+        last = -1
+        while ok and pos < end and len(runs) < MAX_EXTENTS:
+            v, lba, g = l2p_unpack(cur.key())
+            if v != vol.id or lba * BLOCK_SIZE >= end:
+                break
+            if lba != last and g <= vol.gen:
+                last = lba
+                cid = U64.unpack(cur.value())[0]
+                add(lba * BLOCK_SIZE, 3)
+                add((lba + 1) * BLOCK_SIZE, 0 if cid != NO_CHUNK else 3)
+            ok = cur.next()
+        if len(runs) < MAX_EXTENTS:
+            add(end, 3)
+        return runs
+
+    # ------------------------------------------------------------------ durability
+    def _maybe_commit(self) -> None:
+        if self.meta.pending_ops >= COMMIT_EVERY:
+            self._commit()
+
+    def _persist_counters(self) -> None:
+        for vol in self.volumes.values():
+            self.meta.put_json(f"vstats:{vol.id}", asdict(vol.stats))
+        self.meta.put_json("counters", {
+            "next_chunk": self.next_chunk, "next_volume": self.next_volume,
+            "live_chunks": self.live_chunks, "live_stored": self.live_stored,
+            "checksum_errors": self.checksum_errors, "io_errors": self.io_errors,
+        })
+
+    def _commit(self) -> None:
+        """Group commit: segment data first, synced, then the metadata pointing at it."""
+        self.segs.flush_data()
+        self._persist_counters()
+        txn = self.meta.txn
+        for k, v in self.segs.dirty_records():
+            txn.put(k, v, db=self.meta.segs)
+        self.meta.commit()
+        self.commits += 1
+        self.dirty = False
+        if self.segs.after_commit():
+            # record the segments' new FREE state in the next commit
+            txn = self.meta.txn
+            for k, v in self.segs.dirty_records():
+                txn.put(k, v, db=self.meta.segs)
+
+    def flush(self) -> None:
+        """Everything acknowledged before this call is on stable storage when it returns."""
+        self._commit()
+
+    def idle(self) -> None:
+        """Called when no requests wait: bound what a crash could lose."""
+        if self.dirty or self.meta.pending_ops:
+            self._commit()
+
+    def close(self) -> None:
+        self.meta.put_json("instance", {"id": self.instance.hex(), "clean": True})
+        self._commit()
+        self.meta.commit()
+        self.segs.close()
+        self.pool.close()
+
+    # ------------------------------------------------------------------ reporting
+    def statistics(self) -> EngineStatistics:
+        ss = self.segs.statistics()
+        return EngineStatistics(
+            volumes=len(self.volumes),
+            provisioned_bytes=sum(v.size for v in self.volumes.values()),
+            logical_bytes=sum(v.stats.mapped_blocks for v in self.volumes.values()) * BLOCK_SIZE,
+            unique_bytes=self.live_chunks * BLOCK_SIZE,
+            stored_bytes=self.live_stored,
+            allocated_bytes=(ss.total - ss.free) * ss.segment_size,
+            capacity_bytes=ss.total * ss.segment_size,
+            free_bytes=ss.free * ss.segment_size,
+            live_chunks=self.live_chunks,
+            checksum_errors=self.checksum_errors,
+            io_errors=self.io_errors,
+            commits=self.commits,
+        )

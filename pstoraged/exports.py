@@ -1,0 +1,361 @@
+"""Exports and attachments: nbdkit servers and the block devices on them.
+
+`export` starts nbdkit with plugins/pstorage.py on a unix socket (and, on
+request, a second one on TCP). `attach` turns an export into a block device:
+the kernel nbd driver when the kernel has one, otherwise nbdfuse (an NBD
+client presenting the export as a FUSE file) plus a loop device with direct
+I/O. These processes are deliberately *not* children that die with the
+daemon: a mounted device must survive a daemon restart, the plugin
+reconnecting meanwhile. Their state is kept in RUN_DIR/exports/NAME/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import Conflict, InvalidArgument, NotFound, PStorageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "pstorage.py"
+INSTALLED_PLUGIN = Path("/usr/share/pstorage/plugins/pstorage.py")
+
+
+class ToolFailed(PStorageError):
+    status = 500
+    exit_code = 10
+    code = "tool_failed"
+
+
+def plugin_path() -> str:
+    env = os.environ.get("PSTORAGE_PLUGIN")
+    for p in (Path(env) if env else None, DEFAULT_PLUGIN, INSTALLED_PLUGIN):
+        if p is not None and p.is_file():
+            return str(p)
+    raise ToolFailed("the nbdkit plugin pstorage.py was not found", "set PSTORAGE_PLUGIN")
+
+
+@dataclass(slots=True)
+class ExportState:
+    name: str
+    socket: str
+    uri: str
+    pid: int
+    readonly: bool = False
+    tcp: str | None = None  # "ADDR:PORT" when also served on TCP
+    tcp_pid: int = 0
+    by_attach: bool = False  # started by attach: stopped again by detach
+    device: str | None = None  # /dev/loopN or /dev/nbdN when attached
+    method: str | None = None  # "nbdfuse+loop" | "nbd"
+    fuse_pid: int = 0
+    fuse_dir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _run(cmd: list[str], timeout: float = 60) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise ToolFailed(f"{cmd[0]} is not installed", "run scripts/setup") from None
+    if p.returncode != 0:
+        raise ToolFailed(f"{' '.join(cmd)} failed: {p.stderr.strip() or p.stdout.strip()}")
+    return p.stdout
+
+
+def _wait_for(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise ToolFailed(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _read_pid(path: str) -> int:
+    try:
+        return int(Path(path).read_text().strip() or 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def kernel_has_nbd() -> bool:
+    if os.path.isdir("/sys/module/nbd"):
+        return True
+    if shutil.which("modprobe") is None:
+        return False
+    return subprocess.run(["modprobe", "-q", "nbd"], capture_output=True).returncode == 0 and (
+        os.path.isdir("/sys/module/nbd")
+    )
+
+
+def wait_for_block_device(dev: str, timeout: float = 15.0) -> None:
+    """Wait until `dev` exists with a non-zero size, woken by udev/kernel events."""
+    name = os.path.basename(dev)
+
+    def ready() -> bool:
+        try:
+            return os.path.exists(dev) and int(Path(f"/sys/class/block/{name}/size").read_text()) > 0
+        except (OSError, ValueError):
+            return False
+
+    if ready():
+        return
+    try:
+        import pyudev
+
+        ctx = pyudev.Context()
+        # "kernel" events arrive even where udevd is not running (containers)
+        mon = pyudev.Monitor.from_netlink(ctx, source="kernel")
+        mon.filter_by("block")
+        mon.start()
+        deadline = time.monotonic() + timeout
+        while not ready():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ToolFailed(f"{dev} did not appear within {timeout:.0f} s")
+            mon.poll(timeout=min(left, 0.2))  # an event, or re-check on the timeout
+    except ImportError:
+        _wait_for(ready, timeout, dev)
+
+
+class ExportManager:
+    """Owns RUN_DIR/exports; every method is blocking (run it in a thread)."""
+
+    def __init__(self, run_dir: str, data_socket: str) -> None:
+        self.dir = os.path.join(run_dir, "exports")
+        self.data_socket = data_socket
+        os.makedirs(self.dir, exist_ok=True)
+        self.states: dict[str, ExportState] = {}
+        for name in sorted(os.listdir(self.dir)):
+            st = self._load(name)
+            if st is not None:
+                self.states[name] = st
+
+    # state files -------------------------------------------------------------
+    def _vdir(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    def _load(self, name: str) -> ExportState | None:
+        try:
+            st = ExportState(**json.loads(Path(self._vdir(name), "state.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            shutil.rmtree(self._vdir(name), ignore_errors=True)
+            return None
+        if not _alive(st.pid):
+            log.warning("export %s: nbdkit (pid %d) is gone; forgetting it", name, st.pid)
+            self._cleanup_attach(st, force=True)
+            shutil.rmtree(self._vdir(name), ignore_errors=True)
+            return None
+        return st
+
+    def _save(self, st: ExportState) -> None:
+        p = Path(self._vdir(st.name), "state.json")
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(st)))
+        os.replace(tmp, p)
+
+    # exports -----------------------------------------------------------------
+    def get(self, name: str) -> ExportState | None:
+        return self.states.get(name)
+
+    def export(self, name: str, *, readonly: bool = False, tcp: str | None = None,
+               by_attach: bool = False) -> ExportState:
+        st = self.states.get(name)
+        if st is not None:
+            if tcp and not st.tcp:
+                self._start_tcp(st, tcp)
+                self._save(st)
+            return st
+        vdir = self._vdir(name)
+        os.makedirs(vdir, exist_ok=True)
+        sock = os.path.join(vdir, "nbd.sock")
+        pidfile = os.path.join(vdir, "nbdkit.pid")
+        for p in (sock, pidfile):
+            if os.path.exists(p):
+                os.unlink(p)
+        cmd = ["nbdkit", "--unix", sock, "--pidfile", pidfile, *(["-r"] if readonly else []),
+               "python", plugin_path(), f"socket={self.data_socket}", f"export={name}"]
+        # nbdkit forks into the background once it listens; its parent exits.
+        _run(cmd)
+        _wait_for(lambda: _read_pid(pidfile) > 0 and os.path.exists(sock), 10, "nbdkit")
+        st = ExportState(name, sock, f"nbd+unix:///{name}?socket={sock}", _read_pid(pidfile),
+                         readonly=readonly, by_attach=by_attach)
+        if tcp:
+            self._start_tcp(st, tcp)
+        self.states[name] = st
+        self._save(st)
+        log.info("export %s: nbdkit pid %d serving %s", name, st.pid, st.uri)
+        return st
+
+    def _start_tcp(self, st: ExportState, tcp: str) -> None:
+        addr, _, port = tcp.rpartition(":")
+        if not port.isdigit():
+            raise InvalidArgument(f"bad TCP address {tcp!r}", "write it as ADDR:PORT, e.g. 127.0.0.1:10809")
+        pidfile = os.path.join(self._vdir(st.name), "nbdkit-tcp.pid")
+        cmd = ["nbdkit", "--port", port, *(["--ipaddr", addr] if addr else []),
+               "--pidfile", pidfile, *(["-r"] if st.readonly else []),
+               "python", plugin_path(), f"socket={self.data_socket}", f"export={st.name}"]
+        _run(cmd)
+        _wait_for(lambda: _read_pid(pidfile) > 0, 10, "nbdkit (tcp)")
+        st.tcp, st.tcp_pid = tcp, _read_pid(pidfile)
+
+    def unexport(self, name: str, *, force: bool = False) -> None:
+        st = self.states.get(name)
+        if st is None:
+            raise NotFound(f"volume {name!r} is not exported")
+        if st.device and not force:
+            raise Conflict(f"volume {name!r} is attached as {st.device}", "detach it first")
+        self._cleanup_attach(st, force=force)
+        for pid in (st.pid, st.tcp_pid):
+            self._stop(pid)
+        shutil.rmtree(self._vdir(name), ignore_errors=True)
+        del self.states[name]
+        log.info("export %s: stopped", name)
+
+    @staticmethod
+    def _stop(pid: int, timeout: float = 10) -> None:
+        if not _alive(pid):
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            try:  # reap it if it happens to be our child
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+    # attach ------------------------------------------------------------------
+    def attach(self, name: str) -> ExportState:
+        st = self.states.get(name)
+        if st is not None and st.device:
+            return st
+        if st is None:
+            st = self.export(name, by_attach=True)
+        try:
+            if kernel_has_nbd() and shutil.which("nbd-client"):
+                self._attach_nbd(st)
+            else:
+                self._attach_fuse_loop(st)
+        except BaseException:
+            self._cleanup_attach(st, force=True)
+            if st.by_attach:
+                self.unexport(name, force=True)
+            raise
+        self._save(st)
+        log.info("attach %s: %s via %s", name, st.device, st.method)
+        return st
+
+    def _attach_nbd(self, st: ExportState) -> None:
+        # Kernel NBD client. Not exercised on machines without the nbd module.
+        for i in range(64):
+            dev = f"/dev/nbd{i}"
+            if os.path.exists(dev) and not os.path.exists(f"/sys/block/nbd{i}/pid"):
+                _run(["nbd-client", "-unix", st.socket, "-N", st.name, "-b", "4096",
+                      "-C", "4", dev])
+                st.device, st.method = dev, "nbd"
+                wait_for_block_device(dev)
+                return
+        raise ToolFailed("no free /dev/nbdN device")
+
+    def _attach_fuse_loop(self, st: ExportState) -> None:
+        for tool in ("nbdfuse", "losetup", "fusermount3"):
+            if shutil.which(tool) is None:
+                raise ToolFailed(f"{tool} is not installed", "run scripts/setup")
+        fdir = os.path.join(self._vdir(st.name), "fuse")
+        os.makedirs(fdir, exist_ok=True)
+        pidfile = os.path.join(self._vdir(st.name), "nbdfuse.pid")
+        if os.path.exists(pidfile):
+            os.unlink(pidfile)
+        log_path = os.path.join(self._vdir(st.name), "nbdfuse.log")
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                ["nbdfuse", "-P", pidfile, "-C", "4", os.path.join(fdir, st.name), st.uri],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+            )
+        st.fuse_dir = fdir
+        try:
+            _wait_for(lambda: _read_pid(pidfile) > 0 or proc.poll() is not None, 15, "nbdfuse")
+        finally:
+            st.fuse_pid = proc.pid
+        if proc.poll() is not None:
+            raise ToolFailed(f"nbdfuse exited: {Path(log_path).read_text()[-500:]}")
+        dev = _run(["losetup", "--direct-io=on", "--sector-size", "4096", "--show", "-f",
+                    os.path.join(fdir, st.name)]).strip()
+        st.device, st.method = dev, "nbdfuse+loop"
+        wait_for_block_device(dev)
+        dio = Path(f"/sys/block/{os.path.basename(dev)}/loop/dio")
+        if dio.exists() and dio.read_text().strip() != "1":
+            log.warning("attach %s: %s runs without direct I/O (page cache doubled)", st.name, dev)
+
+    def detach(self, name: str, *, force: bool = False) -> None:
+        st = self.states.get(name)
+        if st is None or not st.device:
+            raise NotFound(f"volume {name!r} is not attached")
+        holders = mounted_on(st.device)
+        if holders and not force:
+            raise Conflict(f"{st.device} is mounted on {', '.join(holders)}", "unmount it first")
+        self._cleanup_attach(st, force=force)
+        if st.by_attach:
+            self.unexport(name, force=True)
+        else:
+            self._save(st)
+
+    def _cleanup_attach(self, st: ExportState, *, force: bool) -> None:
+        if st.device and st.method == "nbdfuse+loop":
+            subprocess.run(["losetup", "-d", st.device], capture_output=True)
+        elif st.device and st.method == "nbd":
+            subprocess.run(["nbd-client", "-d", st.device], capture_output=True)
+        if st.fuse_dir:
+            subprocess.run(["fusermount3", "-u", *(["-z"] if force else []), st.fuse_dir],
+                           capture_output=True)
+            deadline = time.monotonic() + 10
+            while _alive(st.fuse_pid) and time.monotonic() < deadline:
+                try:
+                    os.waitpid(st.fuse_pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                time.sleep(0.05)
+        st.device = st.method = st.fuse_dir = None
+        st.fuse_pid = 0
+
+    def shutdown(self) -> None:
+        """Daemon exit: leave exports running (they reconnect), just forget them."""
+        self.states.clear()
+
+
+def mounted_on(dev: str) -> list[str]:
+    """Mount points of `dev` (by device number, as /proc/self/mountinfo has it)."""
+    try:
+        rdev = os.stat(dev).st_rdev
+    except OSError:
+        return []
+    want = f"{os.major(rdev)}:{os.minor(rdev)}"
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            if parts[2] == want:
+                out.append(parts[4])
+    return out

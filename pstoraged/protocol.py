@@ -1,0 +1,35 @@
+"""The data-socket wire format (docs/protocol.md), daemon side."""
+
+from __future__ import annotations
+
+import struct
+
+VERSION = 1
+REQ = struct.Struct("<IHHQQII")  # magic, op, flags, handle, offset, length, payload_len
+REP = struct.Struct("<IIQII")  # magic, error, handle, payload_len, reserved
+REQ_MAGIC = 0x31515350  # b"PSQ1"
+REP_MAGIC = 0x31525350  # b"PSR1"
+OPEN_REPLY = struct.Struct("<QII16s16sB")  # size, flags, block_size, instance, prev, prev_clean
+EXTENT = struct.Struct("<QII")  # length, type, pad
+
+OP_OPEN, OP_READ, OP_WRITE, OP_FLUSH, OP_TRIM, OP_ZERO, OP_EXTENTS, OP_LIST, OP_SIZE = range(1, 10)
+OP_NAMES = {
+    OP_OPEN: "open", OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush", OP_TRIM: "trim",
+    OP_ZERO: "zero", OP_EXTENTS: "extents", OP_LIST: "list_exports", OP_SIZE: "size",
+}
+
+FLAG_FUA = 1
+FLAG_MAY_TRIM = 2
+FLAG_FAST_ZERO = 4
+KNOWN_FLAGS = FLAG_FUA | FLAG_MAY_TRIM | FLAG_FAST_ZERO
+
+OPEN_READONLY = 1
+
+MAX_REQUEST = 32 << 20  # largest READ/WRITE/TRIM/ZERO length and payload
+MAX_NAME = 256  # largest OPEN payload
+SECTOR = 512  # offsets and lengths must be multiples of this
+MAX_IN_FLIGHT = 64  # per connection; the daemon stops reading beyond it
+
+
+def reply(handle: int, error: int = 0, payload: bytes = b"") -> bytes:
+    return REP.pack(REP_MAGIC, error, handle, len(payload), 0) + payload
