@@ -19,13 +19,12 @@ from urllib.parse import parse_qsl, urlsplit
 
 import trio
 
-from .dataserver import bind_unix
+from .dataplane import DataPlane, bind_unix_sync
 from .engine import Engine, Volume
 from .errors import Conflict, InvalidArgument, NotFound, PStorageError
 from .exports import ExportManager
 from .format import BLOCK_SIZE
 from .units import parse_size, validate_name
-from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +93,9 @@ def reduction_report(vols: list[Volume], st: Any) -> dict[str, Any]:
 class Api:
     """Route table and handlers; every handler returns (status, body)."""
 
-    def __init__(self, worker: EngineWorker, exports: ExportManager) -> None:
-        self.worker = worker
-        self.engine: Engine = worker.engine
+    def __init__(self, dataplane: DataPlane, exports: ExportManager) -> None:
+        self.dataplane = dataplane
+        self.engine: Engine = dataplane.engine
         self.exports = exports
         self.started = time.time()
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
@@ -159,14 +158,14 @@ class Api:
         return 200, {"status": "ok", "uptime_s": round(time.time() - self.started, 1)}
 
     async def pool(self, **_: Any) -> tuple[int, Any]:
-        st = await self.worker.call(self.engine.statistics)
+        st = await self.dataplane.call(self.engine.statistics)
         ss = self.engine.segs.statistics()
         p = self.engine.pool
         return 200, {
             "uuid": p.sb.uuid.hex(), "device": p.backing.path, "directory": p.directory,
             "segment_size": ss.segment_size, "segments": asdict(ss),
             "statistics": asdict(st), "instance": self.engine.instance.hex(),
-            "worker": asdict(self.worker.statistics()),
+            "dataplane": asdict(self.dataplane.statistics()),
         }
 
     async def list_volumes(self, **_: Any) -> tuple[int, Any]:
@@ -187,7 +186,7 @@ class Api:
         else:
             raise InvalidArgument("a volume needs a size", 'pass "size": "10G" or "size_gb": 10')
         compression = body.get("compression", "lz4")
-        vol = await self.worker.call(self.engine.create_volume, name, size, compression, flush=True)
+        vol = await self.dataplane.call(self.engine.create_volume, name, size, compression, flush=True)
         log.info("volume %s created (%d bytes, %s)", name, size, compression)
         return 201, self._describe(vol)
 
@@ -198,14 +197,21 @@ class Api:
         vol = self._vol(name)
         if "size" in body:
             size = parse_size(body["size"])
+            if size < vol.size and not body.get("shrink"):
+                raise InvalidArgument(
+                    f"{size} is smaller than the volume ({vol.size})",
+                    "pass --shrink to cut the volume; data past the new end is released",
+                )
             if size < vol.size and self.exports.get(name) and not body.get("force"):
                 raise Conflict(f"volume {name!r} is exported; shrinking it under a client is unsafe",
                                "unexport it first, or pass force")
-            await self.worker.call(self.engine.resize_volume, name, size,
+            await self.dataplane.call(self.engine.resize_volume, name, size,
                                    bool(body.get("shrink")), flush=True)
             log.info("volume %s resized to %d bytes", name, size)
         if "compression" in body:
-            await self.worker.call(self.engine.set_compression, name, body["compression"])
+            await self.dataplane.call(self.engine.set_compression, name, body["compression"])
+        if "readonly" in body:
+            await self.dataplane.call(self.engine.set_readonly, name, bool(body["readonly"]))
         return 200, self._describe(vol)
 
     async def delete_volume(self, name: str, query: dict, **_: Any) -> tuple[int, Any]:
@@ -216,7 +222,7 @@ class Api:
                 raise Conflict(f"volume {name!r} is exported or attached",
                                "detach/unexport it first, or pass --force")
             await trio.to_thread.run_sync(lambda: self.exports.unexport(name, force=True))
-        await self.worker.call(self.engine.delete_volume, name, flush=True)
+        await self.dataplane.call(self.engine.delete_volume, name, flush=True)
         log.info("volume %s deleted", name)
         return 200, {"deleted": name}
 
@@ -248,11 +254,11 @@ class Api:
         return 200, {"detached": name}
 
     async def flush(self, **_: Any) -> tuple[int, Any]:
-        await self.worker.call(self.engine.flush, flush=True)
+        await self.dataplane.call(self.engine.flush, flush=True)
         return 200, {"flushed": True}
 
     async def reduction(self, **_: Any) -> tuple[int, Any]:
-        st = await self.worker.call(self.engine.statistics)
+        st = await self.dataplane.call(self.engine.statistics)
         vols = sorted(self.engine.volumes.values(), key=lambda v: v.name)
         return 200, reduction_report(vols, st)
 
@@ -263,7 +269,7 @@ class ControlServer:
         self.path = path
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listener = await bind_unix(self.path)
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(bind_unix_sync(self.path)))
         task_status.started()
         await trio.serve_listeners(self._handle, [listener])
 

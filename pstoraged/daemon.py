@@ -11,14 +11,13 @@ import sys
 import trio
 
 from .control import Api, ControlServer
-from .dataserver import DataServer
+from .dataplane import DataPlane
 from .engine import Engine
 from .errors import PStorageError
 from .exports import ExportManager
 from .format import DEFAULT_SEGMENT_SIZE
 from .pool import create_pool, open_pool
 from .units import parse_size
-from .worker import EngineWorker
 
 log = logging.getLogger("pstoraged")
 
@@ -43,13 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def serve(engine: Engine, run_dir: str) -> None:
     data_sock = os.path.join(run_dir, "data.sock")
-    worker = EngineWorker(engine)
-    worker.start()
+    dataplane = DataPlane(engine, data_sock)
+    dataplane.start()
     try:
         exports = await trio.to_thread.run_sync(ExportManager, run_dir, data_sock)
-        api = Api(worker, exports)
+        api = Api(dataplane, exports)
         async with trio.open_nursery() as nursery:
-            await nursery.start(DataServer(worker, data_sock).serve)
             await nursery.start(ControlServer(api, os.path.join(run_dir, "control.sock")).serve)
             log.info("pstoraged ready: pool %s, %d volumes, sockets in %s",
                      engine.pool.sb.uuid.hex(), len(engine.volumes), run_dir)
@@ -60,7 +58,7 @@ async def serve(engine: Engine, run_dir: str) -> None:
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await worker.stop()  # drains queued I/O, commits, marks the pool clean
+            await dataplane.stop()  # drains queued I/O, commits, marks the pool clean
         log.info("pstoraged stopped cleanly")
 
 

@@ -1,7 +1,7 @@
 """The data-reducing engine: volumes, L2P maps, dedupe, compression, refcounts.
 
 The engine is synchronous and single-threaded by design: the daemon runs it
-in one worker thread and feeds it batches (see worker.py), tests drive it
+in its data-plane thread and feeds it batches (see dataplane.py), tests drive it
 directly. All state changes go into the metadata store's open transaction;
 `flush()` writes the segment data, syncs it, then commits the metadata, so
 data is always durable before anything points at it.
@@ -170,6 +170,13 @@ class Engine:
                 )
             self._unmap_range(vol, size // BLOCK_SIZE, vol.size // BLOCK_SIZE)
         vol.size = size
+        self._persist_volume(vol)
+        self.flush()
+        return vol
+
+    def set_readonly(self, name: str, readonly: bool) -> Volume:
+        vol = self.volume(name)
+        vol.readonly = bool(readonly)
         self._persist_volume(vol)
         self.flush()
         return vol
