@@ -1,0 +1,121 @@
+"""Level 5: kill -9 of the daemon or of nbdkit under a mounted filesystem.
+
+Whatever a successful fsync covered must survive, and the filesystem must
+check clean after its journal is replayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from .daemon_util import Daemon, new_daemon, remove
+from .test_t4_filesystem import attach, fsck, mount, pytestmark, umount  # noqa: F401
+
+DURABLE_TIMEOUT = 180
+
+
+class FsyncWriter(threading.Thread):
+    """Writes files and fsyncs each; remembers those whose fsync succeeded."""
+
+    def __init__(self, root: str, seed: int) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        self.rng = random.Random(seed)
+        self.durable: dict[str, str] = {}
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        i = 0
+        try:
+            while not self.stop.is_set():
+                size = self.rng.choice([4096, 20000, 128 << 10, 300 << 10])
+                data = (self.rng.randbytes(size // 2) + f"file {i} ".encode() * (size // 16))[:size]
+                path = os.path.join(self.root, f"s{i:05d}")
+                with open(path, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                dfd = os.open(self.root, os.O_RDONLY)
+                os.fsync(dfd)  # the directory entry too
+                os.close(dfd)
+                self.durable[os.path.basename(path)] = hashlib.sha256(data).hexdigest()
+                i += 1
+        except OSError as e:  # expected once writes were lost: EIO on fsync
+            self.error = e
+
+
+def recover_and_verify(d: Daemon, name: str, durable: dict[str, str]) -> None:
+    dev = attach(d, name)
+    mnt = mount(d, dev)  # replays the journal
+    umount(mnt)
+    fsck(dev)
+    mnt = mount(d, dev)
+    try:
+        for fname, digest in durable.items():
+            with open(os.path.join(mnt, fname), "rb") as f:
+                assert hashlib.sha256(f.read()).hexdigest() == digest, fname
+    finally:
+        umount(mnt)
+    d.cli("detach", name)
+
+
+def abandon_mount(d: Daemon, mnt: str, name: str) -> None:
+    subprocess.run(["umount", "-l", mnt], capture_output=True)
+    d.cli("detach", name, "--force", check=False)
+
+
+@pytest.fixture
+def daemon():
+    d = new_daemon(size=6 << 30, segment_size=1 << 20)
+    d.start()
+    yield d
+    for mnt in getattr(d, "mounts", []):
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    remove(d)
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.2, 2.5])
+def test_kill9_daemon_during_fsync_stream(daemon, delay):
+    daemon.cli("volume", "create", "c", "--size", "512M")
+    dev = attach(daemon, "c")
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+    mnt = mount(daemon, dev)
+    w = FsyncWriter(mnt, seed=int(delay * 10))
+    w.start()
+    time.sleep(delay)
+    daemon.kill9()
+    daemon.start()  # the plugin reconnects; lost writes surface as EIO on flush
+    time.sleep(1.0)
+    w.stop.set()
+    w.join(timeout=DURABLE_TIMEOUT)
+    assert not w.is_alive()
+    assert len(w.durable) > 0
+    abandon_mount(daemon, mnt, "c")
+    recover_and_verify(daemon, "c", dict(w.durable))
+
+
+def test_kill9_nbdkit_under_mounted_fs(daemon):
+    daemon.cli("volume", "create", "k", "--size", "512M")
+    dev = attach(daemon, "k")
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+    mnt = mount(daemon, dev)
+    w = FsyncWriter(mnt, seed=7)
+    w.start()
+    time.sleep(1.5)
+    pid = int(Path(daemon.run_dir, "exports", "k", "nbdkit.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    w.join(timeout=DURABLE_TIMEOUT)  # the device fails under it: EIO
+    w.stop.set()
+    assert not w.is_alive()
+    abandon_mount(daemon, mnt, "k")
+    recover_and_verify(daemon, "k", dict(w.durable))
