@@ -314,44 +314,50 @@ class DataPlane:
         results: list[tuple[Any, int, Any, BaseException | None, bool, Any]] = []
         want_commit = False
         for conn, handle, fn, args, flush, extra in batch:
+            exc: BaseException | None = None
+            res = None
             try:
-                res, exc = fn(*args), None
+                res = fn(*args)
                 want_commit |= flush
             except PStorageError as e:
-                res, exc = None, e
+                exc = e
             except Exception as e:  # a bug must not take the daemon down
                 log.exception("engine %s failed", getattr(fn, "__name__", fn))
-                res, exc = None, DeviceIOError(f"internal error: {e}")
+                exc = DeviceIOError(f"internal error: {e}")
             results.append((conn, handle, res, exc, flush, extra))
         if want_commit:
             try:
                 self.engine.flush()
             except Exception as e:
                 log.exception("commit failed")
-                err = e if isinstance(e, PStorageError) else DeviceIOError(str(e))
+                fail = e if isinstance(e, PStorageError) else DeviceIOError(str(e))
                 # Only requests that asked for durability learn of it; the
                 # others' data is readable and a later flush retries.
-                results = [(c, h, None if f else r, err if f else x, f, ex)
+                results = [(c, h, None if f else r, fail if f else x, f, ex)
                            for c, h, r, x, f, ex in results]
         self.batches += 1
         self.requests += len(batch)
         self.max_batch = max(self.max_batch, len(batch))
-        for conn, handle, res, exc, _, extra in results:
+        self._deliver(results)
+
+    def _deliver(self, results: list[tuple[Any, int, Any, BaseException | None, bool, Any]]) -> None:
+        for conn, handle, res, failure, _, extra in results:
             if conn is None:  # control job: extra is its completion callback
-                extra(res, exc)
+                extra(res, failure)
                 continue
-            if self._conns.get(conn.fd) is not conn:  # closed meanwhile
+            target = self._conns.get(conn.fd)
+            if target is None or target is not conn:  # closed meanwhile
                 continue
-            if exc is not None:
-                err = exc.errno if isinstance(exc, PStorageError) else errno.EIO
-                log.warning("data conn %d: request %#x failed: %s", conn.id, handle, exc)
-                self._send(conn, P.reply(handle, err, str(exc).encode()))
+            if failure is not None:
+                err = failure.errno if isinstance(failure, PStorageError) else errno.EIO
+                log.warning("data conn %d: request %#x failed: %s", target.id, handle, failure)
+                self._send(target, P.reply(handle, err, str(failure).encode()))
             elif extra is not None:
-                self._send(conn, P.reply(handle, 0, extra(res)))
+                self._send(target, P.reply(handle, 0, extra(res)))
             elif isinstance(res, bytes):
-                self._send(conn, P.reply(handle, 0, res))
+                self._send(target, P.reply(handle, 0, res))
             else:
-                self._send(conn, P.reply(handle, 0))
+                self._send(target, P.reply(handle, 0))
 
     def _send(self, conn: _Conn, data: bytes) -> None:
         if conn.out:

@@ -108,11 +108,11 @@ class Engine:
         self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
         self.comp = codecs.Compressor()
         txn = self.meta.txn
-        self.segs.load(iter(txn.cursor(db=self.meta.segs)))
+        self.segs.load((bytes(k), bytes(v)) for k, v in txn.cursor(db=self.meta.segs))
         self.volumes: dict[str, Volume] = {}
         self.by_id: dict[int, Volume] = {}
         for _name, v in txn.cursor(db=self.meta.vols):
-            rec = json.loads(v)
+            rec = json.loads(bytes(v))
             vol = Volume(**rec)
             vol.stats = VolumeStats(**self.meta.get_json(f"vstats:{vol.id}", {}))
             self.volumes[vol.name] = vol
@@ -201,7 +201,9 @@ class Engine:
     # ------------------------------------------------------------------ chunks
     def _incref(self, cid: int) -> None:
         txn, key = self.meta.txn, _ckey(cid)
-        rc, s, off, slen, codec, slot, res, fp = _unpack_chunk(txn.get(key, db=self.meta.chunks))
+        raw = txn.get(key, db=self.meta.chunks)
+        assert raw is not None, f"dedupe index points at missing chunk {cid}"
+        rc, s, off, slen, codec, slot, res, fp = _unpack_chunk(raw)
         txn.put(key, _pack_chunk(rc + 1, s, off, slen, codec, slot, res, fp), db=self.meta.chunks)
 
     def _decref(self, cid: int) -> None:

@@ -206,7 +206,7 @@ def l2p_key(vol: int, lba: int, gen: int) -> bytes:
     return L2P_KEY.pack(vol, lba, GEN_MAX - gen)
 
 
-def l2p_unpack(key: bytes) -> tuple[int, int, int]:
+def l2p_unpack(key: bytes | memoryview) -> tuple[int, int, int]:
     vol, lba, inv = L2P_KEY.unpack(key)
     return vol, lba, GEN_MAX - inv
 

@@ -67,7 +67,7 @@ class MetaStore:
     # small JSON values in the meta table -----------------------------------
     def get_json(self, key: str, default: Any = None) -> Any:
         raw = self.txn.get(key.encode(), db=self.meta)
-        return default if raw is None else json.loads(raw)
+        return default if raw is None else json.loads(bytes(raw))
 
     def put_json(self, key: str, value: Any) -> None:
         self.txn.put(key.encode(), json.dumps(value, sort_keys=True).encode(), db=self.meta)

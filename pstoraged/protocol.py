@@ -28,7 +28,6 @@ OPEN_READONLY = 1
 MAX_REQUEST = 32 << 20  # largest READ/WRITE/TRIM/ZERO length and payload
 MAX_NAME = 256  # largest OPEN payload
 SECTOR = 512  # offsets and lengths must be multiples of this
-MAX_IN_FLIGHT = 64  # per connection; the daemon stops reading beyond it
 
 
 def reply(handle: int, error: int = 0, payload: bytes = b"") -> bytes:
