@@ -297,3 +297,33 @@ print("OK", flush=True)
     daemon.start()
     out, err = proc.communicate("\n", timeout=120)
     assert "OK" in out, err
+
+
+def test_tcp_export(daemon):
+    daemon.cli("volume", "create", "t", "--size", "8M")
+    with socket.socket() as s:  # a free loopback port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = daemon.cli("export", "t", "--tcp", f"127.0.0.1:{port}").stdout
+    assert f"nbd://127.0.0.1:{port}/t" in out
+    nbdsh(f"nbd://127.0.0.1:{port}/t", "h.pwrite(b'q' * 4096, 0); assert h.pread(4096, 0) == b'q' * 4096")
+    daemon.cli("unexport", "t")
+
+
+def test_flush_on_one_connection_covers_writes_on_another(daemon):
+    """can_multi_conn: a flush on any connection makes every completed write durable."""
+    uri = export(daemon, "mc")
+    proc = subprocess.Popen(NBDSH + ["-u", uri, "-c", r"""
+import sys
+h.pwrite(b"A" * 4096, 0)      # written on this connection, never flushed here
+print("WROTE", flush=True)
+sys.stdin.readline()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WROTE"
+        nbdsh(uri, "h.flush()")     # another connection flushes
+        daemon.kill9()
+        daemon.start()
+    finally:
+        proc.communicate("\n", timeout=120)
+    assert "AAAA" in nbdsh(uri, "print(h.pread(4096, 0)[:4].decode())")

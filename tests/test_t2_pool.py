@@ -1,0 +1,110 @@
+"""Pools: creation, vetting, locking, versions, and the O_DIRECT block-device path."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from pstoraged.devices import DeviceHasData
+from pstoraged.engine import Engine
+from pstoraged.errors import FormatError, InvalidArgument, PoolLocked
+from pstoraged.format import SUPERBLOCK_OFFSETS
+from pstoraged.metadata import MetaStore
+from pstoraged.pool import create_pool, open_pool
+
+from .conftest import make_pool
+
+
+def test_refuses_a_file_holding_a_filesystem(tmp_path):
+    img = tmp_path / "fs.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True)
+    with pytest.raises(DeviceHasData, match="ext4"):
+        create_pool(str(tmp_path / "p"), str(img))
+    create_pool(str(tmp_path / "p"), str(img), force=True, segment_size=1 << 20)
+    # and a pool is itself a signature another pool create refuses
+    with pytest.raises((DeviceHasData, InvalidArgument)):
+        create_pool(str(tmp_path / "q"), str(img))
+
+
+def test_too_small_and_bad_geometry(tmp_path):
+    with pytest.raises(InvalidArgument, match="segments"):
+        create_pool(str(tmp_path), str(tmp_path / "d"), file_size=2 << 20)
+    with pytest.raises(InvalidArgument, match="segment size"):
+        create_pool(str(tmp_path), str(tmp_path / "e"), file_size=64 << 20, segment_size=5000)
+
+
+def test_second_open_is_refused_while_locked(pool_dir):
+    pool = open_pool(pool_dir)
+    try:
+        with pytest.raises(PoolLocked, match="another pstoraged"):
+            open_pool(pool_dir)
+    finally:
+        pool.close()
+    open_pool(pool_dir).close()
+
+
+def test_unknown_versions_and_foreign_devices_are_refused(tmp_path):
+    a = make_pool(str(tmp_path / "a"))
+    meta = MetaStore(os.path.join(a, "meta"))
+    meta.put_json("format_version", 99)
+    meta.commit()
+    meta.close()
+    with pytest.raises(FormatError, match="version 99"):
+        open_pool(a)
+    b = make_pool(str(tmp_path / "b"))
+    c = make_pool(str(tmp_path / "c"))
+    with open(os.path.join(b, "pool.json")) as f:
+        info = json.load(f)
+    info["device"] = os.path.join(c, "dev.img")  # b's metadata, c's device
+    with open(os.path.join(b, "pool.json"), "w") as f:
+        json.dump(info, f)
+    with pytest.raises(FormatError, match="holds pool"):
+        open_pool(b)
+
+
+def test_backup_superblock_is_used_when_the_primary_is_damaged(pool_dir):
+    dev = os.path.join(pool_dir, "dev.img")
+    with open(dev, "r+b") as f:
+        f.seek(SUPERBLOCK_OFFSETS[0] + 20)
+        f.write(b"garbage")
+    open_pool(pool_dir).close()
+    with open(dev, "r+b") as f:
+        f.seek(SUPERBLOCK_OFFSETS[1] + 20)
+        f.write(b"garbage")
+    with pytest.raises(FormatError, match="no valid PStorage superblock"):
+        open_pool(pool_dir)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("losetup"), reason="needs root and losetup")
+def test_block_device_with_o_direct(tmp_path):
+    img = tmp_path / "blk.img"
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)
+    dev = subprocess.run(["losetup", "-f", "--show", str(img)], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        create_pool(str(tmp_path / "p"), dev, segment_size=256 << 10)
+        eng = Engine(open_pool(str(tmp_path / "p")))
+        assert eng.pool.backing.is_block and eng.pool.backing.direct
+        vol = eng.create_volume("v", 16 << 20)
+        blobs = [os.urandom(4096 * n) for n in (1, 3, 100)]
+        offsets = [0, 4096 * 7, 1 << 20]
+        for off, b in zip(offsets, blobs, strict=True):
+            eng.write(vol, off, b)
+        eng.write(vol, 12345 * 512, b"tail" * 300)  # unaligned: read-modify-write
+        eng.flush()
+        eng.close()
+        eng = Engine(open_pool(str(tmp_path / "p")))
+        vol = eng.volume("v")
+        for off, b in zip(offsets, blobs, strict=True):
+            assert eng.read(vol, off, len(b)) == b
+        assert eng.read(vol, 12345 * 512, 1200) == b"tail" * 300
+        eng.close()
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
