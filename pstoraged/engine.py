@@ -19,7 +19,7 @@ import logging
 import time
 import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from . import codecs
 from .errors import Conflict, CorruptData, InvalidArgument, NotFound, ReadOnly
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 COMMIT_EVERY = 16384  # metadata updates per group commit when no flush comes
 MAX_EXTENTS = 1024  # runs per extents reply; NBD lets a reply cover less
+MAX_COALESCE = 256  # chunks per device read when reading adjacent records
+MAX_GAP = 4096  # padding between records worth reading through
 
 _sha256 = hashlib.sha256
 _unpack_chunk = CHUNK_META.unpack
@@ -238,25 +240,57 @@ class Engine:
         vol.stats.stored_bytes += size
         return cid
 
-    def read_chunk(self, cid: int) -> bytes:
+    def _chunk_location(self, cid: int) -> tuple[int, int, int, bytes]:
         raw = self.meta.txn.get(_ckey(cid), db=self.meta.chunks)
         if raw is None:
-            raise CorruptData(f"chunk {cid} is referenced but not in the chunk index")
-        _, s, off, slen, codec, _, _, fp = _unpack_chunk(raw)
+            self._count_corruption(f"chunk {cid} is referenced but not in the chunk index")
+        _, s, off, slen, _, _, _, fp = _unpack_chunk(raw)
+        return s, off, slen, fp
+
+    def _count_corruption(self, msg: str) -> NoReturn:
+        self.checksum_errors += 1
+        self.dirty = True
+        log.error("checksum error: %s", msg)
+        raise CorruptData(msg)
+
+    def _decode(self, cid: int, s: int, off: int, slen: int, fp: bytes,
+                rec: bytes | memoryview) -> bytes:
+        """Verify a chunk record read from the device and return its data."""
         try:
-            rec = self.segs.read(s, off, ChunkHeader.SIZE + slen)
             h = ChunkHeader.from_buffer(rec)
-            payload = memoryview(rec)[ChunkHeader.SIZE :]
+            payload = memoryview(rec)[ChunkHeader.SIZE : ChunkHeader.SIZE + slen]
             if h.chunk_id != cid or h.stored_len != slen or h.fingerprint != fp:
                 raise CorruptData(f"segment {s} offset {off} holds chunk {h.chunk_id}, not {cid}")
             if crc32(payload) != h.payload_crc:
                 raise CorruptData(f"chunk {cid} (segment {s} offset {off}): payload checksum mismatch")
             return self.comp.decompress(h.codec, payload, h.raw_len)
         except CorruptData as e:
-            self.checksum_errors += 1
-            self.dirty = True
-            log.error("checksum error: %s", e)
-            raise
+            self._count_corruption(str(e))
+
+    def read_chunk(self, cid: int) -> bytes:
+        s, off, slen, fp = self._chunk_location(cid)
+        return self._decode(cid, s, off, slen, fp, self.segs.read(s, off, ChunkHeader.SIZE + slen))
+
+    def _read_chunks(self, cids: list[int]) -> dict[int, bytes]:
+        """Read many chunks, one device read per run of physically adjacent records."""
+        locs = sorted((self._chunk_location(c), c) for c in set(cids) if c != NO_CHUNK)
+        out: dict[int, bytes] = {}
+        i = 0
+        while i < len(locs):
+            (s, start, slen, _), _ = locs[i]
+            end = start + ChunkHeader.SIZE + slen
+            j = i + 1
+            while j < len(locs) and j - i < MAX_COALESCE:
+                (s2, off2, slen2, _), _ = locs[j]
+                if s2 != s or not end <= off2 <= end + MAX_GAP:  # not adjacent: new read
+                    break
+                end = off2 + ChunkHeader.SIZE + slen2
+                j += 1
+            buf = memoryview(self.segs.read(s, start, end - start))
+            for (s_, off, slen_, fp), cid in locs[i:j]:
+                out[cid] = self._decode(cid, s_, off, slen_, fp, buf[off - start :])
+            i = j
+        return out
 
     # ------------------------------------------------------------------ the map
     def _lookup(self, vol: Volume, lba: int, gen: int) -> int:
@@ -324,22 +358,47 @@ class Engine:
                 f"range {offset}+{length} is outside volume {vol.name!r} ({vol.size} bytes)"
             )
 
+    def _resolve(self, vol: Volume, first: int, count: int, gen: int) -> list[int]:
+        """Chunk ids of blocks [first, first + count) at `gen`, in one cursor walk."""
+        if count == 1:
+            return [self._lookup(vol, first, gen)]
+        out: list[int] = [NO_CHUNK] * count
+        cur = self.meta.txn.cursor(db=self.meta.l2p)
+        end = first + count
+        last = -1
+        ok = cur.set_range(L2P_KEY.pack(vol.id, first, 0))
+        while ok:
+            v, lba, g = l2p_unpack(cur.key())
+            if v != vol.id or lba >= end:
+                break
+            if lba != last and g <= gen:  # the newest entry not newer than gen
+                last = lba
+                out[lba - first] = U64.unpack(cur.value())[0]
+            ok = cur.next()
+        return out
+
     def read(self, vol: Volume, offset: int, length: int) -> bytes:
         self._check_range(vol, offset, length)
-        out = bytearray(length)
-        lba = offset // BLOCK_SIZE
-        pos = 0
-        while pos < length:
-            boff = (offset + pos) % BLOCK_SIZE
-            n = min(BLOCK_SIZE - boff, length - pos)
-            cid = self._lookup(vol, lba, vol.gen)
-            if cid != NO_CHUNK:
-                out[pos : pos + n] = self.read_chunk(cid)[boff : boff + n]
-            pos += n
-            lba += 1
         vol.stats.reads += 1
         vol.stats.read_bytes += length
-        return bytes(out)
+        if length == 0:
+            return b""
+        first = offset // BLOCK_SIZE
+        count = (offset + length - 1) // BLOCK_SIZE - first + 1
+        cids = self._resolve(vol, first, count, vol.gen)
+        if count == 1:
+            cid = cids[0]
+            if cid == NO_CHUNK:
+                return bytes(length)
+            boff = offset - first * BLOCK_SIZE
+            return self.read_chunk(cid)[boff : boff + length]
+        data = self._read_chunks(cids)
+        out = bytearray(count * BLOCK_SIZE)
+        for i, cid in enumerate(cids):
+            if cid != NO_CHUNK:
+                out[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = data[cid]
+        boff = offset - first * BLOCK_SIZE
+        return bytes(out[boff : boff + length]) if boff or len(out) != length else bytes(out)
 
     def _read_block(self, vol: Volume, lba: int) -> bytes:
         cid = self._lookup(vol, lba, vol.gen)

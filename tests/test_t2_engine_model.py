@@ -241,7 +241,9 @@ def test_corruption_is_detected_on_read(engine, caplog):
         f.write(b"\x00\xff\x00")
     with pytest.raises(CorruptData):
         engine.read(v, 0, BLOCK_SIZE)
-    assert engine.statistics().checksum_errors == 1
+    with pytest.raises(CorruptData):  # also when read together with its neighbours
+        engine.read(v, 0, 4 * BLOCK_SIZE)
+    assert engine.statistics().checksum_errors == 2
     assert engine.read(v, BLOCK_SIZE, BLOCK_SIZE)  # other data unaffected
 
 
