@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
 
 from . import codecs
-from .errors import Conflict, CorruptData, InvalidArgument, NotFound, ReadOnly
+from .errors import Conflict, CorruptData, DeviceIOError, InvalidArgument, NotFound, ReadOnly
 from .format import (
     BLOCK_SIZE,
     CHUNK_KEY,
@@ -128,6 +128,7 @@ class Engine:
         self.io_errors = c.get("io_errors", 0)
         self.commits = 0
         self.dirty = False
+        self.failed: str | None = None  # set when the device failed a write or sync
         # Instance tracking lets a reconnecting client learn whether writes it
         # had acknowledged from the previous run could have been lost.
         self.instance = uuidlib.uuid4().bytes
@@ -230,7 +231,13 @@ class Engine:
         codec, payload = self.comp.compress(codecs.IDS[vol.compression], data)
         cid = self.next_chunk
         hdr = pack_chunk_header(KIND_CHUNK, codec, cid, len(data), len(payload), fp, crc32(payload))
-        s, off, size = self.segs.append(hdr, payload)
+        try:
+            s, off, size = self.segs.append(hdr, payload)
+        except DeviceIOError as e:  # the write-behind of full blocks failed
+            self.failed = e.message
+            self.io_errors += 1
+            log.error("pool failed, writes are refused until restart: %s", e.message)
+            raise
         self.next_chunk += 1
         txn = self.meta.txn
         txn.put(_ckey(cid), _pack_chunk(1, s, off, len(payload), codec, 0, 0, fp), db=self.meta.chunks)
@@ -444,7 +451,15 @@ class Engine:
         else:
             self._maybe_commit()
 
+    def _check_failed(self) -> None:
+        if self.failed is not None:
+            raise DeviceIOError(
+                f"the pool failed and refuses writes: {self.failed}",
+                "check the device, then restart pstoraged; data up to the last good flush is safe",
+            )
+
     def _writable(self, vol: Volume) -> None:
+        self._check_failed()
         if vol.readonly:
             raise ReadOnly(f"volume {vol.name!r} is read-only")
 
@@ -522,13 +537,26 @@ class Engine:
         })
 
     def _commit(self) -> None:
-        """Group commit: segment data first, synced, then the metadata pointing at it."""
-        self.segs.flush_data()
-        self._persist_counters()
-        txn = self.meta.txn
-        for k, v in self.segs.dirty_records():
-            txn.put(k, v, db=self.meta.segs)
-        self.meta.commit()
+        """Group commit: segment data first, synced, then the metadata pointing at it.
+
+        A failed device write or sync puts the pool in a failed state (writes
+        and flushes get EIO until a restart): after a failed fsync the kernel
+        may already have dropped the dirty pages, so retrying could report
+        success for data that is gone. Reads keep working.
+        """
+        self._check_failed()
+        try:
+            self.segs.flush_data()
+            self._persist_counters()
+            txn = self.meta.txn
+            for k, v in self.segs.dirty_records():
+                txn.put(k, v, db=self.meta.segs)
+            self.meta.commit()
+        except DeviceIOError as e:
+            self.failed = e.message
+            self.io_errors += 1
+            log.error("pool failed, writes are refused until restart: %s", e.message)
+            raise
         self.commits += 1
         self.dirty = False
         if self.segs.after_commit():
@@ -543,15 +571,18 @@ class Engine:
 
     def idle(self) -> None:
         """Called when no requests wait: bound what a crash could lose."""
-        if self.dirty or self.meta.pending_ops:
+        if self.failed is None and (self.dirty or self.meta.pending_ops):
             self._commit()
 
     def close(self) -> None:
-        self.meta.put_json("instance", {"id": self.instance.hex(), "clean": True})
-        self._commit()
-        self.meta.commit()
-        self.segs.close()
-        self.pool.close()
+        try:
+            if self.failed is None:
+                self.meta.put_json("instance", {"id": self.instance.hex(), "clean": True})
+                self._commit()
+                self.meta.commit()
+        finally:
+            self.segs.close()
+            self.pool.close()
 
     # ------------------------------------------------------------------ reporting
     def statistics(self) -> EngineStatistics:

@@ -275,3 +275,55 @@ def test_resize_and_delete_release_space(engine):
     assert engine.read(v, 2 << 20, 4096) == bytes(4096)  # regrown range reads zeros
     engine.delete_volume("v")
     assert engine.live_chunks == 0 and engine.live_stored == 0
+
+
+class FlakyBacking:
+    """Wraps a Backing; fails reads, writes or syncs while told to."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.fail: set[str] = set()
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name in ("pread", "pwrite", "sync"):
+            def wrapped(*a, **k):
+                if name in self.fail:
+                    from pstoraged.errors import DeviceIOError
+
+                    raise DeviceIOError(f"{self.inner.path}: {name} failed: Input/output error")
+                return attr(*a, **k)
+            return wrapped
+        return attr
+
+
+def test_failing_device_gives_eio_and_never_loses_flushed_data(pool_dir, caplog):
+    from pstoraged.errors import DeviceIOError
+
+    caplog.allowed_errors = True
+    eng = Engine(open_pool(pool_dir))
+    flaky = FlakyBacking(eng.pool.backing)
+    eng.segs.backing = flaky
+    v = eng.create_volume("v", 4 << 20)
+    good = os.urandom(64 << 10)
+    eng.write(v, 0, good)
+    eng.flush()
+    eng.write(v, 1 << 20, os.urandom(64 << 10))  # fills more than a 64 KiB segment
+    flaky.fail = {"pread"}
+    with pytest.raises(DeviceIOError):
+        eng.read(v, 0, 4096)  # a read error is that request's EIO only
+    flaky.fail = {"sync"}
+    with pytest.raises(DeviceIOError):
+        eng.flush()
+    assert eng.failed
+    flaky.fail = set()
+    with pytest.raises(DeviceIOError, match="restart"):
+        eng.write(v, 0, b"x" * 4096)  # refuses writes until restart
+    with pytest.raises(DeviceIOError):
+        eng.flush()
+    assert eng.read(v, 0, len(good)) == good  # reads still work
+    eng.close()
+    eng = Engine(open_pool(pool_dir))
+    assert not eng.prev_clean
+    assert eng.read(eng.volume("v"), 0, len(good)) == good
+    eng.close()
