@@ -234,9 +234,7 @@ class Engine:
         try:
             s, off, size = self.segs.append(hdr, payload)
         except DeviceIOError as e:  # the write-behind of full blocks failed
-            self.failed = e.message
-            self.io_errors += 1
-            log.error("pool failed, writes are refused until restart: %s", e.message)
+            self._fail(e)
             raise
         self.next_chunk += 1
         txn = self.meta.txn
@@ -553,10 +551,13 @@ class Engine:
                 txn.put(k, v, db=self.meta.segs)
             self.meta.commit()
         except DeviceIOError as e:
-            self.failed = e.message
-            self.io_errors += 1
-            log.error("pool failed, writes are refused until restart: %s", e.message)
+            self._fail(e)
             raise
+
+    def _fail(self, e: DeviceIOError) -> None:
+        self.failed = e.message
+        self.io_errors += 1
+        log.error("pool failed, writes are refused until restart: %s", e.message)
         self.commits += 1
         self.dirty = False
         if self.segs.after_commit():

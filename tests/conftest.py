@@ -41,6 +41,21 @@ def engine(pool_dir):
         eng.close()
 
 
+@pytest.fixture
+def fs_daemon():
+    """A running daemon on a 6 GiB sparse pool, for tests that mount filesystems."""
+    import subprocess
+
+    from .daemon_util import new_daemon, remove
+
+    d = new_daemon(size=6 << 30, segment_size=1 << 20)
+    d.start()
+    yield d
+    for mnt in getattr(d, "mounts", []):
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    remove(d)
+
+
 @pytest.fixture(autouse=True)
 def _fail_on_error_logs(caplog):
     """Fail on noise: an unexpected ERROR log in a test is a failure."""

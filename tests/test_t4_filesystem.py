@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .daemon_util import Daemon, new_daemon, remove
+from .daemon_util import Daemon
 
 pytestmark = [
     pytest.mark.slow,
@@ -23,16 +23,6 @@ pytestmark = [
     pytest.mark.skipif(not (shutil.which("nbdfuse") and shutil.which("mkfs.ext4")),
                        reason="nbdfuse / e2fsprogs not installed (run scripts/setup)"),
 ]
-
-
-@pytest.fixture
-def daemon():
-    d = new_daemon(size=6 << 30, segment_size=1 << 20)
-    d.start()
-    yield d
-    for mnt in getattr(d, "mounts", []):
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
-    remove(d)
 
 
 def attach(d: Daemon, name: str) -> str:
@@ -88,47 +78,47 @@ def fsck(dev: str) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-def test_mkfs_mount_restart_fsck(daemon):
-    daemon.cli("volume", "create", "fs", "--size", "1G")
-    dev = attach(daemon, "fs")
+def test_mkfs_mount_restart_fsck(fs_daemon):
+    fs_daemon.cli("volume", "create", "fs", "--size", "1G")
+    dev = attach(fs_daemon, "fs")
     assert Path(f"/sys/block/{os.path.basename(dev)}/loop/dio").read_text().strip() == "1"
     subprocess.run(["mkfs.ext4", "-q", dev], check=True)
-    mnt = mount(daemon, dev)
+    mnt = mount(fs_daemon, dev)
     sums = write_tree(mnt, 1)
     subprocess.run(["sync"], check=True)
     umount(mnt)
-    daemon.cli("detach", "fs")
-    stats = daemon.client.get("/api/v1/metrics/reduction")["volumes"]["fs"]
+    fs_daemon.cli("detach", "fs")
+    stats = fs_daemon.client.get("/api/v1/metrics/reduction")["volumes"]["fs"]
     assert stats["dedupe_removed_bytes"] > 0 and stats["zero_removed_bytes"] > 0
     assert stats["stored_bytes"] < stats["written_bytes"]
-    daemon.stop()
-    daemon.start()
-    dev = attach(daemon, "fs")
+    fs_daemon.stop()
+    fs_daemon.start()
+    dev = attach(fs_daemon, "fs")
     fsck(dev)
-    mnt = mount(daemon, dev)
+    mnt = mount(fs_daemon, dev)
     check_tree(mnt, sums)
     umount(mnt)
-    daemon.cli("detach", "fs")
+    fs_daemon.cli("detach", "fs")
 
 
-def test_detach_refused_while_mounted(daemon):
-    daemon.cli("volume", "create", "m", "--size", "256M")
-    dev = attach(daemon, "m")
+def test_detach_refused_while_mounted(fs_daemon):
+    fs_daemon.cli("volume", "create", "m", "--size", "256M")
+    dev = attach(fs_daemon, "m")
     subprocess.run(["mkfs.ext4", "-q", dev], check=True)
-    mnt = mount(daemon, dev)
-    p = daemon.cli("detach", "m", check=False)
+    mnt = mount(fs_daemon, dev)
+    p = fs_daemon.cli("detach", "m", check=False)
     assert p.returncode != 0 and "mounted" in p.stderr
-    p = daemon.cli("volume", "delete", "m", check=False)
+    p = fs_daemon.cli("volume", "delete", "m", check=False)
     assert p.returncode != 0 and "--force" in p.stderr
     umount(mnt)
-    daemon.cli("detach", "m")
+    fs_daemon.cli("detach", "m")
 
 
-def test_mounted_volume_survives_daemon_restart_under_writes(daemon):
-    daemon.cli("volume", "create", "live", "--size", "1G")
-    dev = attach(daemon, "live")
+def test_mounted_volume_survives_daemon_restart_under_writes(fs_daemon):
+    fs_daemon.cli("volume", "create", "live", "--size", "1G")
+    dev = attach(fs_daemon, "live")
     subprocess.run(["mkfs.ext4", "-q", dev], check=True)
-    mnt = mount(daemon, dev)
+    mnt = mount(fs_daemon, dev)
     errors: list[BaseException] = []
     written: dict[str, str] = {}
     stop = threading.Event()
@@ -152,9 +142,9 @@ def test_mounted_volume_survives_daemon_restart_under_writes(daemon):
     t.start()
     time.sleep(1.5)
     before = len(written)
-    daemon.stop()
+    fs_daemon.stop()
     time.sleep(1.0)  # writes stall while the daemon is away
-    daemon.start()
+    fs_daemon.start()
     time.sleep(2.0)
     stop.set()
     t.join(timeout=120)
@@ -164,8 +154,8 @@ def test_mounted_volume_survives_daemon_restart_under_writes(daemon):
         with open(path, "rb") as f:
             assert hashlib.sha256(f.read()).hexdigest() == digest
     umount(mnt)
-    daemon.cli("detach", "live")
-    dev = attach(daemon, "live")
+    fs_daemon.cli("detach", "live")
+    dev = attach(fs_daemon, "live")
     fsck(dev)
-    daemon.cli("detach", "live")
-    assert "fsck" not in daemon.log()  # nothing strange logged
+    fs_daemon.cli("detach", "live")
+    assert "fsck" not in fs_daemon.log()  # nothing strange logged

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from .daemon_util import Daemon, new_daemon, remove
-from .test_t4_filesystem import attach, fsck, mount, pytestmark, umount  # noqa: F401
+from .daemon_util import Daemon
+from .test_t4_filesystem import attach, fsck, mount, umount
+from .test_t4_filesystem import pytestmark as _fs_marks
+
+pytestmark = _fs_marks
 
 DURABLE_TIMEOUT = 180
 
@@ -74,48 +77,38 @@ def abandon_mount(d: Daemon, mnt: str, name: str) -> None:
     d.cli("detach", name, "--force", check=False)
 
 
-@pytest.fixture
-def daemon():
-    d = new_daemon(size=6 << 30, segment_size=1 << 20)
-    d.start()
-    yield d
-    for mnt in getattr(d, "mounts", []):
-        subprocess.run(["umount", "-l", mnt], capture_output=True)
-    remove(d)
-
-
 @pytest.mark.parametrize("delay", [0.3, 1.2, 2.5])
-def test_kill9_daemon_during_fsync_stream(daemon, delay):
-    daemon.cli("volume", "create", "c", "--size", "512M")
-    dev = attach(daemon, "c")
+def test_kill9_daemon_during_fsync_stream(fs_daemon, delay):
+    fs_daemon.cli("volume", "create", "c", "--size", "512M")
+    dev = attach(fs_daemon, "c")
     subprocess.run(["mkfs.ext4", "-q", dev], check=True)
-    mnt = mount(daemon, dev)
+    mnt = mount(fs_daemon, dev)
     w = FsyncWriter(mnt, seed=int(delay * 10))
     w.start()
     time.sleep(delay)
-    daemon.kill9()
-    daemon.start()  # the plugin reconnects; lost writes surface as EIO on flush
+    fs_daemon.kill9()
+    fs_daemon.start()  # the plugin reconnects; lost writes surface as EIO on flush
     time.sleep(1.0)
     w.stop.set()
     w.join(timeout=DURABLE_TIMEOUT)
     assert not w.is_alive()
     assert len(w.durable) > 0
-    abandon_mount(daemon, mnt, "c")
-    recover_and_verify(daemon, "c", dict(w.durable))
+    abandon_mount(fs_daemon, mnt, "c")
+    recover_and_verify(fs_daemon, "c", dict(w.durable))
 
 
-def test_kill9_nbdkit_under_mounted_fs(daemon):
-    daemon.cli("volume", "create", "k", "--size", "512M")
-    dev = attach(daemon, "k")
+def test_kill9_nbdkit_under_mounted_fs(fs_daemon):
+    fs_daemon.cli("volume", "create", "k", "--size", "512M")
+    dev = attach(fs_daemon, "k")
     subprocess.run(["mkfs.ext4", "-q", dev], check=True)
-    mnt = mount(daemon, dev)
+    mnt = mount(fs_daemon, dev)
     w = FsyncWriter(mnt, seed=7)
     w.start()
     time.sleep(1.5)
-    pid = int(Path(daemon.run_dir, "exports", "k", "nbdkit.pid").read_text())
+    pid = int(Path(fs_daemon.run_dir, "exports", "k", "nbdkit.pid").read_text())
     os.kill(pid, signal.SIGKILL)
     w.join(timeout=DURABLE_TIMEOUT)  # the device fails under it: EIO
     w.stop.set()
     assert not w.is_alive()
-    abandon_mount(daemon, mnt, "k")
-    recover_and_verify(daemon, "k", dict(w.durable))
+    abandon_mount(fs_daemon, mnt, "k")
+    recover_and_verify(fs_daemon, "k", dict(w.durable))
