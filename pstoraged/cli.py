@@ -39,13 +39,21 @@ VOL_HEADER = ["NAME", "SIZE", "USED", "COMPRESSION", "ATTACHED", "CREATED"]
 
 
 def cmd_pool_create(args: argparse.Namespace) -> None:
+    from .devices import describe
     from .pool import create_pool
 
     sb = create_pool(args.dir, args.device, file_size=parse_size(args.size) if args.size else None,
                      segment_size=parse_size(args.segment_size), force=args.force)
+    dev = describe(args.device)
     data = {"uuid": sb.uuid.hex(), "device": args.device, "segments": sb.segment_count,
-            "segment_size": sb.segment_size, "capacity": sb.segment_count * sb.segment_size}
-    _emit(args, data, f"created pool {sb.uuid.hex()} on {args.device}: "
+            "segment_size": sb.segment_size, "capacity": sb.segment_count * sb.segment_size,
+            "kind": dev.kind, "model": dev.model, "rotational": dev.rotational,
+            "logical_block_size": dev.logical_block_size,
+            "physical_block_size": dev.physical_block_size}
+    what = dev.kind if dev.kind == "file" else (
+        f"{dev.model or 'block device'}, {'rotational' if dev.rotational else 'non-rotational'}, "
+        f"{dev.logical_block_size}/{dev.physical_block_size} B sectors, O_DIRECT")
+    _emit(args, data, f"created pool {sb.uuid.hex()} on {args.device} ({what}): "
           f"{sb.segment_count} segments of {human_bytes(sb.segment_size)} "
           f"({human_bytes(data['capacity'])})")
 

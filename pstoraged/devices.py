@@ -19,6 +19,8 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
+from .errors import Conflict, InvalidArgument
+
 try:
     import pyudev
 except ImportError:  # the sysfs fallbacks below cover everything we need
@@ -33,16 +35,22 @@ SWAP_MARK = "[swap]"  # entry in mounted_at for an active swap area, as lsblk sh
 _PROBE_LEN = 68 * 1024  # covers every magic we check (btrfs at 64 KiB + 64)
 
 
-class DeviceError(Exception):
-    exit_code = 2
+class DeviceError(InvalidArgument):
+    """The device cannot be used as it is (not found, unreadable, wrong type)."""
 
 
-class DeviceInUse(DeviceError):
+class DeviceInUse(DeviceError, Conflict):
     """Something uses the device right now; --force never overrides this."""
+
+    exit_code = Conflict.exit_code
+    status = Conflict.status
+    code = "device_in_use"
 
 
 class DeviceHasData(DeviceError):
     """Formatting would destroy existing data; --force overrides this."""
+
+    code = "device_has_data"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import pytest
 
 from pstoraged import devices
 from pstoraged.devices import DeviceError, DeviceHasData, DeviceInfo, DeviceInUse
+from pstoraged.errors import Conflict, InvalidArgument, PStorageError
 
 MiB = 1024 * 1024
 IS_ROOT = os.geteuid() == 0
@@ -116,7 +117,9 @@ def test_describe_rejects_missing_and_char_devices(tmp_path: Path) -> None:
         devices.describe(str(tmp_path / "nope"))
     with pytest.raises(DeviceError, match="neither a block device nor a regular file"):
         devices.describe("/dev/null")
-    assert DeviceError.exit_code == DeviceInUse.exit_code == DeviceHasData.exit_code == 2
+    assert DeviceError.exit_code == DeviceHasData.exit_code == InvalidArgument.exit_code
+    assert DeviceInUse.exit_code == Conflict.exit_code
+    assert issubclass(DeviceError, PStorageError)  # the CLI prints one line, no traceback
 
 
 def test_ext4_file_detected_and_vetted(tmp_path: Path) -> None:
