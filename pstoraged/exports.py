@@ -61,15 +61,14 @@ class ExportState:
 
 
 def _alive(pid: int) -> bool:
+    """Is `pid` a running process? A zombie is not (PID 1 may not reap it soon)."""
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _run(cmd: list[str], timeout: float = 60) -> str:
@@ -177,8 +176,19 @@ class ExportManager:
     def get(self, name: str) -> ExportState | None:
         return self.states.get(name)
 
+    def _forget_if_dead(self, name: str) -> None:
+        """nbdkit died under an export (killed, crashed): clear what is left of it."""
+        st = self.states.get(name)
+        if st is not None and not _alive(st.pid):
+            log.warning("export %s: nbdkit (pid %d) died; cleaning up", name, st.pid)
+            self._cleanup_attach(st, force=True)
+            self._stop(st.tcp_pid)
+            shutil.rmtree(self._vdir(name), ignore_errors=True)
+            del self.states[name]
+
     def export(self, name: str, *, readonly: bool = False, tcp: str | None = None,
                by_attach: bool = False) -> ExportState:
+        self._forget_if_dead(name)
         st = self.states.get(name)
         if st is not None:
             if tcp and not st.tcp:
@@ -248,6 +258,7 @@ class ExportManager:
 
     # attach ------------------------------------------------------------------
     def attach(self, name: str) -> ExportState:
+        self._forget_if_dead(name)
         st = self.states.get(name)
         if st is not None and st.device:
             return st

@@ -58,6 +58,11 @@ def test_nbdinfo_shows_capabilities(daemon):
     assert e["is_rotational"] is False and e["is_read_only"] is False
     assert e["block_size_minimum"] == 512 and e["block_size_preferred"] == 4096
     assert e["block_size_maximum"] == 32 << 20
+    listed = subprocess.run(["nbdinfo", "--list", uri], capture_output=True, text=True, check=True)
+    assert 'export="v1"' in listed.stdout  # list_exports
+    default = uri.replace("/v1?", "/?")  # no export name: default_export
+    assert "67108864" in subprocess.run(["nbdinfo", "--size", default], capture_output=True,
+                                        text=True, check=True).stdout
 
 
 def test_all_callbacks_through_nbdsh(daemon):
