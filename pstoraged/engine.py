@@ -39,6 +39,7 @@ from .format import (
     pack_chunk_header,
 )
 from .pool import Pool
+from .reducer import PARALLEL_MIN_BLOCKS, Prepared, Reducer
 from .segments import SegmentLog
 from .units import validate_name, validate_volume_size
 
@@ -108,7 +109,7 @@ class Engine:
         self.pool = pool
         self.meta = pool.meta
         self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
-        self.comp = codecs.Compressor()
+        self.reducer = Reducer()
         txn = self.meta.txn
         self.segs.load((bytes(k), bytes(v)) for k, v in txn.cursor(db=self.meta.segs))
         self.volumes: dict[str, Volume] = {}
@@ -227,10 +228,9 @@ class Engine:
         self.live_chunks -= 1
         self.live_stored -= size
 
-    def _new_chunk(self, vol: Volume, data: bytes, fp: bytes) -> int:
-        codec, payload = self.comp.compress(codecs.IDS[vol.compression], data)
+    def _new_chunk(self, vol: Volume, fp: bytes, codec: int, payload: bytes) -> int:
         cid = self.next_chunk
-        hdr = pack_chunk_header(KIND_CHUNK, codec, cid, len(data), len(payload), fp, crc32(payload))
+        hdr = pack_chunk_header(KIND_CHUNK, codec, cid, BLOCK_SIZE, len(payload), fp, crc32(payload))
         try:
             s, off, size = self.segs.append(hdr, payload)
         except DeviceIOError as e:  # the write-behind of full blocks failed
@@ -268,7 +268,7 @@ class Engine:
                 raise CorruptData(f"segment {s} offset {off} holds chunk {h.chunk_id}, not {cid}")
             if crc32(payload) != h.payload_crc:
                 raise CorruptData(f"chunk {cid} (segment {s} offset {off}): payload checksum mismatch")
-            return self.comp.decompress(h.codec, payload, h.raw_len)
+            return self.reducer.compressor().decompress(h.codec, payload, h.raw_len)
         except CorruptData as e:
             self._count_corruption(str(e))
 
@@ -409,45 +409,73 @@ class Engine:
         cid = self._lookup(vol, lba, vol.gen)
         return ZERO_BLOCK if cid == NO_CHUNK else self.read_chunk(cid)
 
+    def _blocks(self, vol: Volume, offset: int, data: bytes | memoryview) -> list[bytes]:
+        """Cut a write into whole blocks, merging partial edges with what is stored."""
+        mv = memoryview(data)
+        first = offset // BLOCK_SIZE
+        end = offset + len(mv)
+        if offset % BLOCK_SIZE == 0 and end % BLOCK_SIZE == 0:
+            return [bytes(mv[i : i + BLOCK_SIZE]) for i in range(0, len(mv), BLOCK_SIZE)]
+        count = (end - 1) // BLOCK_SIZE - first + 1
+        buf = bytearray(count * BLOCK_SIZE)
+        head = offset - first * BLOCK_SIZE
+        if head:  # read-modify-write of the partial first block
+            buf[:BLOCK_SIZE] = self._read_block(vol, first)
+        if end % BLOCK_SIZE and (count > 1 or not head):  # and of the partial last one
+            buf[-BLOCK_SIZE:] = self._read_block(vol, first + count - 1)
+        buf[head : head + len(mv)] = mv
+        return [bytes(buf[i : i + BLOCK_SIZE]) for i in range(0, len(buf), BLOCK_SIZE)]
+
     def write(self, vol: Volume, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         self._writable(vol)
         self._check_range(vol, offset, len(data))
-        mv = memoryview(data)
+        if not len(data):
+            return
+        blocks = self._blocks(vol, offset, data)
+        codec = codecs.IDS[vol.compression]
         lba = offset // BLOCK_SIZE
-        pos = 0
         st = vol.stats
-        while pos < len(mv):
-            boff = (offset + pos) % BLOCK_SIZE
-            n = min(BLOCK_SIZE - boff, len(mv) - pos)
-            if n == BLOCK_SIZE:
-                block = bytes(mv[pos : pos + n])
-            else:  # read-modify-write of a partial block
-                old = bytearray(self._read_block(vol, lba))
-                old[boff : boff + n] = mv[pos : pos + n]
-                block = bytes(old)
-            st.written_bytes += BLOCK_SIZE
-            if block == ZERO_BLOCK:
-                st.zero_bytes += BLOCK_SIZE
-                self._map(vol, lba, NO_CHUNK)
-            else:
-                fp = _sha256(block).digest()
-                hit = self.meta.txn.get(fp, db=self.meta.fp)
-                if hit is not None:
-                    cid = U64.unpack(hit)[0]
-                    self._incref(cid)
-                    st.dedupe_bytes += BLOCK_SIZE
-                else:
-                    cid = self._new_chunk(vol, block, fp)
-                    st.unique_bytes += BLOCK_SIZE
-                self._map(vol, lba, cid)
-            pos += n
-            lba += 1
+        st.written_bytes += BLOCK_SIZE * len(blocks)
+        if len(blocks) >= PARALLEL_MIN_BLOCKS:
+            for i, pre in enumerate(self.reducer.prepare(blocks, codec)):
+                self._store(vol, lba + i, pre)
+        else:
+            for i, block in enumerate(blocks):
+                if block == ZERO_BLOCK:
+                    self._store(vol, lba + i, None)
+                else:  # compress lazily: not at all for a duplicate
+                    self._store(vol, lba + i, (_sha256(block).digest(), -1, block))
         st.writes += 1
         self.dirty = True
         if fua:
             self.flush()
         else:
             self._maybe_commit()
+
+    def _store(self, vol: Volume, lba: int, pre: Prepared) -> None:
+        """Map one block: zero -> hole; known fingerprint -> one more reference; else a new chunk.
+
+        `pre` is (fingerprint, codec, payload); codec -1 means "payload is the
+        raw block, not compressed yet".
+        """
+        st = vol.stats
+        if pre is None:
+            st.zero_bytes += BLOCK_SIZE
+            self._map(vol, lba, NO_CHUNK)
+            return
+        fp, codec, payload = pre
+        hit = self.meta.txn.get(fp, db=self.meta.fp)
+        if hit is not None:
+            cid = U64.unpack(hit)[0]
+            self._incref(cid)
+            st.dedupe_bytes += BLOCK_SIZE
+        else:
+            if codec < 0:
+                codec, payload = self.reducer.compressor().compress(
+                    codecs.IDS[vol.compression], payload)
+            cid = self._new_chunk(vol, fp, codec, payload)
+            st.unique_bytes += BLOCK_SIZE
+        self._map(vol, lba, cid)
 
     def _check_failed(self) -> None:
         if self.failed is not None:
@@ -553,11 +581,6 @@ class Engine:
         except DeviceIOError as e:
             self._fail(e)
             raise
-
-    def _fail(self, e: DeviceIOError) -> None:
-        self.failed = e.message
-        self.io_errors += 1
-        log.error("pool failed, writes are refused until restart: %s", e.message)
         self.commits += 1
         self.dirty = False
         if self.segs.after_commit():
@@ -565,6 +588,11 @@ class Engine:
             txn = self.meta.txn
             for k, v in self.segs.dirty_records():
                 txn.put(k, v, db=self.meta.segs)
+
+    def _fail(self, e: DeviceIOError) -> None:
+        self.failed = e.message
+        self.io_errors += 1
+        log.error("pool failed, writes are refused until restart: %s", e.message)
 
     def flush(self) -> None:
         """Everything acknowledged before this call is on stable storage when it returns."""
@@ -582,6 +610,7 @@ class Engine:
                 self._commit()
                 self.meta.commit()
         finally:
+            self.reducer.close()
             self.segs.close()
             self.pool.close()
 
