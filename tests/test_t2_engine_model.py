@@ -264,6 +264,7 @@ def test_bad_requests_are_refused(engine):
 
 
 def test_resize_and_delete_release_space(engine):
+    free0 = engine.segs.free_count()
     v = engine.create_volume("v", 4 << 20)
     engine.write(v, 0, os.urandom(4 << 20))
     engine.flush()
@@ -276,6 +277,9 @@ def test_resize_and_delete_release_space(engine):
     assert engine.read(v, 2 << 20, 4096) == bytes(4096)  # regrown range reads zeros
     engine.delete_volume("v")
     assert engine.live_chunks == 0 and engine.live_stored == 0
+    # every sealed segment is dead and comes back after the commit (the open one stays)
+    assert engine.segs.free_count() >= free0 - 1
+    assert engine.statistics().allocated_bytes <= engine.segs.size
 
 
 class FlakyBacking:
