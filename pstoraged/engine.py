@@ -39,7 +39,6 @@ from .format import (
     pack_chunk_header,
 )
 from .pool import Pool
-from .reducer import PARALLEL_MIN_BLOCKS, Prepared, Reducer
 from .segments import SegmentLog
 from .units import validate_name, validate_volume_size
 
@@ -109,7 +108,7 @@ class Engine:
         self.pool = pool
         self.meta = pool.meta
         self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
-        self.reducer = Reducer()
+        self.comp = codecs.Compressor()
         txn = self.meta.txn
         self.segs.load((bytes(k), bytes(v)) for k, v in txn.cursor(db=self.meta.segs))
         self.volumes: dict[str, Volume] = {}
@@ -268,7 +267,7 @@ class Engine:
                 raise CorruptData(f"segment {s} offset {off} holds chunk {h.chunk_id}, not {cid}")
             if crc32(payload) != h.payload_crc:
                 raise CorruptData(f"chunk {cid} (segment {s} offset {off}): payload checksum mismatch")
-            return self.reducer.compressor().decompress(h.codec, payload, h.raw_len)
+            return self.comp.decompress(h.codec, payload, h.raw_len)
         except CorruptData as e:
             self._count_corruption(str(e))
 
@@ -436,15 +435,8 @@ class Engine:
         lba = offset // BLOCK_SIZE
         st = vol.stats
         st.written_bytes += BLOCK_SIZE * len(blocks)
-        if len(blocks) >= PARALLEL_MIN_BLOCKS:
-            for i, pre in enumerate(self.reducer.prepare(blocks, codec)):
-                self._store(vol, lba + i, pre)
-        else:
-            for i, block in enumerate(blocks):
-                if block == ZERO_BLOCK:
-                    self._store(vol, lba + i, None)
-                else:  # compress lazily: not at all for a duplicate
-                    self._store(vol, lba + i, (_sha256(block).digest(), -1, block))
+        for i, block in enumerate(blocks):
+            self._store(vol, lba + i, codec, block)
         st.writes += 1
         self.dirty = True
         if fua:
@@ -452,28 +444,22 @@ class Engine:
         else:
             self._maybe_commit()
 
-    def _store(self, vol: Volume, lba: int, pre: Prepared) -> None:
-        """Map one block: zero -> hole; known fingerprint -> one more reference; else a new chunk.
-
-        `pre` is (fingerprint, codec, payload); codec -1 means "payload is the
-        raw block, not compressed yet".
-        """
+    def _store(self, vol: Volume, lba: int, codec: int, block: bytes) -> None:
+        """Map one block: zero -> hole; known fingerprint -> one more reference; else a new chunk."""
         st = vol.stats
-        if pre is None:
+        if block == ZERO_BLOCK:
             st.zero_bytes += BLOCK_SIZE
             self._map(vol, lba, NO_CHUNK)
             return
-        fp, codec, payload = pre
+        fp = _sha256(block).digest()
         hit = self.meta.txn.get(fp, db=self.meta.fp)
         if hit is not None:
             cid = U64.unpack(hit)[0]
             self._incref(cid)
             st.dedupe_bytes += BLOCK_SIZE
-        else:
-            if codec < 0:
-                codec, payload = self.reducer.compressor().compress(
-                    codecs.IDS[vol.compression], payload)
-            cid = self._new_chunk(vol, fp, codec, payload)
+        else:  # compressed only now: a duplicate never pays for compression
+            used, payload = self.comp.compress(codec, block)
+            cid = self._new_chunk(vol, fp, used, payload)
             st.unique_bytes += BLOCK_SIZE
         self._map(vol, lba, cid)
 
@@ -610,7 +596,6 @@ class Engine:
                 self._commit()
                 self.meta.commit()
         finally:
-            self.reducer.close()
             self.segs.close()
             self.pool.close()
 

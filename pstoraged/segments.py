@@ -187,7 +187,9 @@ class SegmentLog:
         wp = self.write_ptr[s]
         end = align_up(wp) if full else wp // ALIGN * ALIGN
         if end > self.flushed:
-            self.backing.pwrite(self.offset(s) + self.flushed, memoryview(self.buf)[self.flushed : end])
+            start = self.offset(s) + self.flushed
+            self.backing.pwrite(start, memoryview(self.buf)[self.flushed : end])
+            self.backing.start_writeback(start, end - self.flushed)
             self.flushed = end
         if full and wp != end:
             self.write_ptr[s] = end

@@ -21,7 +21,6 @@ def make_pool(directory: str, size: int = 16 << 20, segment_size: int = SMALL_SE
 
 def crash(engine: Engine) -> None:
     """What kill -9 leaves: the open transaction and unwritten buffers vanish."""
-    engine.reducer.close()
     engine.meta.abort()
     engine.meta.env.close()
     engine.segs.close()

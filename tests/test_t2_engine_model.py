@@ -53,7 +53,7 @@ offsets = st.one_of(
 lengths = st.one_of(
     st.integers(1, 4).map(lambda b: b * BLOCK_SIZE),
     st.integers(1, 3 * BLOCK_SIZE),
-    st.integers(8 * BLOCK_SIZE, 12 * BLOCK_SIZE),  # large writes: the parallel reducer path
+    st.integers(8 * BLOCK_SIZE, 12 * BLOCK_SIZE),  # large writes
 )
 
 
