@@ -165,6 +165,7 @@ class Api:
             "uuid": p.sb.uuid.hex(), "device": p.backing.path, "directory": p.directory,
             "segment_size": ss.segment_size, "segments": asdict(ss),
             "statistics": asdict(st), "instance": self.engine.instance.hex(),
+            "reclaiming_volumes": len(self.engine.reclaiming),
             "dataplane": asdict(self.dataplane.statistics()),
         }
 

@@ -137,9 +137,15 @@ class DataPlane:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                events = self._ep.poll(IDLE_COMMIT_SECONDS)
+                # background work (reclaiming deleted volumes) runs between
+                # batches, a bounded slice at a time, so clients never wait long
+                background = self.engine.has_background_work()
+                events = self._ep.poll(0 if background else IDLE_COMMIT_SECONDS)
+                if background:
+                    self._guard(self.engine.reclaim_step)
                 if not events and self._jobs.empty():
-                    self._guard(self.engine.idle)
+                    if not background:
+                        self._guard(self.engine.idle)
                     continue
                 batch: list[_Job] = []
                 for fd, ev in events:

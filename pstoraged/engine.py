@@ -48,6 +48,8 @@ COMMIT_EVERY = 16384  # metadata updates per group commit when no flush comes
 MAX_EXTENTS = 1024  # runs per extents reply; NBD lets a reply cover less
 MAX_COALESCE = 256  # chunks per device read when reading adjacent records
 MAX_GAP = 4096  # padding between records worth reading through
+UNMAP_SLICE = 4096  # map entries released per slice of a trim
+RECLAIM_SLICE = 1024  # per background step: a few ms, the most a request waits for it
 
 _sha256 = hashlib.sha256
 _unpack_chunk = CHUNK_META.unpack
@@ -126,6 +128,9 @@ class Engine:
         self.live_stored = c.get("live_stored", 0)
         self.checksum_errors = c.get("checksum_errors", 0)
         self.io_errors = c.get("io_errors", 0)
+        # deleted volumes whose map entries are still being released: id -> next lba
+        self.reclaiming: dict[int, int] = {
+            int(k): v for k, v in self.meta.get_json("reclaim", {}).items()}
         self.commits = 0
         self.dirty = False
         self.failed: str | None = None  # set when the device failed a write or sync
@@ -193,12 +198,14 @@ class Engine:
         return vol
 
     def delete_volume(self, name: str) -> None:
+        """Remove a volume now; its space comes back in the background (reclaim_step)."""
         vol = self.volume(name)
-        self._unmap_range(vol, 0, (1 << 64) - 1)
         self.meta.txn.delete(name.encode(), db=self.meta.vols)
         self.meta.delete(f"vstats:{vol.id}")
         del self.volumes[name]
         del self.by_id[vol.id]
+        self.reclaiming[vol.id] = 0
+        self.meta.put_json("reclaim", {str(k): v for k, v in self.reclaiming.items()})
         self.flush()
 
     # ------------------------------------------------------------------ chunks
@@ -330,28 +337,80 @@ class Engine:
         self.meta.pending_ops += 1
 
     def _unmap_range(self, vol: Volume, first: int, end: int) -> int:
-        """Drop blocks [first, end) of the live generation; cost is O(mapped blocks)."""
-        txn, db = self.meta.txn, self.meta.l2p
-        gen = vol.gen
-        todo: list[int] = []
-        cur = txn.cursor(db=db)
-        start = L2P_KEY.pack(vol.id, first, 0)
-        stop_lba = min(end, (1 << 64) - 1)
+        """Drop blocks [first, end) of the live generation; cost is O(mapped blocks).
+
+        Works in slices of UNMAP_SLICE blocks so that memory stays bounded
+        however much of the range is mapped.
+        """
+        done = 0
+        while True:
+            todo = self._mapped_lbas(vol, first, end, UNMAP_SLICE)
+            for lba in todo:
+                self._map(vol, lba, NO_CHUNK)
+                self._maybe_commit()
+            done += len(todo)
+            if len(todo) < UNMAP_SLICE:
+                return done
+            first = todo[-1] + 1
+
+    def _mapped_lbas(self, vol: Volume, first: int, end: int, limit: int) -> list[int]:
+        """Up to `limit` blocks in [first, end) that hold data at the live generation."""
+        cur = self.meta.txn.cursor(db=self.meta.l2p)
+        out: list[int] = []
         last = -1
-        ok = cur.set_range(start)
-        while ok:
+        ok = cur.set_range(L2P_KEY.pack(vol.id, first, 0))
+        while ok and len(out) < limit:
             v, lba, g = l2p_unpack(cur.key())
-            if v != vol.id or lba >= stop_lba:
+            if v != vol.id or lba >= end:
                 break
-            if lba != last and g <= gen:
+            if lba != last and g <= vol.gen:
                 last = lba
                 if U64.unpack(cur.value())[0] != NO_CHUNK:
-                    todo.append(lba)
+                    out.append(lba)
             ok = cur.next()
-        for lba in todo:
-            self._map(vol, lba, NO_CHUNK)
-            self._maybe_commit()
-        return len(todo)
+        return out
+
+    # ------------------------------------------------------------------ background reclaim
+    def has_background_work(self) -> bool:
+        return bool(self.reclaiming)
+
+    def reclaim_step(self, budget: int = RECLAIM_SLICE) -> int:
+        """Release up to `budget` map entries of deleted volumes; returns how many.
+
+        A deleted volume disappears at once; its blocks are given back here,
+        a slice at a time between client requests, so a delete never stalls
+        I/O. Progress is saved in the same transaction as the work, so a
+        crash resumes where the last commit left off.
+        """
+        if not self.reclaiming:
+            return 0
+        vid = min(self.reclaiming)
+        txn, db = self.meta.txn, self.meta.l2p
+        cur = txn.cursor(db=db)
+        ok = cur.set_range(L2P_KEY.pack(vid, self.reclaiming[vid], 0))
+        keys: list[bytes] = []
+        cids: list[int] = []
+        while ok and len(keys) < budget:
+            k = cur.key()
+            if L2P_KEY.unpack(k)[0] != vid:
+                break
+            keys.append(bytes(k))
+            cids.append(U64.unpack(cur.value())[0])
+            ok = cur.next()
+        for k, cid in zip(keys, cids, strict=True):
+            txn.delete(k, db=db)
+            if cid != NO_CHUNK:
+                self._decref(cid)
+        self.meta.pending_ops += len(keys)
+        if len(keys) < budget:
+            del self.reclaiming[vid]
+            log.info("volume id %d: all space reclaimed", vid)
+        else:
+            self.reclaiming[vid] = L2P_KEY.unpack(keys[-1])[1] + 1
+        self.meta.put_json("reclaim", {str(k): v for k, v in self.reclaiming.items()})
+        self.dirty = True
+        self._maybe_commit()
+        return len(keys)
 
     # ------------------------------------------------------------------ I/O
     def _check_range(self, vol: Volume, offset: int, length: int) -> None:

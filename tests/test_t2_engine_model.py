@@ -276,6 +276,11 @@ def test_resize_and_delete_release_space(engine):
     engine.resize_volume("v", 8 << 20)
     assert engine.read(v, 2 << 20, 4096) == bytes(4096)  # regrown range reads zeros
     engine.delete_volume("v")
+    with pytest.raises(NotFound):
+        engine.volume("v")  # gone at once ...
+    while engine.reclaim_step(100):  # ... its space comes back in the background
+        pass
+    engine.flush()
     assert engine.live_chunks == 0 and engine.live_stored == 0
     # every sealed segment is dead and comes back after the commit (the open one stays)
     assert engine.segs.free_count() >= free0 - 1
@@ -331,4 +336,28 @@ def test_failing_device_gives_eio_and_never_loses_flushed_data(pool_dir, caplog)
     eng = Engine(open_pool(pool_dir))
     assert not eng.prev_clean
     assert eng.read(eng.volume("v"), 0, len(good)) == good
+    eng.close()
+
+
+def test_reclaim_of_a_deleted_volume_survives_a_crash(pool_dir):
+    eng = Engine(open_pool(pool_dir))
+    keep = eng.create_volume("keep", 2 << 20)
+    gone = eng.create_volume("gone", 2 << 20)
+    shared = os.urandom(1 << 20)
+    eng.write(keep, 0, shared)
+    eng.write(gone, 0, shared)  # deduped: these chunks are shared with "keep"
+    eng.write(gone, 1 << 20, os.urandom(1 << 20))
+    eng.flush()
+    eng.delete_volume("gone")
+    assert eng.reclaim_step(100) == 100
+    eng.flush()
+    eng.reclaim_step(100)  # not committed: lost in the crash, redone after
+    crash(eng)
+    eng = Engine(open_pool(pool_dir))
+    assert "gone" not in eng.volumes and eng.has_background_work()
+    while eng.reclaim_step(64):
+        pass
+    eng.flush()
+    assert eng.live_chunks == 256  # only the shared megabyte is left
+    assert eng.read(eng.volume("keep"), 0, 1 << 20) == shared
     eng.close()
