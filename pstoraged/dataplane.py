@@ -26,6 +26,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import trio
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 IDLE_COMMIT_SECONDS = 1.0
 RECV_SIZE = 1 << 20
 MAX_OUT = 64 << 20  # stop reading a connection whose replies pile up beyond this
+BUSY_RECLAIM = 128  # map entries of deleted volumes released per batch under load
+IDLE_RECLAIM = 2048  # ... and per step when no client is waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +144,9 @@ class DataPlane:
                 # batches, a bounded slice at a time, so clients never wait long
                 background = self.engine.has_background_work()
                 events = self._ep.poll(0 if background else IDLE_COMMIT_SECONDS)
-                if background:
-                    self._guard(self.engine.reclaim_step)
+                if background:  # small steps while clients are busy, big ones when idle
+                    self._guard(partial(self.engine.reclaim_step,
+                                        BUSY_RECLAIM if events else IDLE_RECLAIM))
                 if not events and self._jobs.empty():
                     if not background:
                         self._guard(self.engine.idle)
@@ -186,7 +190,7 @@ class DataPlane:
         try:
             fn()
         except Exception:
-            log.exception("%s failed", getattr(fn, "__name__", fn))
+            log.exception("%s failed", getattr(fn, "__name__", None) or getattr(fn, "func", fn))
 
     def _accept(self) -> None:
         assert self._listener is not None

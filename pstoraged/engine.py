@@ -49,6 +49,9 @@ MAX_EXTENTS = 1024  # runs per extents reply; NBD lets a reply cover less
 MAX_COALESCE = 256  # chunks per device read when reading adjacent records
 MAX_GAP = 4096  # padding between records worth reading through
 UNMAP_SLICE = 4096  # map entries released per slice of a trim
+# A volume's first generation: no older (frozen) map entries can exist below it,
+# so map lookups are exact gets. Snapshots move a volume past it.
+FIRST_GEN = 1
 RECLAIM_SLICE = 1024  # per background step: a few ms, the most a request waits for it
 
 _sha256 = hashlib.sha256
@@ -78,7 +81,7 @@ class Volume:
     name: str
     size: int
     compression: str = "lz4"
-    gen: int = 1  # the live map generation (snapshots freeze older ones)
+    gen: int = 1  # the live map generation (snapshots freeze older ones); 1 = FIRST_GEN
     created_ns: int = 0
     readonly: bool = False
     stats: VolumeStats = field(default_factory=VolumeStats)
@@ -305,8 +308,11 @@ class Engine:
 
     # ------------------------------------------------------------------ the map
     def _lookup(self, vol: Volume, lba: int, gen: int) -> int:
-        cur = self.meta.txn.cursor(db=self.meta.l2p)
         key = l2p_key(vol.id, lba, gen)
+        if gen == FIRST_GEN:  # nothing older can exist: one exact get, no cursor
+            raw = self.meta.txn.get(key, db=self.meta.l2p)
+            return NO_CHUNK if raw is None else U64.unpack(raw)[0]
+        cur = self.meta.txn.cursor(db=self.meta.l2p)
         if cur.set_range(key) and cur.key()[:12] == key[:12]:
             return U64.unpack(cur.value())[0]
         return NO_CHUNK
@@ -316,16 +322,21 @@ class Engine:
         txn, db = self.meta.txn, self.meta.l2p
         gen = vol.gen
         key = l2p_key(vol.id, lba, gen)
-        prefix = key[:12]
-        cur = txn.cursor(db=db)
         old, own, older = NO_CHUNK, False, False
-        if cur.set_range(key) and cur.key()[:12] == prefix:
-            old = U64.unpack(cur.value())[0]
-            own = cur.key() == key
-            if own:
-                older = cur.next() and cur.key()[:12] == prefix
-            else:
-                older = True  # a frozen generation still holds this block
+        if gen == FIRST_GEN:  # no frozen generation below: an exact get is enough
+            raw = txn.get(key, db=db)
+            if raw is not None:
+                old, own = U64.unpack(raw)[0], True
+        else:
+            prefix = key[:12]
+            cur = txn.cursor(db=db)
+            if cur.set_range(key) and cur.key()[:12] == prefix:
+                old = U64.unpack(cur.value())[0]
+                own = cur.key() == key
+                if own:
+                    older = cur.next() and cur.key()[:12] == prefix
+                else:
+                    older = True  # a frozen generation still holds this block
         if cid == NO_CHUNK and not older:
             if own:
                 txn.delete(key, db=db)

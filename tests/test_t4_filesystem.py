@@ -31,6 +31,14 @@ def attach(d: Daemon, name: str) -> str:
     return dev
 
 
+def new_fs(d: Daemon, name: str, size: str) -> tuple[str, str]:
+    """Create a volume, attach it, mkfs.ext4 it and mount it: (device, mount point)."""
+    d.cli("volume", "create", name, "--size", size)
+    dev = attach(d, name)
+    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+    return dev, mount(d, dev)
+
+
 def mount(d: Daemon, dev: str) -> str:
     mnt = tempfile.mkdtemp(prefix="pstmnt")
     subprocess.run(["mount", dev, mnt], check=True)
@@ -102,10 +110,7 @@ def test_mkfs_mount_restart_fsck(fs_daemon):
 
 
 def test_detach_refused_while_mounted(fs_daemon):
-    fs_daemon.cli("volume", "create", "m", "--size", "256M")
-    dev = attach(fs_daemon, "m")
-    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
-    mnt = mount(fs_daemon, dev)
+    dev, mnt = new_fs(fs_daemon, "m", "256M")
     p = fs_daemon.cli("detach", "m", check=False)
     assert p.returncode != 0 and "mounted" in p.stderr
     p = fs_daemon.cli("volume", "delete", "m", check=False)
@@ -115,10 +120,7 @@ def test_detach_refused_while_mounted(fs_daemon):
 
 
 def test_mounted_volume_survives_daemon_restart_under_writes(fs_daemon):
-    fs_daemon.cli("volume", "create", "live", "--size", "1G")
-    dev = attach(fs_daemon, "live")
-    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
-    mnt = mount(fs_daemon, dev)
+    dev, mnt = new_fs(fs_daemon, "live", "1G")
     errors: list[BaseException] = []
     written: dict[str, str] = {}
     stop = threading.Event()

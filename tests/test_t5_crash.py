@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from .daemon_util import Daemon
-from .test_t4_filesystem import attach, fsck, mount, umount
+from .test_t4_filesystem import attach, fsck, mount, new_fs, umount
 from .test_t4_filesystem import pytestmark as _fs_marks
 
 pytestmark = _fs_marks
@@ -79,10 +79,7 @@ def abandon_mount(d: Daemon, mnt: str, name: str) -> None:
 
 @pytest.mark.parametrize("delay", [0.3, 1.2, 2.5])
 def test_kill9_daemon_during_fsync_stream(fs_daemon, delay):
-    fs_daemon.cli("volume", "create", "c", "--size", "512M")
-    dev = attach(fs_daemon, "c")
-    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
-    mnt = mount(fs_daemon, dev)
+    _, mnt = new_fs(fs_daemon, "c", "512M")
     w = FsyncWriter(mnt, seed=int(delay * 10))
     w.start()
     time.sleep(delay)
@@ -98,10 +95,7 @@ def test_kill9_daemon_during_fsync_stream(fs_daemon, delay):
 
 
 def test_kill9_nbdkit_under_mounted_fs(fs_daemon):
-    fs_daemon.cli("volume", "create", "k", "--size", "512M")
-    dev = attach(fs_daemon, "k")
-    subprocess.run(["mkfs.ext4", "-q", dev], check=True)
-    mnt = mount(fs_daemon, dev)
+    _, mnt = new_fs(fs_daemon, "k", "512M")
     w = FsyncWriter(mnt, seed=7)
     w.start()
     time.sleep(1.5)
