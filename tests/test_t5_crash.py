@@ -66,7 +66,8 @@ def recover_and_verify(d: Daemon, name: str, durable: dict[str, str]) -> None:
     try:
         for fname, digest in durable.items():
             with open(os.path.join(mnt, fname), "rb") as f:
-                assert hashlib.sha256(f.read()).hexdigest() == digest, fname
+                assert hashlib.sha256(f.read()).hexdigest() == digest, (
+                    f"{fname} was fsynced but differs after recovery ({len(durable)} files checked)")
     finally:
         umount(mnt)
     d.cli("detach", name)
@@ -89,7 +90,7 @@ def test_kill9_daemon_during_fsync_stream(fs_daemon, delay):
     w.stop.set()
     w.join(timeout=DURABLE_TIMEOUT)
     assert not w.is_alive()
-    assert len(w.durable) > 0
+    assert len(w.durable) > 0, f"no file was fsynced before the kill (writer error: {w.error})"
     abandon_mount(fs_daemon, mnt, "c")
     recover_and_verify(fs_daemon, "c", dict(w.durable))
 
