@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import lz4.block
 import zstandard
 
@@ -19,12 +17,6 @@ IDS = {v: k for k, v in NAMES.items()}
 # Early abort: keep the compressed form only if it saves at least 1/8 of the
 # block; below that the CPU spent on every later read is not worth it.
 MIN_SAVING_FRACTION = 8
-
-
-@dataclass(frozen=True, slots=True)
-class Codec:
-    id: int
-    name: str
 
 
 def codec_id(name: str) -> int:

@@ -37,6 +37,7 @@ from .format import (
     l2p_key,
     l2p_unpack,
     pack_chunk_header,
+    record_size,
 )
 from .pool import Pool
 from .segments import SegmentLog
@@ -231,8 +232,7 @@ class Engine:
             return
         txn.delete(key, db=self.meta.chunks)
         txn.delete(fp, db=self.meta.fp)
-        size = ChunkHeader.SIZE + slen
-        size += -size % 16
+        size = record_size(slen)
         self.segs.release(s, size)
         self.live_chunks -= 1
         self.live_stored -= size

@@ -351,10 +351,6 @@ class ExportManager:
         st.device = st.method = st.fuse_dir = None
         st.fuse_pid = 0
 
-    def shutdown(self) -> None:
-        """Daemon exit: leave exports running (they reconnect), just forget them."""
-        self.states.clear()
-
 
 def mounted_on(dev: str) -> list[str]:
     """Mount points of `dev` (by device number, as /proc/self/mountinfo has it)."""
