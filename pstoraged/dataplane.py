@@ -164,10 +164,14 @@ class DataPlane:
                         conn = self._conns.get(fd)
                         if conn is None:
                             continue
-                        if ev & select.EPOLLOUT:
-                            self._flush_out(conn)
-                        if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                            self._read(conn, batch)
+                        try:
+                            if ev & select.EPOLLOUT:
+                                self._flush_out(conn)
+                            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                                self._read(conn, batch)
+                        except Exception:  # a bug must cost one connection, not the daemon
+                            log.exception("data conn %d: dropped after an internal error", conn.id)
+                            self._close(conn)
                 while True:  # control jobs, after the data requests seen so far
                     try:
                         fn, args, flush, done = self._jobs.get_nowait()
