@@ -161,3 +161,25 @@ def test_mounted_volume_survives_daemon_restart_under_writes(fs_daemon):
     fsck(dev)
     fs_daemon.cli("detach", "live")
     assert "fsck" not in fs_daemon.log()  # nothing strange logged
+
+
+def test_demo_main_job_runs_end_to_end():
+    """scripts/demo.py (the main job) with --no-wait: pool, volume, ext4, data, figures, clean stop."""
+    import sys
+
+    base = tempfile.mkdtemp(prefix="pstdemo", dir="/tmp")  # short socket paths
+    try:
+        p = subprocess.run(
+            [sys.executable, "scripts/demo.py", "--no-wait", "--pool-dir", f"{base}/pool",
+             "--run-dir", f"{base}/run", "--mount", f"{base}/mnt", "--pool-size", "4G",
+             "--volume-size", "1G"],
+            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+            timeout=600)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert "data reduction" in p.stdout and "stopped cleanly" in p.stdout
+        assert "/dev/loop" in p.stdout
+        assert not os.path.ismount(f"{base}/mnt")
+        assert "pstoraged stopped cleanly" in Path(f"{base}/pool/pstoraged.log").read_text()
+    finally:
+        subprocess.run(["umount", "-l", f"{base}/mnt"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
