@@ -58,7 +58,8 @@ class ProtocolError(RuntimeError):
 # --- durability bookkeeping (see "Reconnection" in docs/protocol.md) -------
 # _acked[(export, instance)] = sequence number of the last write, trim or zero
 # without FUA acknowledged by that daemon run and not yet covered by a FLUSH.
-# _lost holds exports whose next flush must fail with EIO.
+# _lost holds exports that lost acknowledged writes: every later flush and
+# write on them fails with EIO until nbdkit is restarted.
 _state = threading.Lock()
 _seq = itertools.count(1)
 _acked = {}
@@ -74,7 +75,7 @@ def _judge(instance, prev, prev_clean, before=math.inf):
             continue
         _lost.add(key[0])
         msg = (f"pstorage: export {key[0]!r}: writes acknowledged by daemon run "
-               f"{key[1].hex()} may be lost (now {instance.hex()}); next flush fails with EIO")
+               f"{key[1].hex()} may be lost (now {instance.hex()}); flushes and writes fail with EIO")
         nbdkit.debug(msg)
         print(msg, file=sys.stderr, flush=True)
 
@@ -350,6 +351,7 @@ def pread(h, buf, offset, flags):
 
 
 def _modify(h, op, offset, count, flags, buf=None):
+    _check_lost(h)
     f = _flags(flags)
     for off, n in _pieces(offset, count):
         data = None if buf is None else _part(buf, off - offset, n)
@@ -377,12 +379,22 @@ def flush(h, flags):
         _judge(c.instance, c.prev, c.prev_clean, start)  # acks that raced a reconnect
         for key in [k for k, s in _acked.items() if k[1] == c.instance and s < start]:
             del _acked[key]        # FLUSH is pool-wide: covers every export
-        lost = h.export in _lost
-        _lost.discard(h.export)
-    if lost:
+    _check_lost(h)
+
+
+def _check_lost(h):
+    """Once acknowledged writes were lost, every later flush and write fails.
+
+    The error must be sticky: a filesystem issues flushes from several
+    places (journal commits, checkpoints, fsync of a file with nothing to
+    commit); if only the first one failed, another could succeed and let
+    the filesystem believe that the lost writes are on disk. The export
+    works again once it is reopened (pstorage detach / attach).
+    """
+    if h.export in _lost:
         nbdkit.set_error(errno.EIO)
-        raise RuntimeError(f"pstorage: acknowledged writes to {h.export!r} may have "
-                           "been lost in a daemon restart")
+        raise RuntimeError(f"pstorage: acknowledged writes to {h.export!r} were lost in a "
+                           "daemon crash; detach and attach the volume, then fsck it")
 
 
 def extents(h, count, offset, flags):

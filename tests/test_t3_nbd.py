@@ -332,3 +332,34 @@ sys.stdin.readline()
     finally:
         proc.communicate("\n", timeout=120)
     assert "AAAA" in nbdsh(uri, "print(h.pread(4096, 0)[:4].decode())")
+
+
+def test_lost_writes_make_every_later_flush_and_write_fail(daemon):
+    """After a crash lost acknowledged writes, the export fails flushes and writes until reopened."""
+    uri = export(daemon, "lw")
+    proc = subprocess.Popen(NBDSH + ["-u", uri, "-c", r"""
+import sys
+h.pwrite(b"L" * 4096, 0)          # acknowledged, never flushed
+print("WROTE", flush=True)
+sys.stdin.readline()
+results = []
+for op in ("flush", "flush", "write", "flush"):
+    try:
+        h.flush() if op == "flush" else h.pwrite(b"M" * 4096, 4096)
+        results.append(op + ":ok")
+    except nbd.Error as e:
+        results.append(op + ":" + str(e.errno))
+print("RESULTS", " ".join(results), flush=True)
+assert h.pread(4096, 8192) == bytes(4096)  # reads still work
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WROTE"
+        daemon.kill9()
+        daemon.start()
+    finally:
+        out, err = proc.communicate("\n", timeout=180)
+    line = [x for x in out.splitlines() if x.startswith("RESULTS")][0]
+    assert all(r.endswith(("EIO", ":5")) for r in line.split()[1:]), line
+    daemon.cli("unexport", "lw")
+    uri = daemon.cli("export", "lw").stdout.strip()  # a new nbdkit: works again
+    nbdsh(uri, "h.pwrite(b'N' * 4096, 0); h.flush(); assert h.pread(4096, 0) == b'N' * 4096")
