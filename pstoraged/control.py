@@ -32,6 +32,10 @@ Handler = Callable[..., Awaitable[Any]]
 MAX_REQUEST_LINE = 1 << 20
 
 
+def _flag(query: dict[str, str], name: str) -> bool:
+    return query.get(name) in ("1", "true", "yes")
+
+
 def _ratio(a: int, b: int) -> float | None:
     return round(a / b, 3) if b else None
 
@@ -217,7 +221,7 @@ class Api:
 
     async def delete_volume(self, name: str, query: dict, **_: Any) -> tuple[int, Any]:
         self._vol(name)
-        force = query.get("force") in ("1", "true", "yes")
+        force = _flag(query, "force")
         if self.exports.get(name):
             if not force:
                 raise Conflict(f"volume {name!r} is exported or attached",
@@ -237,7 +241,7 @@ class Api:
 
     async def unexport(self, name: str, query: dict, **_: Any) -> tuple[int, Any]:
         self._vol(name)
-        force = query.get("force") in ("1", "true", "yes")
+        force = _flag(query, "force")
         await trio.to_thread.run_sync(lambda: self.exports.unexport(name, force=force))
         return 200, {"unexported": name}
 
@@ -248,7 +252,7 @@ class Api:
 
     async def detach(self, name: str, query: dict, **_: Any) -> tuple[int, Any]:
         self._vol(name)
-        force = query.get("force") in ("1", "true", "yes")
+        force = _flag(query, "force")
         if self.exports.get(name) is None:
             raise NotFound(f"volume {name!r} is not attached")
         await trio.to_thread.run_sync(lambda: self.exports.detach(name, force=force))

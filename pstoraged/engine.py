@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
 
@@ -209,7 +210,7 @@ class Engine:
         del self.volumes[name]
         del self.by_id[vol.id]
         self.reclaiming[vol.id] = 0
-        self.meta.put_json("reclaim", {str(k): v for k, v in self.reclaiming.items()})
+        self._save_reclaim()
         self.flush()
 
     # ------------------------------------------------------------------ chunks
@@ -366,24 +367,39 @@ class Engine:
 
     def _mapped_lbas(self, vol: Volume, first: int, end: int, limit: int) -> list[int]:
         """Up to `limit` blocks in [first, end) that hold data at the live generation."""
-        cur = self.meta.txn.cursor(db=self.meta.l2p)
         out: list[int] = []
+        for lba, cid in self._visible(vol, first, end, vol.gen):
+            if cid != NO_CHUNK:
+                out.append(lba)
+                if len(out) == limit:
+                    break
+        return out
+
+    def _visible(self, vol: Volume, first: int, end: int, gen: int) -> Iterator[tuple[int, int]]:
+        """(lba, chunk id) of every block in [first, end) with a map entry visible at `gen`.
+
+        Keys sort newest generation first, so the first entry of an lba whose
+        generation is not newer than `gen` is the one a read at `gen` sees.
+        Chunk id NO_CHUNK is a tombstone: the block reads as zeros.
+        """
+        cur = self.meta.txn.cursor(db=self.meta.l2p)
         last = -1
         ok = cur.set_range(L2P_KEY.pack(vol.id, first, 0))
-        while ok and len(out) < limit:
+        while ok:
             v, lba, g = l2p_unpack(cur.key())
             if v != vol.id or lba >= end:
-                break
-            if lba != last and g <= vol.gen:
+                return
+            if lba != last and g <= gen:
                 last = lba
-                if U64.unpack(cur.value())[0] != NO_CHUNK:
-                    out.append(lba)
+                yield lba, U64.unpack(cur.value())[0]
             ok = cur.next()
-        return out
 
     # ------------------------------------------------------------------ background reclaim
     def has_background_work(self) -> bool:
         return bool(self.reclaiming)
+
+    def _save_reclaim(self) -> None:
+        self.meta.put_json("reclaim", {str(k): v for k, v in self.reclaiming.items()})
 
     def reclaim_step(self, budget: int = RECLAIM_SLICE) -> int:
         """Release up to `budget` map entries of deleted volumes; returns how many.
@@ -418,7 +434,7 @@ class Engine:
             log.info("volume id %d: all space reclaimed", vid)
         else:
             self.reclaiming[vid] = L2P_KEY.unpack(keys[-1])[1] + 1
-        self.meta.put_json("reclaim", {str(k): v for k, v in self.reclaiming.items()})
+        self._save_reclaim()
         self.dirty = True
         self._maybe_commit()
         return len(keys)
@@ -437,18 +453,8 @@ class Engine:
         if count == 1:
             return [self._lookup(vol, first, gen)]
         out: list[int] = [NO_CHUNK] * count
-        cur = self.meta.txn.cursor(db=self.meta.l2p)
-        end = first + count
-        last = -1
-        ok = cur.set_range(L2P_KEY.pack(vol.id, first, 0))
-        while ok:
-            v, lba, g = l2p_unpack(cur.key())
-            if v != vol.id or lba >= end:
-                break
-            if lba != last and g <= gen:  # the newest entry not newer than gen
-                last = lba
-                out[lba - first] = U64.unpack(cur.value())[0]
-            ok = cur.next()
+        for lba, cid in self._visible(vol, first, first + count, gen):
+            out[lba - first] = cid
         return out
 
     def read(self, vol: Volume, offset: int, length: int) -> bytes:
@@ -572,7 +578,6 @@ class Engine:
         """Runs of (length, type) from offset: type 0 data, 3 hole+zero."""
         self._check_range(vol, offset, length)
         end = offset + length
-        cur = self.meta.txn.cursor(db=self.meta.l2p)
         first = offset // BLOCK_SIZE
         runs: list[tuple[int, int]] = []
         pos = offset
@@ -588,18 +593,11 @@ class Engine:
                 runs.append((upto - pos, typ))
             pos = upto
 
-        ok = cur.set_range(L2P_KEY.pack(vol.id, first, 0))
-        last = -1
-        while ok and pos < end and len(runs) < MAX_EXTENTS:
-            v, lba, g = l2p_unpack(cur.key())
-            if v != vol.id or lba * BLOCK_SIZE >= end:
+        for lba, cid in self._visible(vol, first, -(-end // BLOCK_SIZE), vol.gen):
+            if pos >= end or len(runs) >= MAX_EXTENTS:
                 break
-            if lba != last and g <= vol.gen:
-                last = lba
-                cid = U64.unpack(cur.value())[0]
-                add(lba * BLOCK_SIZE, 3)
-                add((lba + 1) * BLOCK_SIZE, 0 if cid != NO_CHUNK else 3)
-            ok = cur.next()
+            add(lba * BLOCK_SIZE, 3)
+            add((lba + 1) * BLOCK_SIZE, 0 if cid != NO_CHUNK else 3)
         if len(runs) < MAX_EXTENTS:
             add(end, 3)
         return runs
