@@ -71,6 +71,20 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` s for `pid` to end (reaping it if it is our child)."""
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    return True
+
+
 def _run(cmd: list[str], timeout: float = 60) -> str:
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -246,14 +260,7 @@ class ExportManager:
         if not _alive(pid):
             return
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            try:  # reap it if it happens to be our child
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.05)
-        if _alive(pid):
+        if not _wait_exit(pid, timeout):
             os.kill(pid, signal.SIGKILL)
 
     # attach ------------------------------------------------------------------
@@ -341,13 +348,7 @@ class ExportManager:
         if st.fuse_dir:
             subprocess.run(["fusermount3", "-u", *(["-z"] if force else []), st.fuse_dir],
                            capture_output=True)
-            deadline = time.monotonic() + 10
-            while _alive(st.fuse_pid) and time.monotonic() < deadline:
-                try:
-                    os.waitpid(st.fuse_pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
-                time.sleep(0.05)
+            _wait_exit(st.fuse_pid, 10)
         st.device = st.method = st.fuse_dir = None
         st.fuse_pid = 0
 
