@@ -88,6 +88,9 @@ class DataPlane:
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._listener: socket.socket | None = None
+        # One receive buffer for all connections: sock.recv(1 MiB) would
+        # allocate (mmap) and free a megabyte per call, ~20 us (measured).
+        self._rbuf = memoryview(bytearray(RECV_SIZE))
         self.batches = self.requests = self.max_batch = self.protocol_errors = 0
 
     # ------------------------------------------------------------ control side
@@ -223,15 +226,15 @@ class DataPlane:
 
     def _read(self, conn: _Conn, batch: list[_Job]) -> None:
         try:
-            data = conn.sock.recv(RECV_SIZE)
+            n = conn.sock.recv_into(self._rbuf)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self._close(conn)
             return
-        conn.inbuf += data
+        conn.inbuf += self._rbuf[:n]
         buf = conn.inbuf
         pos = 0
         hsize = P.REQ.size
