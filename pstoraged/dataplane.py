@@ -24,6 +24,7 @@ import queue
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +43,7 @@ RECV_SIZE = 1 << 20
 MAX_OUT = 64 << 20  # stop reading a connection whose replies pile up beyond this
 BUSY_RECLAIM = 128  # map entries of deleted volumes released per batch under load
 IDLE_RECLAIM = 2048  # ... and per step when no client is waiting
+QUIET_SECONDS = 0.1  # no request for this long: clients are idle
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,8 @@ class DataPlane:
         self._ep = select.epoll()
         self._conns: dict[int, _Conn] = {}
         self._next_id = 1
+        self._last_io = 0.0  # monotonic time of the last request batch
+        self._background_progress = False
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -143,15 +147,23 @@ class DataPlane:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                # background work (reclaiming deleted volumes) runs between
-                # batches, a bounded slice at a time, so clients never wait long
+                # Background work (reclaiming deleted volumes, pruning the
+                # dedupe index) runs between batches a bounded slice at a time,
+                # small slices while clients are active, big ones once quiet.
                 background = self.engine.has_background_work()
-                events = self._ep.poll(0 if background else IDLE_COMMIT_SECONDS)
-                if background:  # small steps while clients are busy, big ones when idle
-                    self._guard(partial(self.engine.reclaim_step,
-                                        BUSY_RECLAIM if events else IDLE_RECLAIM))
+                timeout = IDLE_COMMIT_SECONDS
+                if background:
+                    timeout = 0 if self._background_progress else QUIET_SECONDS
+                events = self._ep.poll(timeout)
+                done = 0
+                if background:
+                    busy = bool(events) or time.monotonic() - self._last_io < QUIET_SECONDS
+                    done = self._guard(partial(self.engine.background_step,
+                                               BUSY_RECLAIM if busy else IDLE_RECLAIM,
+                                               busy=busy)) or 0
+                    self._background_progress = done > 0
                 if not events and self._jobs.empty():
-                    if not background:
+                    if not done:
                         self._guard(self.engine.idle)
                     continue
                 batch: list[_Job] = []
@@ -177,11 +189,12 @@ class DataPlane:
                             self._close(conn)
                 while True:  # control jobs, after the data requests seen so far
                     try:
-                        fn, args, flush, done = self._jobs.get_nowait()
+                        fn, args, flush, reply = self._jobs.get_nowait()
                     except queue.Empty:
                         break
-                    batch.append((None, 0, fn, args, flush, done))
+                    batch.append((None, 0, fn, args, flush, reply))
                 if batch:
+                    self._last_io = time.monotonic()
                     self._execute(batch)
         except Exception:
             log.exception("data plane crashed")
@@ -193,11 +206,12 @@ class DataPlane:
                 self._listener.close()
             self._guard(self.engine.close)
 
-    def _guard(self, fn: Callable[[], Any]) -> None:
+    def _guard(self, fn: Callable[[], Any]) -> Any:
         try:
-            fn()
+            return fn()
         except Exception:
             log.exception("%s failed", getattr(fn, "__name__", None) or getattr(fn, "func", fn))
+            return None
 
     def _accept(self) -> None:
         assert self._listener is not None

@@ -54,6 +54,7 @@ UNMAP_SLICE = 4096  # map entries released per slice of a trim
 # A volume's first generation: no older (frozen) map entries can exist below it,
 # so map lookups are exact gets. Snapshots move a volume past it.
 FIRST_GEN = 1
+PRUNE_MIN_STALE = 4096  # stale fingerprint entries worth a background sweep
 RECLAIM_SLICE = 1024  # per background step: a few ms, the most a request waits for it
 
 _sha256 = hashlib.sha256
@@ -133,6 +134,10 @@ class Engine:
         self.live_stored = c.get("live_stored", 0)
         self.checksum_errors = c.get("checksum_errors", 0)
         self.io_errors = c.get("io_errors", 0)
+        self.stale_fps = c.get("stale_fps", 0)  # fingerprint entries of freed chunks
+        # where the background prune of stale fingerprint entries goes on (None: not running)
+        prune = self.meta.get_json("prune", None)
+        self.prune_from: bytes | None = None if prune is None else bytes.fromhex(prune)
         # deleted volumes whose map entries are still being released: id -> next lba
         self.reclaiming: dict[int, int] = {
             int(k): v for k, v in self.meta.get_json("reclaim", {}).items()}
@@ -214,10 +219,32 @@ class Engine:
         self.flush()
 
     # ------------------------------------------------------------------ chunks
-    def _incref(self, cid: int) -> None:
+    def _dedupe_lookup(self, fp: bytes) -> tuple[int, bytes | memoryview] | None:
+        """The live chunk holding this fingerprint, and its record, if there is one.
+
+        The fingerprint index is a hint: freeing a chunk leaves its entry in
+        place (deleting random keys inline costs a B-tree page per block), so
+        an entry counts only if its chunk still exists with that fingerprint.
+        Chunk ids are never reused, so a stale entry can never name another
+        chunk. Stale entries are overwritten on reuse or pruned in the
+        background (prune_step).
+        """
+        txn = self.meta.txn
+        hit = txn.get(fp, db=self.meta.fp)
+        if hit is None:
+            return None
+        cid = U64.unpack(hit)[0]
+        raw = txn.get(_ckey(cid), db=self.meta.chunks)
+        if raw is None or raw[-32:] != fp:
+            self.stale_fps -= 1  # the caller overwrites it with a new chunk
+            return None
+        return cid, raw
+
+    def _incref(self, cid: int, raw: bytes | memoryview | None = None) -> None:
         txn, key = self.meta.txn, _ckey(cid)
-        raw = txn.get(key, db=self.meta.chunks)
-        assert raw is not None, f"dedupe index points at missing chunk {cid}"
+        if raw is None:
+            raw = txn.get(key, db=self.meta.chunks)
+            assert raw is not None, f"reference to missing chunk {cid}"
         rc, s, off, slen, codec, slot, res, fp = _unpack_chunk(raw)
         txn.put(key, _pack_chunk(rc + 1, s, off, slen, codec, slot, res, fp), db=self.meta.chunks)
 
@@ -232,7 +259,7 @@ class Engine:
             txn.put(key, _pack_chunk(rc - 1, s, off, slen, codec, slot, res, fp), db=self.meta.chunks)
             return
         txn.delete(key, db=self.meta.chunks)
-        txn.delete(fp, db=self.meta.fp)
+        self.stale_fps += 1  # its fingerprint entry stays until reused or pruned
         size = record_size(slen)
         self.segs.release(s, size)
         self.live_chunks -= 1
@@ -248,7 +275,9 @@ class Engine:
             raise
         self.next_chunk += 1
         txn = self.meta.txn
-        txn.put(_ckey(cid), _pack_chunk(1, s, off, len(payload), codec, 0, 0, fp), db=self.meta.chunks)
+        # chunk ids only grow: appending skips the B-tree search
+        txn.put(_ckey(cid), _pack_chunk(1, s, off, len(payload), codec, 0, 0, fp),
+                db=self.meta.chunks, append=True)
         txn.put(fp, U64.pack(cid), db=self.meta.fp)
         self.live_chunks += 1
         self.live_stored += size
@@ -324,8 +353,8 @@ class Engine:
         gen = vol.gen
         key = l2p_key(vol.id, lba, gen)
         old, own, older = NO_CHUNK, False, False
-        if gen == FIRST_GEN:  # no frozen generation below: an exact get is enough
-            raw = txn.get(key, db=db)
+        if gen == FIRST_GEN:  # no frozen generation below: one B-tree update
+            raw = txn.pop(key, db=db) if cid == NO_CHUNK else txn.replace(key, U64.pack(cid), db=db)
             if raw is not None:
                 old, own = U64.unpack(raw)[0], True
         else:
@@ -338,11 +367,11 @@ class Engine:
                     older = cur.next() and cur.key()[:12] == prefix
                 else:
                     older = True  # a frozen generation still holds this block
-        if cid == NO_CHUNK and not older:
-            if own:
-                txn.delete(key, db=db)
-        else:
-            txn.put(key, U64.pack(cid), db=db)
+            if cid == NO_CHUNK and not older:
+                if own:
+                    txn.delete(key, db=db)
+            else:
+                txn.put(key, U64.pack(cid), db=db)
         if own and old != NO_CHUNK:
             self._decref(old)
         vol.stats.mapped_blocks += (cid != NO_CHUNK) - (old != NO_CHUNK)
@@ -394,9 +423,60 @@ class Engine:
                 yield lba, U64.unpack(cur.value())[0]
             ok = cur.next()
 
-    # ------------------------------------------------------------------ background reclaim
+    # ------------------------------------------------------------------ background work
     def has_background_work(self) -> bool:
-        return bool(self.reclaiming)
+        return bool(self.reclaiming) or self._prune_wanted(busy=False)
+
+    def background_step(self, budget: int, busy: bool) -> int:
+        """One bounded slice of background work: reclaim first, then pruning."""
+        if self.reclaiming:
+            return self.reclaim_step(budget)
+        if self._prune_wanted(busy):
+            return self.prune_step(budget)
+        return 0
+
+    def _prune_wanted(self, busy: bool) -> bool:
+        if self.prune_from is not None:  # a started sweep finishes, busy or not
+            return True
+        # idle: once stale entries are an eighth of the index; busy: only once
+        # they outnumber live ones (sustained overwrites must not pay for it)
+        limit = self.live_chunks if busy else max(PRUNE_MIN_STALE, self.live_chunks // 8)
+        return self.stale_fps > limit
+
+    def prune_step(self, budget: int = RECLAIM_SLICE) -> int:
+        """Look at up to `budget` fingerprint entries, delete the stale ones.
+
+        A sweep walks the index in key order, so its deletes touch each
+        B-tree page once; progress is saved with the work (crash-safe).
+        """
+        txn = self.meta.txn
+        if self.prune_from is None:
+            self.prune_from = b""
+        cur = txn.cursor(db=self.meta.fp)
+        ok = cur.set_range(self.prune_from) if self.prune_from else cur.first()
+        seen = 0
+        stale: list[bytes] = []
+        while ok and seen < budget:
+            fp = bytes(cur.key())
+            raw = txn.get(_ckey(U64.unpack(cur.value())[0]), db=self.meta.chunks)
+            if raw is None or raw[-32:] != fp:
+                stale.append(fp)
+            seen += 1
+            ok = cur.next()
+        next_key = bytes(cur.key()) if ok else None
+        for fp in stale:
+            txn.delete(fp, db=self.meta.fp)
+        self.stale_fps = max(0, self.stale_fps - len(stale))
+        self.meta.pending_ops += len(stale)
+        if next_key is None:
+            self.prune_from = None
+            log.info("dedupe index pruned; %d live fingerprints", self.live_chunks)
+        else:
+            self.prune_from = next_key
+        self.meta.put_json("prune", None if self.prune_from is None else self.prune_from.hex())
+        self.dirty = True
+        self._maybe_commit()
+        return seen
 
     def _save_reclaim(self) -> None:
         self.meta.put_json("reclaim", {str(k): v for k, v in self.reclaiming.items()})
@@ -528,10 +608,10 @@ class Engine:
             self._map(vol, lba, NO_CHUNK)
             return
         fp = _sha256(block).digest()
-        hit = self.meta.txn.get(fp, db=self.meta.fp)
+        hit = self._dedupe_lookup(fp)
         if hit is not None:
-            cid = U64.unpack(hit)[0]
-            self._incref(cid)
+            cid = hit[0]
+            self._incref(cid, hit[1])
             st.dedupe_bytes += BLOCK_SIZE
         else:  # compressed only now: a duplicate never pays for compression
             used, payload = self.comp.compress(codec, block)
@@ -614,6 +694,7 @@ class Engine:
             "next_chunk": self.next_chunk, "next_volume": self.next_volume,
             "live_chunks": self.live_chunks, "live_stored": self.live_stored,
             "checksum_errors": self.checksum_errors, "io_errors": self.io_errors,
+            "stale_fps": self.stale_fps,
         })
 
     def _commit(self) -> None:

@@ -5,7 +5,9 @@ chunk records are appended to its in-memory image and written out in aligned
 blocks. A block that reached the device is never rewritten: at each flush
 the tail is padded to the next 4 KiB boundary. A sealed segment is immutable
 until every chunk in it is dead; then, once the metadata saying so is
-committed, it is discarded and becomes free again.
+committed, it is discarded and becomes free again. Discards run on their
+own thread (punching a hole or BLKDISCARD can take milliseconds); a segment
+is not handed out again until its discard has finished.
 
 Per-segment state lives in compact arrays (one entry per segment, never per
 block) and is persisted in the `segs` table at each commit.
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import logging
 import mmap
+import queue
+import threading
 import time
 from array import array
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,6 +73,10 @@ class SegmentLog:
         self.sealed_ns = array("Q", bytes(8 * n))
         self.dirty: set[int] = set()
         self.pending_free: set[int] = set()  # dead, waiting for the commit that says so
+        self.discarding: set[int] = set()  # free, but the discard is still in flight
+        self._discarded: deque[int] = deque()  # filled by the discard thread
+        self._discard_q: queue.Queue[int | None] = queue.Queue()
+        self._discard_thread: threading.Thread | None = None
         self.next_seq = 1
         self.open_seg = -1
         self.flushed = 0  # bytes of the open segment already on the device
@@ -118,9 +127,43 @@ class SegmentLog:
     def free_count(self) -> int:
         return self.state.count(SEG_FREE)
 
+    def _allocatable(self) -> int:
+        """Free segments that can be handed out now (discard finished)."""
+        self._reap_discards()
+        return self.state.count(SEG_FREE) - len(self.discarding)
+
+    # discards ----------------------------------------------------------------
+    def _discard(self, s: int) -> None:
+        self.discarding.add(s)
+        if self._discard_thread is None:
+            self._discard_thread = threading.Thread(
+                target=self._discard_loop, name="discard", daemon=True)
+            self._discard_thread.start()
+        self._discard_q.put(s)
+
+    def _discard_loop(self) -> None:
+        while (s := self._discard_q.get()) is not None:
+            try:
+                self.backing.discard(self.offset(s), self.size)
+            except Exception as e:  # discard is advisory; never fail a flush on it
+                log.warning("discard of segment %d failed: %s", s, e)
+            self._discarded.append(s)
+            self._discard_q.task_done()
+        self._discard_q.task_done()
+
+    def _reap_discards(self) -> None:
+        while self._discarded:
+            self.discarding.discard(self._discarded.popleft())
+
+    def wait_discards(self) -> None:
+        self._discard_q.join()
+        self._reap_discards()
+
     # allocation --------------------------------------------------------------
     def _allocate(self) -> int:
-        if self.free_count() <= self.reserve:
+        if self._allocatable() <= self.reserve and self.discarding:
+            self.wait_discards()
+        if self._allocatable() <= self.reserve:
             raise PoolFull(
                 "the pool is full",
                 "delete volumes or data (trim/discard) to free space, or grow the pool",
@@ -128,7 +171,8 @@ class SegmentLog:
         # Wear leveling: the least-erased free segment, ties by position.
         best, best_erase = -1, 1 << 32
         for s in range(self.count):
-            if self.state[s] == SEG_FREE and self.erase[s] < best_erase:
+            if (self.state[s] == SEG_FREE and self.erase[s] < best_erase
+                    and s not in self.discarding):
                 best, best_erase = s, self.erase[s]
                 if best_erase == 0 and self.seq[s] == 0:
                     break  # never used: cannot do better
@@ -209,10 +253,7 @@ class SegmentLog:
             self.state[s] = SEG_FREE
             self.write_ptr[s] = 0
             self.dirty.add(s)
-            try:
-                self.backing.discard(self.offset(s), self.size)
-            except Exception as e:  # discard is advisory; never fail a flush on it
-                log.warning("discard of segment %d failed: %s", s, e)
+            self._discard(s)
         self.pending_free.clear()
         return freed
 
@@ -242,4 +283,8 @@ class SegmentLog:
         )
 
     def close(self) -> None:
+        if self._discard_thread is not None:  # finish discards before the device closes
+            self._discard_q.put(None)
+            self._discard_thread.join()
+            self._discard_thread = None
         self.buf.close()

@@ -57,6 +57,23 @@ lengths = st.one_of(
 )
 
 
+def fingerprint_index_state(eng: Engine) -> tuple[int, int]:
+    """(valid, stale) entries of the dedupe index; every live chunk must be findable."""
+    from pstoraged.format import CHUNK_KEY
+
+    txn = eng.meta.txn
+    valid = stale = 0
+    for fp, v in txn.cursor(db=eng.meta.fp):
+        raw = txn.get(CHUNK_KEY.pack(int.from_bytes(v, "little")), db=eng.meta.chunks)
+        if raw is not None and raw[-32:] == fp:
+            valid += 1
+        else:
+            stale += 1
+    for _k, raw in txn.cursor(db=eng.meta.chunks):
+        assert eng._dedupe_lookup(raw[-32:]) is not None
+    return valid, stale
+
+
 class EngineModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -150,6 +167,7 @@ class EngineModel(RuleBasedStateMachine):
         }
         # global dedupe: exactly one chunk per distinct non-zero block
         assert self.eng.live_chunks == len(distinct)
+        assert fingerprint_index_state(self.eng) == (len(distinct), self.eng.stale_fps)
 
     def teardown(self):
         try:
@@ -285,6 +303,41 @@ def test_resize_and_delete_release_space(engine):
     # every sealed segment is dead and comes back after the commit (the open one stays)
     assert engine.segs.free_count() >= free0 - 1
     assert engine.statistics().allocated_bytes <= engine.segs.size
+
+
+def test_dedupe_index_stale_entries_are_pruned(engine):
+    """Freed chunks leave index entries behind; they never resurrect data and a sweep removes them."""
+    v = engine.create_volume("v", 4 << 20)
+    old = [os.urandom(BLOCK_SIZE) for _ in range(256)]
+    engine.write(v, 0, b"".join(old))
+    engine.write(v, 0, os.urandom(256 * BLOCK_SIZE))  # every old chunk dies
+    engine.flush()
+    assert fingerprint_index_state(engine) == (256, 256) and engine.stale_fps == 256
+    # writing old content again must make new chunks, not revive the dead ones
+    engine.write(v, 1 << 20, old[0] + old[1])
+    assert engine.stale_fps == 254 and engine.live_chunks == 258
+    assert engine.read(v, 1 << 20, 2 * BLOCK_SIZE) == old[0] + old[1]
+    engine.flush()
+    # a sweep in slices, interrupted by a crash, resumes and finishes
+    assert engine.prune_step(100) == 100
+    engine.flush()
+    engine.prune_step(100)  # not committed: lost in the crash
+    pool_dir = engine.pool.directory
+    crash(engine)
+    eng = Engine(open_pool(pool_dir))
+    try:
+        assert eng.prune_from is not None and eng.has_background_work()
+        while eng.background_step(100, busy=False):
+            pass
+        assert eng.prune_from is None and eng.stale_fps == 0
+        assert fingerprint_index_state(eng) == (258, 0)
+        vv = eng.volume("v")
+        eng.write(vv, 2 << 20, old[2])  # index still dedupes live data after the sweep
+        assert eng.live_chunks == 259
+        eng.write(vv, 3 << 20, old[2])
+        assert eng.live_chunks == 259
+    finally:
+        eng.close()
 
 
 class FlakyBacking:
