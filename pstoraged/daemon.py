@@ -10,13 +10,14 @@ import sys
 
 import trio
 
-from .control import Api, ControlServer
+from .control import ControlServer
 from .dataplane import DataPlane
 from .engine import Engine
 from .errors import PStorageError
 from .exports import ExportManager
 from .format import DEFAULT_SEGMENT_SIZE
 from .pool import create_pool, open_pool
+from .rest import Context, build_app
 from .units import parse_size
 
 log = logging.getLogger("pstoraged")
@@ -37,25 +38,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--segment-size", default=str(DEFAULT_SEGMENT_SIZE), help="with --init")
     p.add_argument("--force", action="store_true", help="with --init: overwrite signatures")
     p.add_argument("--log-level", default=os.environ.get("PSTORAGE_LOG_LEVEL", "INFO"))
+    p.add_argument("--api-listen", metavar="ADDR:PORT",
+                   help="also serve the REST API on TCP (off by default; needs --api-token-file)")
+    p.add_argument("--api-token-file", metavar="FILE",
+                   help="bearer token for the TCP API listener (a file of mode 0600)")
     return p.parse_args(argv)
 
 
-async def serve(engine: Engine, run_dir: str) -> None:
+async def serve(engine: Engine, args: argparse.Namespace) -> None:
+    run_dir = args.run_dir
     data_sock = os.path.join(run_dir, "data.sock")
     dataplane = DataPlane(engine, data_sock)
     dataplane.start()
     try:
         exports = await trio.to_thread.run_sync(ExportManager, run_dir, data_sock)
-        api = Api(dataplane, exports)
+        ctx = Context(dataplane, exports)
+        control = ControlServer(build_app(ctx), os.path.join(run_dir, "control.sock"),
+                                tcp=args.api_listen, token_file=args.api_token_file)
         async with trio.open_nursery() as nursery:
-            await nursery.start(ControlServer(api, os.path.join(run_dir, "control.sock")).serve)
+            await nursery.start(control.serve)
+            ctx.ready = True
             log.info("pstoraged ready: pool %s, %d volumes, sockets in %s",
                      engine.pool.sb.uuid.hex(), len(engine.volumes), run_dir)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("%s: stopping", signal.Signals(signum).name)
                     break
-            nursery.cancel_scope.cancel()
+            ctx.ready = False
+            control.stop()
     finally:
         with trio.CancelScope(shield=True):
             await dataplane.stop()  # drains queued I/O, commits, marks the pool clean
@@ -81,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pstoraged: {e}", file=sys.stderr)
         return e.exit_code
     os.makedirs(args.run_dir, exist_ok=True)
-    trio.run(serve, engine, args.run_dir)
+    try:
+        trio.run(serve, engine, args)
+    except PStorageError as e:
+        print(f"pstoraged: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from time import monotonic_ns
 from typing import Any
 
 import trio
@@ -35,6 +36,7 @@ import trio
 from . import protocol as P
 from .engine import Engine, Volume
 from .errors import DeviceIOError, PStorageError
+from .metrics import IoStats
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,11 @@ class _Conn:
         self.closing = False  # close once the queued replies are sent
 
 
-# A batch entry: (connection or None, handle, fn, args, wants_commit, encode or control callback)
-_Job = tuple[Any, int, Callable[..., Any], tuple, bool, Any]
+# A batch entry: (connection or None, handle, fn, args, wants_commit, encode or control
+# callback, metrics op index (-1: not counted), bytes, monotonic ns when parsed)
+_Job = tuple[Any, int, Callable[..., Any], tuple, bool, Any, int, int, int]
+_Result = tuple[Any, int, Any, BaseException | None, bool, Any, int, int, int]
+_M_READ, _M_WRITE, _M_ZERO, _M_TRIM, _M_FLUSH, _M_EXTENTS = range(6)  # metrics.OPS order
 
 
 class DataPlane:
@@ -96,6 +101,7 @@ class DataPlane:
         # allocate (mmap) and free a megabyte per call, ~20 us (measured).
         self._rbuf = memoryview(bytearray(RECV_SIZE))
         self.batches = self.requests = self.max_batch = self.protocol_errors = 0
+        self.io = IoStats()  # per-volume counters and latency histograms (/metrics)
 
     # ------------------------------------------------------------ control side
     def start(self) -> None:
@@ -192,7 +198,7 @@ class DataPlane:
                         fn, args, flush, reply = self._jobs.get_nowait()
                     except queue.Empty:
                         break
-                    batch.append((None, 0, fn, args, flush, reply))
+                    batch.append((None, 0, fn, args, flush, reply, -1, 0, 0))
                 if batch:
                     self._last_io = time.monotonic()
                     self._execute(batch)
@@ -300,7 +306,7 @@ class DataPlane:
         if op == P.OP_SIZE:
             return self._send(conn, P.reply(handle, 0, vol.size.to_bytes(8, "little")))
         if op == P.OP_FLUSH:
-            batch.append((conn, handle, _noop, (), True, None))
+            batch.append((conn, handle, _noop, (), True, None, _M_FLUSH, 0, monotonic_ns()))
             return None
         if offset % P.SECTOR or length % P.SECTOR:
             return self._refuse(conn, handle, errno.EINVAL,
@@ -314,14 +320,19 @@ class DataPlane:
         if op in (P.OP_WRITE, P.OP_TRIM, P.OP_ZERO) and vol.readonly:
             return self._refuse(conn, handle, errno.EROFS, f"volume {vol.name} is read-only")
         fua = bool(flags & P.FLAG_FUA)
+        t0 = monotonic_ns()
         if op == P.OP_READ:
-            batch.append((conn, handle, eng.read, (vol, offset, length), False, None))
+            batch.append((conn, handle, eng.read, (vol, offset, length), False, None,
+                          _M_READ, length, t0))
         elif op == P.OP_WRITE:
-            batch.append((conn, handle, eng.write, (vol, offset, payload), fua, None))
+            batch.append((conn, handle, eng.write, (vol, offset, payload), fua, None,
+                          _M_WRITE, length, t0))
         elif op in (P.OP_ZERO, P.OP_TRIM):
-            batch.append((conn, handle, eng.zero, (vol, offset, length), fua, None))
+            batch.append((conn, handle, eng.zero, (vol, offset, length), fua, None,
+                          _M_ZERO if op == P.OP_ZERO else _M_TRIM, length, t0))
         elif op == P.OP_EXTENTS:
-            batch.append((conn, handle, eng.extents, (vol, offset, length), False, _extents))
+            batch.append((conn, handle, eng.extents, (vol, offset, length), False, _extents,
+                          _M_EXTENTS, 0, t0))
         return None
 
     def _open(self, conn: _Conn, handle: int, payload: bytes) -> None:
@@ -342,9 +353,9 @@ class DataPlane:
         return None
 
     def _execute(self, batch: list[_Job]) -> None:
-        results: list[tuple[Any, int, Any, BaseException | None, bool, Any]] = []
+        results: list[_Result] = []
         want_commit = False
-        for conn, handle, fn, args, flush, extra in batch:
+        for conn, handle, fn, args, flush, extra, mop, nbytes, t0 in batch:
             exc: BaseException | None = None
             res = None
             try:
@@ -355,7 +366,7 @@ class DataPlane:
             except Exception as e:  # a bug must not take the daemon down
                 log.exception("engine %s failed", getattr(fn, "__name__", fn))
                 exc = DeviceIOError(f"internal error: {e}")
-            results.append((conn, handle, res, exc, flush, extra))
+            results.append((conn, handle, res, exc, flush, extra, mop, nbytes, t0))
         if want_commit:
             try:
                 self.engine.flush()
@@ -364,18 +375,22 @@ class DataPlane:
                 fail = e if isinstance(e, PStorageError) else DeviceIOError(str(e))
                 # Only requests that asked for durability learn of it; the
                 # others' data is readable and a later flush retries.
-                results = [(c, h, None if f else r, fail if f else x, f, ex)
-                           for c, h, r, x, f, ex in results]
+                results = [(c, h, None if f else r, fail if f else x, f, ex, m, n, t)
+                           for c, h, r, x, f, ex, m, n, t in results]
         self.batches += 1
         self.requests += len(batch)
         self.max_batch = max(self.max_batch, len(batch))
         self._deliver(results)
 
-    def _deliver(self, results: list[tuple[Any, int, Any, BaseException | None, bool, Any]]) -> None:
-        for conn, handle, res, failure, _, extra in results:
+    def _deliver(self, results: list[_Result]) -> None:
+        now = monotonic_ns()
+        record = self.io.record
+        for conn, handle, res, failure, _, extra, mop, nbytes, t0 in results:
             if conn is None:  # control job: extra is its completion callback
                 extra(res, failure)
                 continue
+            if mop >= 0 and conn.vol is not None:
+                record(conn.vol.name, mop, nbytes, now - t0, failure is not None)
             target = self._conns.get(conn.fd)
             if target is None or target is not conn:  # closed meanwhile
                 continue

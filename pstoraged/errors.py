@@ -73,7 +73,7 @@ class CorruptData(PStorageError):
 
 class DeviceIOError(PStorageError):
     errno = _errno.EIO
-    status = 500
+    status = 503  # the pool's state, not a server bug: the request may work after a restart
     exit_code = 6
     code = "device_io_error"
 
@@ -99,3 +99,25 @@ class DaemonUnavailable(PStorageError):
     status = 503
     exit_code = 9
     code = "daemon_unavailable"
+
+
+class TooLarge(InvalidArgument):
+    """A size or request beyond what the pool or format allows."""
+
+    errno = _errno.EFBIG
+    status = 413
+    code = "too_large"
+
+
+class ValidationFailed(InvalidArgument):
+    """A request body or query that does not match the API's schema."""
+
+    status = 422
+    code = "validation_error"
+
+
+class Unauthorized(PStorageError):
+    errno = _errno.EACCES
+    status = 401
+    exit_code = 10
+    code = "unauthorized"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, TooLarge
 from .format import BLOCK_SIZE
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -42,7 +42,7 @@ def validate_volume_size(size: int) -> int:
             f"round it to a multiple of {BLOCK_SIZE} bytes",
         )
     if size > MAX_VOLUME_SIZE:
-        raise InvalidArgument(f"volume size {size} exceeds the 1 PiB limit")
+        raise TooLarge(f"volume size {size} exceeds the 1 PiB limit", "choose a smaller size")
     return size
 
 

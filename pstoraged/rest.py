@@ -1,0 +1,406 @@
+"""The REST API (FastAPI), served by control.py on the daemon's trio loop.
+
+Handlers never touch the engine directly: engine work is queued on the data
+plane thread with `DataPlane.call()`, blocking tools (nbdkit, losetup,
+nvme-cli) run in `trio.to_thread`. Every error leaves as
+`{"error": CODE, "message": ..., "hint": ...}` with the status its class in
+errors.py names; a handler bug is logged and reported as `internal` (500),
+and the schemathesis test makes sure no input reaches that.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
+
+import trio
+from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .dataplane import DataPlane
+from .engine import Engine, Volume
+from .errors import Conflict, InvalidArgument, NotFound, PStorageError
+from .exports import ExportManager
+from .format import BLOCK_SIZE
+from .units import parse_size, validate_name
+
+log = logging.getLogger(__name__)
+
+VolumeName = Annotated[str, Path(description="volume name", max_length=255)]
+Compression = Literal["lz4", "zstd", "none"]
+SizeValue = Annotated[int | str, Field(
+    description='bytes (4096) or with a binary suffix ("10G", "512M"); a multiple of 4096')]
+
+
+# ---------------------------------------------------------------- request models
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VolumeCreate(_Strict):
+    name: str = Field(description="1-63 characters: a-z 0-9 . _ -", examples=["demo-vol"])
+    size_gb: float | None = Field(None, gt=0, description="size in GiB (the prototype's field)")
+    size: SizeValue | None = None
+    compression: Compression = "lz4"
+
+
+class VolumePatch(_Strict):
+    size: SizeValue | None = None
+    size_gb: float | None = Field(None, gt=0)
+    shrink: bool = Field(False, description="allow cutting the volume; data past the new end is released")
+    force: bool = Field(False, description="shrink even while exported")
+    compression: Compression | None = None
+    readonly: bool | None = None
+
+
+class ExportRequest(_Strict):
+    readonly: bool = False
+    tcp: str | None = Field(None, description="also serve NBD on this ADDR:PORT",
+                            examples=["127.0.0.1:10809"])
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. not_found, conflict")
+    message: str
+    hint: str = ""
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody, "description": d} for s, d in (
+        (400, "bad input"), (404, "unknown volume or object"), (409, "conflict"),
+        (413, "too large"), (422, "request does not match the schema"),
+        (503, "the pool failed or the daemon is stopping"), (507, "the pool is full"))
+}
+
+
+# ---------------------------------------------------------------- helpers
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b else None
+
+
+def _size_from(size: int | str | None, size_gb: float | None) -> int | None:
+    if size is not None:
+        n = parse_size(size)
+    elif size_gb is not None:
+        n = int(size_gb * (1 << 30))
+        n -= n % BLOCK_SIZE  # the prototype took GiB as a float: round down to whole blocks
+    else:
+        return None
+    return n
+
+
+def reduction_report(vols: list[Volume], st: Any) -> dict[str, Any]:
+    """Data-reduction figures, each explained, for the pool and per volume."""
+    per_volume = {}
+    for v in vols:
+        s = v.stats
+        nonzero = s.written_bytes - s.zero_bytes
+        logical = s.mapped_blocks * BLOCK_SIZE
+        per_volume[v.name] = {
+            "provisioned_bytes": v.size,
+            "logical_bytes": logical,
+            "written_bytes": s.written_bytes,
+            "zero_removed_bytes": s.zero_bytes,
+            "dedupe_removed_bytes": s.dedupe_bytes,
+            "unique_bytes": s.unique_bytes,
+            "stored_bytes": s.stored_bytes,
+            "compression_saved_bytes": s.unique_bytes - s.stored_bytes,
+            "ingest_reduction_ratio": _ratio(s.written_bytes, s.stored_bytes),
+            "dedupe_ratio": _ratio(nonzero, s.unique_bytes),
+            "compression_ratio": _ratio(s.unique_bytes, s.stored_bytes),
+            "thin_provisioning_ratio": _ratio(v.size, logical),
+        }
+    written = sum(v.stats.written_bytes for v in vols)
+    zero = sum(v.stats.zero_bytes for v in vols)
+    dedupe = sum(v.stats.dedupe_bytes for v in vols)
+    return {
+        "pool": {
+            "provisioned_bytes": st.provisioned_bytes,
+            "logical_bytes": st.logical_bytes,
+            "unique_bytes": st.unique_bytes,
+            "stored_bytes": st.stored_bytes,
+            "allocated_bytes": st.allocated_bytes,
+            "written_bytes": written,
+            "zero_removed_bytes": zero,
+            "dedupe_removed_bytes": dedupe,
+            "dedupe_saved_bytes": st.logical_bytes - st.unique_bytes,
+            "compression_saved_bytes": st.unique_bytes - st.stored_bytes,
+            "dedupe_ratio": _ratio(st.logical_bytes, st.unique_bytes),
+            "compression_ratio": _ratio(st.unique_bytes, st.stored_bytes),
+            "data_reduction_ratio": _ratio(st.logical_bytes, st.stored_bytes),
+            "total_efficiency": _ratio(st.provisioned_bytes, st.stored_bytes),
+        },
+        "volumes": per_volume,
+        "explanation": {
+            "logical_bytes": "data currently held by volumes (mapped, non-zero 4 KiB blocks)",
+            "unique_bytes": "logical data after dedupe: one copy of each distinct block",
+            "stored_bytes": "what the unique blocks take in segments after compression, record headers included",
+            "allocated_bytes": "segments in use, including space not yet reclaimed",
+            "zero_removed_bytes": "all-zero blocks written, stored as nothing (cumulative)",
+            "dedupe_removed_bytes": "blocks written that were already in the pool (cumulative)",
+            "dedupe_saved_bytes": "logical - unique: space dedupe saves now",
+            "compression_saved_bytes": "unique - stored: space compression saves now",
+            "dedupe_ratio": "logical / unique",
+            "compression_ratio": "unique / stored",
+            "data_reduction_ratio": "logical / stored (zero removal not counted: zeros are not data)",
+            "total_efficiency": "provisioned / stored: data reduction plus thin provisioning",
+            "ingest_reduction_ratio": "per volume: bytes written (zeros included) / bytes its new chunks took",
+            "thin_provisioning_ratio": "per volume: provisioned / logical",
+        },
+    }
+
+
+def error_response(status: int, code: str, message: str, hint: str = "") -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, "hint": hint}, status_code=status)
+
+
+class Context:
+    """What the handlers reach: the data plane (and through it the engine), exports, services."""
+
+    def __init__(self, dataplane: DataPlane, exports: ExportManager) -> None:
+        self.dataplane = dataplane
+        self.engine: Engine = dataplane.engine
+        self.exports = exports
+        self.started = time.time()
+        self.ready = False
+        self.services: dict[str, Any] = {}  # analytics services by name (sampler, temperature, ...)
+
+    def volume(self, name: str) -> Volume:
+        validate_name(name)
+        return self.engine.volume(name)
+
+    def describe(self, v: Volume) -> dict[str, Any]:
+        ex = self.exports.get(v.name)
+        return {
+            "name": v.name, "size": v.size, "compression": v.compression,
+            "created": v.created_ns / 1e9, "readonly": v.readonly,
+            "exported": ex is not None and not ex.by_attach,
+            "uri": ex.uri if ex else None, "tcp": ex.tcp if ex else None,
+            "device": ex.device if ex else None,
+            "logical_bytes": v.stats.mapped_blocks * BLOCK_SIZE,
+            "stats": asdict(v.stats),
+        }
+
+
+def build_app(ctx: Context) -> FastAPI:
+    app = FastAPI(
+        title="PStorage", version=__version__, openapi_url="/openapi.json",
+        docs_url=None, redoc_url=None,
+        description="Control API of pstoraged: volumes, data reduction, capacity "
+                    "forecast, device health, data temperature and tiering.",
+    )
+    app.state.ctx = ctx
+
+    # ------------------------------------------------------------ errors
+    @app.exception_handler(PStorageError)
+    async def _pstorage_error(request: Request, e: PStorageError) -> JSONResponse:
+        return error_response(e.status, e.code, e.message, e.hint)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in e.errors()[:5]:
+            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+            problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+        return error_response(422, "validation_error", "; ".join(problems) or "invalid request",
+                              "see /openapi.json or /docs for the request schema")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        hint = "see /docs for the endpoints" if e.status_code in (404, 405) else ""
+        msg = f"no endpoint {request.method} {request.url.path}" if e.status_code in (404, 405) \
+            else str(e.detail)
+        return error_response(e.status_code, code, msg, hint)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_response(500, "internal", f"internal error: {type(e).__name__}",
+                              "this is a bug; the daemon log has the traceback")
+
+    call = ctx.dataplane.call
+
+    # ------------------------------------------------------------ service
+    @app.get("/healthz", tags=["service"], summary="Liveness and readiness")
+    async def healthz() -> JSONResponse:
+        failed = ctx.engine.failed
+        ok = ctx.ready and failed is None
+        body = {"status": "ok" if ok else ("failed" if failed else "starting"),
+                "ready": ctx.ready, "pool_failed": failed,
+                "uptime_s": round(time.time() - ctx.started, 1), "version": __version__}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(render_docs(app.openapi()))
+
+    # ------------------------------------------------------------ pool
+    @app.get("/api/v1/pool", tags=["pool"], summary="Pool geometry, capacity and state")
+    async def pool() -> dict[str, Any]:
+        st = await call(ctx.engine.statistics)
+        ss = ctx.engine.segs.statistics()
+        p = ctx.engine.pool
+        return {
+            "uuid": p.sb.uuid.hex(), "device": p.backing.path, "directory": p.directory,
+            "segment_size": ss.segment_size, "segments": asdict(ss),
+            "statistics": asdict(st), "instance": ctx.engine.instance.hex(),
+            "failed": ctx.engine.failed,
+            "reclaiming_volumes": len(ctx.engine.reclaiming),
+            "dataplane": asdict(ctx.dataplane.statistics()),
+        }
+
+    @app.post("/api/v1/flush", tags=["pool"], summary="Commit everything to stable storage")
+    async def flush() -> dict[str, Any]:
+        await call(ctx.engine.flush, flush=True)
+        return {"flushed": True}
+
+    @app.get("/api/v1/metrics/reduction", tags=["pool"],
+             summary="Data reduction: zero removal, dedupe, compression, thin provisioning")
+    async def reduction() -> dict[str, Any]:
+        st = await call(ctx.engine.statistics)
+        vols = sorted(ctx.engine.volumes.values(), key=lambda v: v.name)
+        return reduction_report(vols, st)
+
+    # ------------------------------------------------------------ volumes
+    @app.get("/api/v1/volumes", tags=["volumes"], summary="List volumes")
+    async def list_volumes() -> dict[str, Any]:
+        return {"volumes": [ctx.describe(v) for v in sorted(
+            ctx.engine.volumes.values(), key=lambda v: v.name)]}
+
+    @app.post("/api/v1/volumes", tags=["volumes"], status_code=201, responses=ERRORS,
+              summary="Create a thin-provisioned volume")
+    async def create_volume(req: VolumeCreate) -> dict[str, Any]:
+        name = validate_name(req.name)
+        size = _size_from(req.size, req.size_gb)
+        if size is None:
+            raise InvalidArgument("a volume needs a size", 'pass "size": "10G" or "size_gb": 10')
+        vol = await call(ctx.engine.create_volume, name, size, req.compression, flush=True)
+        log.info("volume %s created (%d bytes, %s)", name, size, req.compression)
+        return ctx.describe(vol)
+
+    @app.get("/api/v1/volumes/{name}", tags=["volumes"], responses=ERRORS, summary="One volume")
+    async def get_volume(name: VolumeName) -> dict[str, Any]:
+        return ctx.describe(ctx.volume(name))
+
+    @app.patch("/api/v1/volumes/{name}", tags=["volumes"], responses=ERRORS,
+               summary="Resize, change compression or the read-only flag")
+    async def patch_volume(name: VolumeName, req: VolumePatch) -> dict[str, Any]:
+        vol = ctx.volume(name)
+        size = _size_from(req.size, req.size_gb)
+        if size is not None and size != vol.size:
+            if size < vol.size and not req.shrink:
+                raise InvalidArgument(
+                    f"{size} is smaller than the volume ({vol.size})",
+                    "pass shrink (--shrink) to cut the volume; data past the new end is released")
+            if size < vol.size and ctx.exports.get(name) and not req.force:
+                raise Conflict(f"volume {name!r} is exported; shrinking it under a client is unsafe",
+                               "unexport it first, or pass force")
+            await call(ctx.engine.resize_volume, name, size, req.shrink, flush=True)
+            log.info("volume %s resized to %d bytes", name, size)
+        if req.compression is not None:
+            await call(ctx.engine.set_compression, name, req.compression)
+        if req.readonly is not None:
+            await call(ctx.engine.set_readonly, name, req.readonly)
+        return ctx.describe(vol)
+
+    @app.delete("/api/v1/volumes/{name}", tags=["volumes"], responses=ERRORS,
+                summary="Delete a volume (space comes back in the background)")
+    async def delete_volume(name: VolumeName, force: bool = Query(
+            False, description="unexport/detach first")) -> dict[str, Any]:
+        ctx.volume(name)
+        if ctx.exports.get(name):
+            if not force:
+                raise Conflict(f"volume {name!r} is exported or attached",
+                               "detach/unexport it first, or pass force (--force)")
+            await trio.to_thread.run_sync(lambda: ctx.exports.unexport(name, force=True))
+        await call(ctx.engine.delete_volume, name, flush=True)
+        log.info("volume %s deleted", name)
+        return {"deleted": name}
+
+    # ------------------------------------------------------------ exports
+    @app.post("/api/v1/volumes/{name}/export", tags=["exports"], responses=ERRORS,
+              summary="Serve a volume over NBD (unix socket, optionally TCP)")
+    async def export(name: VolumeName,
+                     req: Annotated[ExportRequest | None, Body()] = None) -> dict[str, Any]:
+        vol = ctx.volume(name)
+        req = req or ExportRequest(tcp=None)
+        st = await trio.to_thread.run_sync(lambda: ctx.exports.export(
+            name, readonly=req.readonly or vol.readonly, tcp=req.tcp))
+        if st.by_attach:
+            st.by_attach = False  # explicitly exported now: detach leaves it running
+        return ctx.describe(vol)
+
+    @app.delete("/api/v1/volumes/{name}/export", tags=["exports"], responses=ERRORS,
+                summary="Stop serving a volume")
+    async def unexport(name: VolumeName, force: bool = False) -> dict[str, Any]:
+        ctx.volume(name)
+        await trio.to_thread.run_sync(lambda: ctx.exports.unexport(name, force=force))
+        return {"unexported": name}
+
+    @app.post("/api/v1/volumes/{name}/attach", tags=["exports"], responses=ERRORS,
+              summary="Make a volume a local block device")
+    async def attach(name: VolumeName) -> dict[str, Any]:
+        vol = ctx.volume(name)
+        await trio.to_thread.run_sync(lambda: ctx.exports.attach(name))
+        return ctx.describe(vol)
+
+    @app.delete("/api/v1/volumes/{name}/attach", tags=["exports"], responses=ERRORS,
+                summary="Remove a volume's block device")
+    async def detach(name: VolumeName, force: bool = False) -> dict[str, Any]:
+        ctx.volume(name)
+        if ctx.exports.get(name) is None:
+            raise NotFound(f"volume {name!r} is not attached")
+        await trio.to_thread.run_sync(lambda: ctx.exports.detach(name, force=force))
+        return {"detached": name}
+
+    # ------------------------------------------------------------ metrics
+    @app.get("/metrics", tags=["service"], response_class=PlainTextResponse,
+             summary="Prometheus metrics")
+    async def metrics() -> Response:
+        from .metrics import CONTENT_TYPE, render
+
+        st = await call(ctx.engine.statistics)
+        return Response(render(ctx, st), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def render_docs(spec: dict[str, Any]) -> str:
+    """A self-contained API page (no CDN scripts: daemons often run offline)."""
+    e = html.escape
+    rows = []
+    for path, ops in spec.get("paths", {}).items():
+        for method, op in ops.items():
+            params = ", ".join(p["name"] for p in op.get("parameters", []))
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+            ref = body.get("schema", {}).get("$ref", "").rsplit("/", 1)[-1]
+            rows.append(
+                f"<tr><td><code>{e(method.upper())}</code></td><td><code>{e(path)}</code></td>"
+                f"<td>{e(op.get('summary', ''))}</td><td>{e(params)}</td><td>{e(ref)}</td></tr>")
+    schemas = []
+    for name, sch in spec.get("components", {}).get("schemas", {}).items():
+        props = sch.get("properties", {})
+        fields = "".join(
+            f"<li><code>{e(k)}</code> {e(str(v.get('type') or v.get('anyOf') or v.get('enum') or ''))}"
+            f" {e(v.get('description', ''))}</li>" for k, v in props.items())
+        schemas.append(f"<h3>{e(name)}</h3><ul>{fields}</ul>")
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<title>{e(spec['info']['title'])} API</title>
+<style>body{{font-family:sans-serif;margin:2em}}td{{padding:2px 8px;vertical-align:top}}
+tr:nth-child(even){{background:#f4f4f4}}</style></head><body>
+<h1>{e(spec['info']['title'])} API {e(spec['info']['version'])}</h1>
+<p>{e(spec['info'].get('description', ''))}</p>
+<p>Machine-readable: <a href="/openapi.json">/openapi.json</a>. Errors are
+<code>{{"error": CODE, "message": ..., "hint": ...}}</code>.</p>
+<table><tr><th>method</th><th>path</th><th>what</th><th>parameters</th><th>body</th></tr>
+{''.join(rows)}</table><h2>Schemas</h2>{''.join(schemas)}</body></html>"""
+
+
