@@ -147,10 +147,140 @@ def cmd_stats(args: argparse.Namespace, c: Client) -> None:
     _emit(args, r, human)
 
 
+def _days(x: float | None) -> str:
+    return "-" if x is None else ("now" if x <= 0 else f"{x:.1f} d")
+
+
+def cmd_forecast(args: argparse.Namespace, c: Client) -> None:
+    r = c.get(f"/api/v1/analytics/capacity/forecast?horizons={args.horizons}&history=true")
+    from .charts import terminal_chart, write_png
+    from .forecast import Forecast
+
+    fc = Forecast.from_dict(r)
+    times = [h[0] for h in r.get("history", [])]
+    used = [h[1] for h in r.get("history", [])]
+    if args.png:
+        write_png(args.png, times, used, r["capacity_bytes"], fc)
+    if args.json:
+        return _emit(args, r, "")
+    import shutil
+
+    width = min(120, max(60, shutil.get_terminal_size((80, 24)).columns - 1))
+    lines = [terminal_chart(times, used, r["capacity_bytes"], fc, width=width), ""]
+    if r["status"] != "ok":
+        lines.append(r["message"])
+    else:
+        rows = [[f"{h['days']:g} d", human_bytes(h["used_bytes"]),
+                 f"{human_bytes(h['lower_bytes'])} - {human_bytes(h['upper_bytes'])}",
+                 f"{100 * h['used_fraction']:.1f}%"] for h in r["horizons"]]
+        lines.append(table(rows, ["HORIZON", "USED", f"{r['interval']:.0%} INTERVAL", "FULL"]))
+        du = r["days_until"]
+        lines.append(f"\nfull to 80%: {_days(du.get('80'))}, 90%: {_days(du.get('90'))}, "
+                     f"100%: {_days(du.get('100'))}")
+        won = next((m for m in r["methods"] if m["chosen"]), None)
+        lines.append(f"method: {r['method']}" + (
+            f", backtest error {human_bytes(won['mae_bytes'])}" if won and won["mae_bytes"] else "")
+            + f"\n  {r['reason']}")
+    if args.png:
+        lines.append(f"wrote {args.png}")
+    print("\n".join(lines))
+
+
+def cmd_health(args: argparse.Namespace, c: Client) -> None:
+    r = c.get("/api/v1/analytics/health")
+    d, e = r["device"], r["engine"]
+    rows = [["status", r["status"].upper()], *[["reason", x] for x in r["reasons"]],
+            ["device", f"{d['path']} ({d['kind']}{', ' + d['model'] if d.get('model') else ''})"]]
+    for k in ("percentage_used", "media_errors", "critical_warning", "temperature_c",
+              "available_spare", "power_on_hours"):
+        rows.append([k, d[k] if d.get(k) is not None else "n/a"])
+    rows += [["checksum errors", e["checksum_errors"]], ["I/O errors", e["io_errors"]],
+             ["erase count min/max", f"{r['segments']['erase_min']}/{r['segments']['erase_max']}"],
+             ["free", f"{100 * e['free_fraction']:.1f}%"]]
+    human = table([[str(a), str(b)] for a, b in rows], ["HEALTH", ""])
+    if r["unavailable"]:
+        human += "\n\nunavailable: " + "; ".join(
+            f"{k} ({v})" for k, v in sorted(r["unavailable"].items())[:6])
+        if len(r["unavailable"]) > 6:
+            human += f"; and {len(r['unavailable']) - 6} more (--json lists all)"
+    _emit(args, r, human)
+
+
+def cmd_temperature(args: argparse.Namespace, c: Client) -> None:
+    q = ""
+    if args.thresholds:
+        h, w, cd = args.thresholds.split(",")
+        q = f"?hot_days={h}&warm_days={w}&cold_days={cd}"
+    r = c.get("/api/v1/analytics/temperature" + q)
+    rows = [[v["volume"], human_bytes(v["logical_bytes"]),
+             *[human_bytes(v["classes"][k]["bytes"]) for k in ("hot", "warm", "cold", "frozen")],
+             human_bytes(v["untracked_bytes"])] for v in r["volumes"]]
+    th = r["thresholds_days"]
+    human = table(rows, ["VOLUME", "DATA", "HOT", "WARM", "COLD", "FROZEN", "UNTRACKED"]) \
+        if rows else "no volumes"
+    human += (f"\n\nhot: accessed within {th['hot_days']:g} d, warm: {th['warm_days']:g} d, "
+              f"cold: {th['cold_days']:g} d, frozen: longer ago")
+    _emit(args, r, human)
+
+
+def cmd_tiering_list(args: argparse.Namespace, c: Client) -> None:
+    r = c.get("/api/v1/analytics/tiering/recommendations")
+    rows = [[x["id"], human_bytes(x["estimated_savings_bytes"]),
+             "yes" if x["applicable"] else "no", x["summary"]] for x in r["recommendations"]]
+    human = table(rows, ["ID", "SAVES", "APPLY", "WHAT"]) if rows else "no recommendations"
+    for x in r["recommendations"]:
+        human += f"\n\n{x['id']}:\n  why: {x['reason']}\n  estimate: {x['estimate']}\n  apply: {x['action']}"
+    for n in r["notes"]:
+        human += f"\n\nnote: {n}"
+    _emit(args, r, human)
+
+
+def _job_line(j: dict) -> str:
+    return (f"job {j['id']} {j['kind']} {j['volume']}: {j['state']}, {100 * j['progress']:.0f}% "
+            f"({j['extents_done']}/{j['extents_total']} extents, {j['chunks_rewritten']} chunks "
+            f"rewritten, {human_bytes(j['saved_bytes'])} saved)")
+
+
+def cmd_tiering_apply(args: argparse.Namespace, c: Client) -> None:
+    import time
+
+    r = c.post(f"/api/v1/analytics/tiering/recommendations/{args.id}/apply")
+    job = r.get("job")
+    if job and args.wait:
+        while job["state"] == "running":
+            if not args.json and sys.stderr.isatty():
+                print("\r" + _job_line(job), end="", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+            job = c.get(f"/api/v1/jobs/{job['id']}")
+        if not args.json and sys.stderr.isatty():
+            print(file=sys.stderr)
+        r["job"] = job
+        if job["state"] == "failed":
+            raise PStorageError(f"job {job['id']} failed: {job['error']}", "see the daemon log")
+    _emit(args, r, _job_line(job) if job else f"applied {args.id}")
+
+
+def cmd_jobs(args: argparse.Namespace, c: Client) -> None:
+    if args.id is not None:
+        j = c.get(f"/api/v1/jobs/{args.id}")
+        return _emit(args, j, _job_line(j))
+    jobs = c.get("/api/v1/jobs")["jobs"]
+    _emit(args, jobs, "\n".join(_job_line(j) for j in jobs) or "no jobs")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every command and subcommand takes --json and --socket, before or after its name."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--socket", default=argparse.SUPPRESS,
+                          help="control socket (default $PSTORAGE_CONTROL or /run/pstorage/control.sock)")
+        self.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                          help="machine-readable output")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pstorage", description="Manage a PStorage pool and its volumes.")
-    p.add_argument("--socket", help="control socket (default $PSTORAGE_CONTROL or /run/pstorage/control.sock)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = _Parser(prog="pstorage", description="Manage a PStorage pool and its volumes.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     pool = sub.add_parser("pool", help="create or inspect the pool").add_subparsers(dest="sub", required=True)
@@ -201,11 +331,33 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--force", action="store_true", help="even if mounted (lazy)")
     dt.set_defaults(fn=cmd_detach)
     sub.add_parser("stats", help="data reduction per volume and pool").set_defaults(fn=cmd_stats)
+
+    f = sub.add_parser("forecast", help="capacity history and forecast, as a chart")
+    f.add_argument("--horizons", default="7,30,90", help="days, comma-separated")
+    f.add_argument("--png", metavar="FILE", help="also write the chart as a PNG image")
+    f.set_defaults(fn=cmd_forecast)
+    sub.add_parser("health", help="backing device and engine health").set_defaults(fn=cmd_health)
+    t = sub.add_parser("temperature", help="hot / warm / cold / frozen data per volume")
+    t.add_argument("--thresholds", metavar="HOT,WARM,COLD", help="ages in days, e.g. 1,7,30")
+    t.set_defaults(fn=cmd_temperature)
+    tier = sub.add_parser("tiering", help="tiering recommendations").add_subparsers(
+        dest="sub", required=True)
+    tier.add_parser("list", help="recommendations with estimated savings").set_defaults(
+        fn=cmd_tiering_list)
+    ta = tier.add_parser("apply", help="apply a recommendation by id")
+    ta.add_argument("id")
+    ta.add_argument("--wait", action="store_true", help="follow the job until it finishes")
+    ta.set_defaults(fn=cmd_tiering_apply)
+    j = sub.add_parser("jobs", help="background jobs and their progress")
+    j.add_argument("id", nargs="?", type=int)
+    j.set_defaults(fn=cmd_jobs)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.json = getattr(args, "json", False)
+    args.socket = getattr(args, "socket", None)
     try:
         if hasattr(args, "local"):
             args.local(args)

@@ -10,6 +10,7 @@ import sys
 
 import trio
 
+from .analytics import DEFAULT_SAMPLE_INTERVAL, Analytics
 from .control import ControlServer
 from .dataplane import DataPlane
 from .engine import Engine
@@ -18,6 +19,7 @@ from .exports import ExportManager
 from .format import DEFAULT_SEGMENT_SIZE
 from .pool import create_pool, open_pool
 from .rest import Context, build_app
+from .temperature import Thresholds
 from .units import parse_size
 
 log = logging.getLogger("pstoraged")
@@ -38,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--segment-size", default=str(DEFAULT_SEGMENT_SIZE), help="with --init")
     p.add_argument("--force", action="store_true", help="with --init: overwrite signatures")
     p.add_argument("--log-level", default=os.environ.get("PSTORAGE_LOG_LEVEL", "INFO"))
+    p.add_argument("--sample-interval", type=float, default=DEFAULT_SAMPLE_INTERVAL,
+                   help="seconds between capacity samples (default %(default)s)")
+    p.add_argument("--temperature-days", default="1,7,30", metavar="HOT,WARM,COLD",
+                   help="data temperature limits in days (default %(default)s)")
     p.add_argument("--api-listen", metavar="ADDR:PORT",
                    help="also serve the REST API on TCP (off by default; needs --api-token-file)")
     p.add_argument("--api-token-file", metavar="FILE",
@@ -53,10 +59,13 @@ async def serve(engine: Engine, args: argparse.Namespace) -> None:
     try:
         exports = await trio.to_thread.run_sync(ExportManager, run_dir, data_sock)
         ctx = Context(dataplane, exports)
+        ctx.analytics = Analytics(dataplane, sample_interval=args.sample_interval,
+                                  thresholds=Thresholds.parse(args.temperature_days))
         control = ControlServer(build_app(ctx), os.path.join(run_dir, "control.sock"),
                                 tcp=args.api_listen, token_file=args.api_token_file)
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve)
+            nursery.start_soon(ctx.analytics.run, name="capacity sampler")
             ctx.ready = True
             log.info("pstoraged ready: pool %s, %d volumes, sockets in %s",
                      engine.pool.sb.uuid.hex(), len(engine.volumes), run_dir)
@@ -65,6 +74,7 @@ async def serve(engine: Engine, args: argparse.Namespace) -> None:
                     log.info("%s: stopping", signal.Signals(signum).name)
                     break
             ctx.ready = False
+            ctx.analytics.stop()
             control.stop()
     finally:
         with trio.CancelScope(shield=True):

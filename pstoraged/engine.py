@@ -18,7 +18,7 @@ import json
 import logging
 import time
 import uuid as uuidlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn
 
@@ -42,6 +42,7 @@ from .format import (
 )
 from .pool import Pool
 from .segments import SegmentLog
+from .temperature import HeatMap
 from .units import validate_name, validate_volume_size
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ UNMAP_SLICE = 4096  # map entries released per slice of a trim
 # so map lookups are exact gets. Snapshots move a volume past it.
 FIRST_GEN = 1
 PRUNE_MIN_STALE = 4096  # stale fingerprint entries worth a background sweep
+L2P_LBA_END = (1 << 64) - 1  # reclaim position past every lba
 RECLAIM_SLICE = 1024  # per background step: a few ms, the most a request waits for it
 
 _sha256 = hashlib.sha256
@@ -112,9 +114,12 @@ class EngineStatistics:
 
 
 class Engine:
-    def __init__(self, pool: Pool, *, reserve_segments: int = 2) -> None:
+    def __init__(self, pool: Pool, *, reserve_segments: int = 2,
+                 clock: Callable[[], float] = time.time) -> None:
         self.pool = pool
         self.meta = pool.meta
+        self.clock = clock
+        self.heat = HeatMap(self.meta, clock)  # data temperature per 1 MiB extent
         self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
         self.comp = codecs.Compressor()
         txn = self.meta.txn
@@ -141,6 +146,7 @@ class Engine:
         # deleted volumes whose map entries are still being released: id -> next lba
         self.reclaiming: dict[int, int] = {
             int(k): v for k, v in self.meta.get_json("reclaim", {}).items()}
+        self.jobs: list[Callable[[int], int]] = []  # background jobs (background_step)
         self.commits = 0
         self.dirty = False
         self.failed: str | None = None  # set when the device failed a write or sync
@@ -311,6 +317,41 @@ class Engine:
         except CorruptData as e:
             self._count_corruption(str(e))
 
+    def rewrite_chunk(self, cid: int, codec: int, payload: bytes) -> tuple[int, int]:
+        """Store chunk `cid` again as `payload` (its data encoded with `codec`).
+
+        The new record is appended, the chunk's entry points at it and the old
+        record's bytes are released, all in the open transaction: a crash
+        before the commit leaves the old record in use. References and the
+        fingerprint do not change. Returns (old record size, new record size).
+        """
+        txn, key = self.meta.txn, _ckey(cid)
+        raw = txn.get(key, db=self.meta.chunks)
+        if raw is None:
+            raise NotFound(f"chunk {cid} does not exist")
+        rc, s, off, slen, _old_codec, slot, res, fp = _unpack_chunk(raw)
+        hdr = pack_chunk_header(KIND_CHUNK, codec, cid, BLOCK_SIZE, len(payload), fp, crc32(payload))
+        try:
+            ns, noff, size = self.segs.append(hdr, payload)
+        except DeviceIOError as e:
+            self._fail(e)
+            raise
+        txn.put(key, _pack_chunk(rc, ns, noff, len(payload), codec, slot, res, fp), db=self.meta.chunks)
+        old = record_size(slen)
+        self.segs.release(s, old)
+        self.live_stored += size - old
+        self.meta.pending_ops += 1
+        self.dirty = True
+        return old, size
+
+    def chunk_codec(self, cid: int) -> tuple[int, int]:
+        """(codec id, stored length) of a live chunk."""
+        raw = self.meta.txn.get(_ckey(cid), db=self.meta.chunks)
+        if raw is None:
+            raise NotFound(f"chunk {cid} does not exist")
+        _, _, _, slen, codec, _, _, _ = _unpack_chunk(raw)
+        return codec, slen
+
     def read_chunk(self, cid: int) -> bytes:
         s, off, slen, fp = self._chunk_location(cid)
         return self._decode(cid, s, off, slen, fp, self.segs.read(s, off, ChunkHeader.SIZE + slen))
@@ -374,7 +415,10 @@ class Engine:
                 txn.put(key, U64.pack(cid), db=db)
         if own and old != NO_CHUNK:
             self._decref(old)
-        vol.stats.mapped_blocks += (cid != NO_CHUNK) - (old != NO_CHUNK)
+        delta = (cid != NO_CHUNK) - (old != NO_CHUNK)
+        if delta:
+            vol.stats.mapped_blocks += delta
+            self.heat.mapped(vol.id, lba, delta)
         self.meta.pending_ops += 1
 
     def _unmap_range(self, vol: Volume, first: int, end: int) -> int:
@@ -404,6 +448,12 @@ class Engine:
                     break
         return out
 
+    def visible(self, vol: Volume, first: int, end: int) -> Iterator[tuple[int, int]]:
+        """(lba, chunk id) of the data blocks in [first, end) of the live generation."""
+        for lba, cid in self._visible(vol, first, end, vol.gen):
+            if cid != NO_CHUNK:
+                yield lba, cid
+
     def _visible(self, vol: Volume, first: int, end: int, gen: int) -> Iterator[tuple[int, int]]:
         """(lba, chunk id) of every block in [first, end) with a map entry visible at `gen`.
 
@@ -425,15 +475,28 @@ class Engine:
 
     # ------------------------------------------------------------------ background work
     def has_background_work(self) -> bool:
-        return bool(self.reclaiming) or self._prune_wanted(busy=False)
+        return bool(self.reclaiming or self.jobs) or self._prune_wanted(busy=False)
 
     def background_step(self, budget: int, busy: bool) -> int:
-        """One bounded slice of background work: reclaim first, then pruning."""
+        """One bounded slice of background work: reclaim, then jobs, then pruning.
+
+        A job is a callable taking the budget and returning the work it did;
+        it is dropped once it returns 0 (services such as the tiering
+        recompression queue theirs with `start_job`).
+        """
         if self.reclaiming:
             return self.reclaim_step(budget)
+        while self.jobs:
+            done = self.jobs[0](budget)
+            if done:
+                return done
+            self.jobs.pop(0)
         if self._prune_wanted(busy):
             return self.prune_step(budget)
         return 0
+
+    def start_job(self, step: Callable[[int], int]) -> None:
+        self.jobs.append(step)
 
     def _prune_wanted(self, busy: bool) -> bool:
         if self.prune_from is not None:  # a started sweep finishes, busy or not
@@ -509,15 +572,22 @@ class Engine:
             if cid != NO_CHUNK:
                 self._decref(cid)
         self.meta.pending_ops += len(keys)
-        if len(keys) < budget:
-            del self.reclaiming[vid]
-            log.info("volume id %d: all space reclaimed", vid)
+        done = len(keys)
+        if len(keys) < budget:  # map done: then its temperature records
+            left = budget - len(keys)
+            dropped = self.heat.drop_volume(vid, left)
+            done += dropped
+            if dropped < left:
+                del self.reclaiming[vid]
+                log.info("volume id %d: all space reclaimed", vid)
+            else:
+                self.reclaiming[vid] = L2P_LBA_END  # nothing left in the map
         else:
             self.reclaiming[vid] = L2P_KEY.unpack(keys[-1])[1] + 1
         self._save_reclaim()
         self.dirty = True
         self._maybe_commit()
-        return len(keys)
+        return done
 
     # ------------------------------------------------------------------ I/O
     def _check_range(self, vol: Volume, offset: int, length: int) -> None:
@@ -541,6 +611,7 @@ class Engine:
         self._check_range(vol, offset, length)
         vol.stats.reads += 1
         vol.stats.read_bytes += length
+        self.heat.touch(vol.id, offset, length)
         if length == 0:
             return b""
         first = offset // BLOCK_SIZE
@@ -587,6 +658,7 @@ class Engine:
         if not len(data):
             return
         blocks = self._blocks(vol, offset, data)
+        self.heat.touch(vol.id, offset, len(data))
         codec = codecs.IDS[vol.compression]
         lba = offset // BLOCK_SIZE
         st = vol.stats
@@ -635,6 +707,7 @@ class Engine:
         """Write zeros; whole blocks become holes (no space), edges are rewritten."""
         self._writable(vol)
         self._check_range(vol, offset, length)
+        self.heat.touch(vol.id, offset, length)
         end = offset + length
         first = -(-offset // BLOCK_SIZE)
         last = end // BLOCK_SIZE
@@ -708,6 +781,7 @@ class Engine:
         self._check_failed()
         try:
             self.segs.flush_data()
+            self.heat.write_out()
             self._persist_counters()
             txn = self.meta.txn
             for k, v in self.segs.dirty_records():

@@ -26,7 +26,7 @@ class MetaStore:
         # sync and metasync stay on: a commit returns only once its pages and
         # its meta page are on stable storage.
         self.env = lmdb.open(
-            path, map_size=map_size, max_dbs=8, subdir=True, sync=True,
+            path, map_size=map_size, max_dbs=16, subdir=True, sync=True,
             metasync=True, writemap=False, readahead=False, meminit=False,
         )
         self.l2p = self.env.open_db(b"l2p")
@@ -35,6 +35,8 @@ class MetaStore:
         self.segs = self.env.open_db(b"segs")
         self.vols = self.env.open_db(b"vols")
         self.meta = self.env.open_db(b"meta")
+        self.heat = self.env.open_db(b"heat")  # temperature.py: per-extent access and mapping
+        self.hist = self.env.open_db(b"hist")  # history.py: capacity samples
         self._txn: lmdb.Transaction | None = None
         self.pending_ops = 0  # updates in the open transaction
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import time
 import uuid as uuidlib
@@ -19,11 +20,14 @@ from .errors import CorruptData, FormatError, InvalidArgument, PoolLocked
 from .format import (
     DATA_OFFSET,
     DEFAULT_SEGMENT_SIZE,
-    FORMAT_VERSION,
+    METADATA_VERSION,
     SUPERBLOCK_OFFSETS,
+    SUPPORTED_METADATA_VERSIONS,
     Superblock,
 )
 from .metadata import MetaStore
+
+log = logging.getLogger(__name__)
 
 MIN_SEGMENTS = 8
 POOL_FILE = "pool.json"
@@ -104,7 +108,7 @@ def create_pool(
                 for name in os.listdir(meta_dir):
                     os.unlink(os.path.join(meta_dir, name))
             meta = MetaStore(meta_dir)
-            meta.put_json("format_version", FORMAT_VERSION)
+            meta.put_json("format_version", METADATA_VERSION)
             meta.put_json("pool_uuid", sb.uuid.hex())
             meta.commit()
             meta.close()
@@ -161,12 +165,19 @@ def open_pool(directory: str) -> Pool:
                 raise FormatError(f"{info['device']} is smaller than the pool it holds")
             meta = MetaStore(os.path.join(directory, "meta"))
             version = meta.get_json("format_version")
-            if version != FORMAT_VERSION:
+            if version not in SUPPORTED_METADATA_VERSIONS:
                 meta.close()
-                raise FormatError(f"metadata format version {version} is not supported")
+                raise FormatError(f"metadata format version {version} is not supported "
+                                  f"(this build reads {SUPPORTED_METADATA_VERSIONS})",
+                                  "upgrade pstorage")
             if meta.get_json("pool_uuid") != info["uuid"]:
                 meta.close()
                 raise FormatError("metadata belongs to another pool")
+            if version != METADATA_VERSION:
+                log.info("upgrading metadata of pool %s from version %s to %s",
+                         info["uuid"], version, METADATA_VERSION)
+                meta.put_json("format_version", METADATA_VERSION)
+                meta.commit()
             meta.abort()
         except BaseException:
             backing.close()

@@ -29,11 +29,12 @@ from .engine import Engine, Volume
 from .errors import Conflict, InvalidArgument, NotFound, PStorageError
 from .exports import ExportManager
 from .format import BLOCK_SIZE
-from .units import parse_size, validate_name
+from .units import MAX_VOLUME_SIZE, NAME_RE, parse_size, validate_name
 
 log = logging.getLogger(__name__)
 
-VolumeName = Annotated[str, Path(description="volume name", max_length=255)]
+NAME_PATTERN = "^" + NAME_RE.pattern + "$"
+VolumeName = Annotated[str, Path(description="volume name", pattern=NAME_PATTERN)]
 Compression = Literal["lz4", "zstd", "none"]
 SizeValue = Annotated[int | str, Field(
     description='bytes (4096) or with a binary suffix ("10G", "512M"); a multiple of 4096')]
@@ -45,15 +46,17 @@ class _Strict(BaseModel):
 
 
 class VolumeCreate(_Strict):
-    name: str = Field(description="1-63 characters: a-z 0-9 . _ -", examples=["demo-vol"])
-    size_gb: float | None = Field(None, gt=0, description="size in GiB (the prototype's field)")
+    name: str = Field(description="1-63 characters: a-z 0-9 . _ -", examples=["demo-vol"],
+                      pattern=NAME_PATTERN)
+    size_gb: float | None = Field(None, gt=0, le=MAX_VOLUME_SIZE >> 30, allow_inf_nan=False,
+                                  description="size in GiB (the prototype's field)")
     size: SizeValue | None = None
     compression: Compression = "lz4"
 
 
 class VolumePatch(_Strict):
     size: SizeValue | None = None
-    size_gb: float | None = Field(None, gt=0)
+    size_gb: float | None = Field(None, gt=0, le=MAX_VOLUME_SIZE >> 30, allow_inf_nan=False)
     shrink: bool = Field(False, description="allow cutting the volume; data past the new end is released")
     force: bool = Field(False, description="shrink even while exported")
     compression: Compression | None = None
@@ -170,7 +173,7 @@ class Context:
         self.exports = exports
         self.started = time.time()
         self.ready = False
-        self.services: dict[str, Any] = {}  # analytics services by name (sampler, temperature, ...)
+        self.analytics: Any = None  # analytics.Analytics, set by the daemon
 
     def volume(self, name: str) -> Volume:
         validate_name(name)
@@ -206,11 +209,18 @@ def build_app(ctx: Context) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         problems = []
+        hint = "see /openapi.json or /docs for the request schema"
         for err in e.errors()[:5]:
-            where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-            problems.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+            loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "path", "query")]
+            where = ".".join(loc) or "body"
+            if err.get("type") == "string_pattern_mismatch" and loc[-1:] == ["name"]:
+                problems.append(f"invalid volume name {err.get('input')!r}")
+                hint = ("use 1-63 lowercase letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit")
+            else:
+                problems.append(f"{where}: {err.get('msg', 'invalid')}")
         return error_response(422, "validation_error", "; ".join(problems) or "invalid request",
-                              "see /openapi.json or /docs for the request schema")
+                              hint)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -360,6 +370,77 @@ def build_app(ctx: Context) -> FastAPI:
             raise NotFound(f"volume {name!r} is not attached")
         await trio.to_thread.run_sync(lambda: ctx.exports.detach(name, force=force))
         return {"detached": name}
+
+    # ------------------------------------------------------------ analytics
+    def analytics() -> Any:
+        if ctx.analytics is None:
+            raise NotFound("analytics are not running")
+        return ctx.analytics
+
+    @app.get("/api/v1/analytics/capacity/history", tags=["analytics"],
+             summary="Capacity samples (raw recent, hourly and daily averages older)")
+    async def capacity_history() -> dict[str, Any]:
+        rows = await analytics().capacity_history()
+        return {"samples": [{"t": t, **r} for t, r in rows]}
+
+    @app.get("/api/v1/analytics/capacity/forecast", tags=["analytics"], responses=ERRORS,
+             summary="Physical capacity forecast with prediction intervals and days until full")
+    async def capacity_forecast(
+        horizons: str = Query("7,30,90", max_length=200,
+                              description="comma-separated horizons in days"),
+        history: bool = Query(False, description="include the history series used"),
+    ) -> dict[str, Any]:
+        try:
+            hs = [float(x) for x in horizons.split(",") if x.strip()]
+        except ValueError:
+            raise InvalidArgument(f"invalid horizons {horizons!r}", "e.g. ?horizons=7,30,90") from None
+        if not hs or len(hs) > 20 or any(not (0 < h <= 3650) for h in hs):
+            raise InvalidArgument(f"invalid horizons {horizons!r}",
+                                  "give 1-20 horizons between 0 and 3650 days, e.g. 7,30,90")
+        return await analytics().forecast(hs, history)
+
+    @app.get("/api/v1/analytics/health", tags=["analytics"],
+             summary="Backing device and engine health: status with reasons")
+    async def health() -> dict[str, Any]:
+        return await analytics().health()
+
+    @app.get("/api/v1/analytics/temperature", tags=["analytics"], responses=ERRORS,
+             summary="Data temperature per volume: hot / warm / cold / frozen")
+    async def temperature(
+        hot_days: float | None = Query(None, gt=0, le=36500),
+        warm_days: float | None = Query(None, gt=0, le=36500),
+        cold_days: float | None = Query(None, gt=0, le=36500),
+    ) -> dict[str, Any]:
+        from .temperature import Thresholds
+
+        a = analytics()
+        d = a.thresholds
+        th = Thresholds(hot_days or d.hot_days, warm_days or d.warm_days, cold_days or d.cold_days)
+        return await a.temperature(th)
+
+    @app.get("/api/v1/analytics/tiering/recommendations", tags=["analytics"],
+             summary="Tiering recommendations with estimated savings")
+    async def tiering_list() -> dict[str, Any]:
+        a = analytics()
+        return await call(a.tiering.recommendations)
+
+    @app.post("/api/v1/analytics/tiering/recommendations/{rec_id}/apply", tags=["analytics"],
+              responses=ERRORS, summary="Apply a recommendation (may start a background job)")
+    async def tiering_apply(rec_id: Annotated[str, Path(max_length=300)]) -> dict[str, Any]:
+        a = analytics()
+        return await call(a.tiering.apply, rec_id)
+
+    @app.get("/api/v1/jobs", tags=["jobs"], summary="Background jobs and their progress")
+    async def jobs() -> dict[str, Any]:
+        a = analytics()
+        return {"jobs": [j.to_dict() for j in a.tiering.jobs.values()]}
+
+    @app.get("/api/v1/jobs/{job_id}", tags=["jobs"], responses=ERRORS, summary="One job")
+    async def job(job_id: Annotated[int, Path(ge=0, le=2**62)]) -> dict[str, Any]:
+        j = analytics().tiering.jobs.get(job_id)
+        if j is None:
+            raise NotFound(f"no job {job_id}", "list them: pstorage jobs")
+        return j.to_dict()
 
     # ------------------------------------------------------------ metrics
     @app.get("/metrics", tags=["service"], response_class=PlainTextResponse,

@@ -24,12 +24,13 @@ class Daemon:
         self.log_path = os.path.join(pool_dir, "daemon.log")
         self.client = Client(os.path.join(run_dir, "control.sock"), timeout=60)
         self.env = dict(os.environ, PSTORAGE_CONTROL=self.client.path)
+        self.args: list[str] = []  # extra pstoraged arguments
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pstoraged.daemon", "--pool-dir", self.pool_dir,
-             "--run-dir", self.run_dir, "--log-level", "DEBUG"],
+             "--run-dir", self.run_dir, "--log-level", "DEBUG", *self.args],
             stdout=log, stderr=log,
         )
         log.close()

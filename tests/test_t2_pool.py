@@ -12,7 +12,7 @@ import pytest
 from pstoraged.devices import DeviceHasData
 from pstoraged.engine import Engine
 from pstoraged.errors import FormatError, InvalidArgument, PoolLocked
-from pstoraged.format import SUPERBLOCK_OFFSETS
+from pstoraged.format import METADATA_VERSION, SUPERBLOCK_OFFSETS
 from pstoraged.metadata import MetaStore
 from pstoraged.pool import create_pool, open_pool
 
@@ -57,6 +57,15 @@ def test_unknown_versions_and_foreign_devices_are_refused(tmp_path):
     meta.close()
     with pytest.raises(FormatError, match="version 99"):
         open_pool(a)
+    # version 1 metadata (an exact dedupe index, no heat/hist tables) is upgraded on open
+    meta = MetaStore(os.path.join(a, "meta"))
+    meta.put_json("format_version", 1)
+    meta.commit()
+    meta.close()
+    open_pool(a).close()
+    meta = MetaStore(os.path.join(a, "meta"))
+    assert meta.get_json("format_version") == METADATA_VERSION == 2
+    meta.close()
     b = make_pool(str(tmp_path / "b"))
     c = make_pool(str(tmp_path / "c"))
     with open(os.path.join(b, "pool.json")) as f:

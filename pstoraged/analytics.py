@@ -1,0 +1,119 @@
+"""Analytics services of the daemon: the capacity sampler (a background
+service with run/stop), and the reports the REST API serves: forecast,
+health, temperature and tiering. Engine reads go through DataPlane.call;
+numerical work and device tools run in worker threads so the trio loop and
+the data plane never wait for them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import trio
+
+from . import forecast as fc
+from . import health
+from .dataplane import DataPlane
+from .engine import Engine
+from .history import HOUR, CapacityHistory, snapshot
+from .temperature import EXTENT_SIZE, Thresholds
+from .tiering import Tiering
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLE_INTERVAL = 300.0
+
+
+class Analytics:
+    def __init__(self, dataplane: DataPlane, *, sample_interval: float = DEFAULT_SAMPLE_INTERVAL,
+                 thresholds: Thresholds | None = None) -> None:
+        self.dataplane = dataplane
+        self.engine: Engine = dataplane.engine
+        self.history = CapacityHistory(self.engine.meta)
+        self.thresholds = thresholds or Thresholds()
+        self.tiering = Tiering(self.engine, self.thresholds)
+        self.sample_interval = sample_interval
+        self._stop = trio.Event()
+        self._last_compact = 0.0
+
+    # ------------------------------------------------------------ the sampler
+    async def run(self) -> None:
+        """Sample capacity now and every sample_interval until stop()."""
+        while not self._stop.is_set():
+            try:
+                await self.dataplane.call(self._sample)
+            except Exception as e:  # a failed pool must not stop the daemon's sampler
+                log.warning("capacity sample failed: %s", e)
+            with trio.move_on_after(self.sample_interval):
+                await self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _sample(self) -> None:
+        now = self.engine.clock()
+        self.history.record(now, snapshot(self.engine))
+        if now - self._last_compact >= HOUR:
+            self.history.compact(now)
+            self._last_compact = now
+        self.engine.dirty = True  # committed by the next idle commit
+
+    # ------------------------------------------------------------ reports
+    async def capacity_history(self) -> list[tuple[int, dict[str, Any]]]:
+        return await self.dataplane.call(self.history.series)
+
+    async def forecast(self, horizons: list[float], include_history: bool) -> dict[str, Any]:
+        series = await self.capacity_history()
+        times = [float(t) for t, _ in series]
+        used = [float(r["pool"]["allocated"]) for _, r in series]
+        capacity = float(series[-1][1]["pool"]["capacity"]) if series else float(
+            self.engine.segs.count * self.engine.segs.size)
+        result = await trio.to_thread.run_sync(
+            lambda: fc.forecast(times, used, capacity, horizons_days=horizons))
+        out = {"metric": "pool physical used (allocated segments)", **result.to_dict(),
+               "samples": len(series), "sample_interval_s": self.sample_interval}
+        if include_history:
+            out["history"] = [[t, u] for t, u in zip(times, used, strict=True)]
+        return out
+
+    async def health(self) -> dict[str, Any]:
+        eng = self.engine
+        ss = eng.segs.statistics()
+        erase = eng.segs.erase
+        used = [erase[i] for i in range(len(erase))]
+        counters = health.EngineHealthCounters(
+            free_fraction=ss.free / ss.total if ss.total else 0.0,
+            checksum_errors=eng.checksum_errors, io_errors=eng.io_errors,
+            pool_failed=eng.failed,
+            erase_count_min=min(used) if used else None,
+            erase_count_max=max(used) if used else None,
+            erase_count_mean=sum(used) / len(used) if used else None,
+            gc_write_amplification=None,  # no segment cleaner moves data yet (issue 4)
+        )
+        path = eng.pool.backing.path
+        dev = await trio.to_thread.run_sync(health.device_health, path)
+        report = health.assess(dev, counters)
+        out = report.to_dict()
+        out["segments"] = {"total": ss.total, "free": ss.free, "erase_min": ss.min_erase,
+                           "erase_max": ss.max_erase, "wear_spread": ss.max_erase - ss.min_erase}
+        return out
+
+    async def temperature(self, th: Thresholds) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            eng = self.engine
+            now = eng.clock()
+            vols = [eng.heat.classify(v.id, v.name, v.size, v.stats.mapped_blocks * 4096, th, now)
+                    .to_dict() for v in sorted(eng.volumes.values(), key=lambda v: v.name)]
+            pool: dict[str, int] = {}
+            for v in vols:
+                for c, d in v["classes"].items():
+                    pool[c] = pool.get(c, 0) + d["bytes"]
+            pool["untracked"] = sum(v["untracked_bytes"] for v in vols)
+            return {"thresholds_days": asdict(th), "extent_size": EXTENT_SIZE, "now": now,
+                    "pool_bytes": pool, "volumes": vols,
+                    "explanation": "each 1 MiB extent is classed by the age of its last read or "
+                                   "write; bytes are the data blocks it holds. 'untracked' is data "
+                                   "written before access tracking existed"}
+
+        return await self.dataplane.call(run)

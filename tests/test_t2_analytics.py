@@ -1,0 +1,223 @@
+"""Level 2: analytics inside the engine, with a controllable clock: data
+temperature, capacity history and its compaction, tiering recommendations
+and the recompression job."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from pstoraged.engine import Engine
+from pstoraged.errors import NotFound
+from pstoraged.format import BLOCK_SIZE
+from pstoraged.history import DAILY, DAY, HOURLY, RAW, CapacityHistory, snapshot
+from pstoraged.pool import open_pool
+from pstoraged.temperature import MAX_PENDING, Thresholds
+from pstoraged.tiering import Tiering
+
+from .conftest import crash, make_pool
+
+MiB = 1 << 20
+T0 = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, days: float) -> None:
+        self.t += days * DAY
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def eng(tmp_path, clock):
+    make_pool(str(tmp_path), size=160 << 20)
+    e = Engine(open_pool(str(tmp_path)), clock=clock)
+    yield e
+    if e.pool.backing.fd >= 0:
+        e.close()
+
+
+def text_block(i: int) -> bytes:
+    """Compressible, distinct blocks (so dedupe does not hide compression)."""
+    line = f"{i:08d} cold log line: user=alice action=read path=/srv/data/{i}\n".encode()
+    return (line * (BLOCK_SIZE // len(line) + 1))[:BLOCK_SIZE]
+
+
+def temps(eng: Engine, name: str, th: Thresholds | None = None) -> dict[str, int]:
+    v = eng.volume(name)
+    t = eng.heat.classify(v.id, v.name, v.size, v.stats.mapped_blocks * BLOCK_SIZE,
+                          th or Thresholds())
+    return {c: d["bytes"] for c, d in t.classes.items()} | {"untracked": t.untracked_bytes}
+
+
+def test_temperature_classes_follow_the_clock(eng, clock, tmp_path):
+    v = eng.create_volume("v", 16 * MiB)
+    for e in range(4):  # four extents, written 40, 10, 3 days and 1 hour ago
+        eng.write(v, e * MiB, os.urandom(MiB // 2))  # half an extent of data each
+        clock.advance((30, 7, 3 - 1 / 24, 1 / 24)[e])
+    eng.write(v, 8 * MiB, bytes(MiB))  # zeros: an access, but no data
+    assert temps(eng, "v") == {"hot": MiB // 2, "warm": MiB // 2, "cold": MiB // 2,
+                               "frozen": MiB // 2, "untracked": 0}
+    # a read warms an extent up; the thresholds are configurable
+    eng.read(v, 0, 4096)
+    t = temps(eng, "v")
+    assert t["frozen"] == 0 and t["hot"] == MiB
+    assert temps(eng, "v", Thresholds(0.01, 0.02, 0.03))["frozen"] == 3 * MiB // 2
+    # trimming data removes it from the classes; everything survives a restart
+    eng.trim(v, MiB, MiB)
+    eng.flush()
+    before = temps(eng, "v")
+    assert before["cold"] == 0 and before["hot"] == MiB and before["warm"] == MiB // 2
+    eng.close()
+    e2 = Engine(open_pool(str(tmp_path)), clock=clock)
+    try:
+        assert temps(e2, "v") == before
+    finally:
+        e2.close()
+
+
+def test_temperature_memory_is_bounded_and_crash_consistent(eng, clock, tmp_path):
+    v = eng.create_volume("big", 1 << 40)  # 1 TiB thin volume: a million extents
+    for e in range(MAX_PENDING + 100):
+        eng.heat.touch(v.id, e * MiB, 512)
+        assert len(eng.heat._last) <= MAX_PENDING
+    eng.write(v, 0, os.urandom(2 * BLOCK_SIZE))
+    eng.flush()
+    eng.write(v, 5 * MiB, os.urandom(BLOCK_SIZE))  # not flushed: lost in the crash
+    crash(eng)
+    e2 = Engine(open_pool(str(tmp_path)), clock=clock)
+    try:
+        vv = e2.volume("big")
+        assert vv.stats.mapped_blocks == 2
+        t = e2.heat.classify(vv.id, "big", vv.size, 2 * BLOCK_SIZE, Thresholds())
+        assert t.classes["hot"]["bytes"] == 2 * BLOCK_SIZE and t.untracked_bytes == 0
+        # deleting the volume drops its temperature records in the background
+        e2.delete_volume("big")
+        while e2.background_step(1000, busy=False):
+            pass
+        assert e2.heat.extents(vv.id) == []
+    finally:
+        e2.close()
+
+
+def test_capacity_history_compacts_and_survives_restart(eng, clock, tmp_path):
+    h = CapacityHistory(eng.meta)
+    v = eng.create_volume("v", 64 * MiB)
+    # 100 days of samples every 6 hours, the pool growing 4 KiB a sample
+    for i in range(400):
+        eng.write(v, (i % 1000) * BLOCK_SIZE, os.urandom(BLOCK_SIZE))
+        h.record(clock(), snapshot(eng))
+        clock.advance(0.25)
+    folded = h.compact(clock())
+    assert folded > 300
+    raw, hourly, daily = (list(h.rows(t)) for t in (RAW, HOURLY, DAILY))
+    assert all(t >= clock() - 2 * DAY for t, _ in raw)
+    assert all(clock() - 90 * DAY <= t < clock() - 2 * DAY for t, _ in hourly)
+    assert daily and all(t < clock() - 90 * DAY for t, _ in daily)
+    assert all(t % DAY == 0 for t, _ in daily)
+    # every sample is accounted for, and averages lie between their inputs
+    assert sum(r["n"] for _, r in raw + hourly + daily) == 400
+    d0 = daily[1][1]  # (the first day is partial)
+    assert d0["n"] == 4 and d0["volumes"]["v"]["logical"] > 0
+    series = h.series()
+    assert [t for t, _ in series] == sorted(t for t, _ in series)
+    used = [r["volumes"]["v"]["logical"] for _, r in series]
+    assert used == sorted(used)  # growth survives averaging
+    eng.flush()
+    eng.close()
+    e2 = Engine(open_pool(str(tmp_path)), clock=clock)
+    try:
+        assert len(CapacityHistory(e2.meta).series()) == len(series)
+    finally:
+        e2.close()
+
+
+def test_recompress_cold_data_recommendation_and_job(eng, clock, tmp_path):
+    v = eng.create_volume("logs", 32 * MiB)  # lz4 by default
+    hot = eng.create_volume("hot", 8 * MiB)
+    data = b"".join(text_block(i) for i in range(1024))  # 4 MiB of compressible text
+    eng.write(v, 0, data)
+    eng.write(hot, 0, b"".join(text_block(10_000 + i) for i in range(256)))
+    eng.flush()
+    clock.advance(45)
+    eng.read(hot, 0, MiB)  # 'hot' stays hot: no recommendation for it
+    t = Tiering(eng)
+    recs = {r["id"]: r for r in t.recommendations()["recommendations"]}
+    assert set(recs) == {"recompress-cold:logs"}
+    rec = recs["recompress-cold:logs"]
+    assert rec["estimated_savings_bytes"] > 0 and "sample" in rec["estimate"]
+    stored_before = eng.live_stored
+    out = t.apply("recompress-cold:logs")
+    job = t.jobs[out["job"]["id"]]
+    steps = 0
+    while eng.background_step(64, busy=False):
+        steps += 1
+        assert 0 <= job.to_dict()["progress"] <= 1
+    assert job.state == "done" and job.extents_done == job.extents_total == 4
+    assert job.chunks_examined == 1024 and job.chunks_rewritten > 900
+    saved = job.bytes_before - job.bytes_after
+    assert saved > 0 and eng.live_stored == stored_before - saved
+    # the estimate was in the right range (sampled, so allow a wide margin)
+    assert 0.5 * saved <= rec["estimated_savings_bytes"] <= 2 * saved
+    assert eng.read(v, 0, len(data)) == data
+    eng.flush()
+    eng.close()
+    e2 = Engine(open_pool(str(tmp_path)), clock=clock)
+    try:
+        assert e2.read(e2.volume("logs"), 0, len(data)) == data
+        # done: the rule no longer fires
+        assert not any(r["kind"] == "recompress-cold"
+                       for r in Tiering(e2).recommendations()["recommendations"])
+    finally:
+        e2.close()
+
+
+def test_recompression_crash_midway_loses_nothing(eng, clock, tmp_path):
+    v = eng.create_volume("logs", 32 * MiB)
+    data = b"".join(text_block(i) for i in range(768))
+    eng.write(v, 0, data)
+    eng.flush()
+    clock.advance(60)
+    t = Tiering(eng)
+    t.apply("recompress-cold:logs")
+    eng.background_step(64, busy=False)
+    eng.flush()  # half committed ...
+    eng.background_step(64, busy=False)  # ... the rest lost in the crash
+    crash(eng)
+    e2 = Engine(open_pool(str(tmp_path)), clock=clock)
+    try:
+        assert e2.read(e2.volume("logs"), 0, len(data)) == data
+    finally:
+        e2.close()
+
+
+def test_no_reduction_and_overprovisioned_rules(eng, clock):
+    rnd = random.Random(5)
+    v = eng.create_volume("random", 80 * MiB)
+    big = eng.create_volume("big", 1 << 40)
+    eng.write(big, 0, text_block(1))
+    for i in range(0, 64 * MiB + MiB, MiB):
+        eng.write(v, i, rnd.randbytes(MiB))
+    t = Tiering(eng)
+    recs = {r["id"]: r for r in t.recommendations()["recommendations"]}
+    assert "no-reduction:random" in recs and "overprovisioned:big" in recs
+    assert not recs["overprovisioned:big"]["applicable"]
+    assert recs["overprovisioned:big"]["estimated_savings_bytes"] == (1 << 40) - BLOCK_SIZE
+    with pytest.raises(NotFound):
+        t.apply("recompress-cold:random")
+    with pytest.raises(NotFound):
+        t.apply("bogus")
+    assert t.apply("no-reduction:random") == {"applied": "no-reduction:random", "compression": "none"}
+    assert eng.volume("random").compression == "none"
+    assert "no-reduction:random" not in {r["id"] for r in t.recommendations()["recommendations"]}

@@ -1,0 +1,248 @@
+"""Level 3: the REST API of a running daemon, every endpoint and error class,
+the CLI on top of it, the token-protected TCP listener and a schemathesis
+run generated from the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pstoraged.client import Client
+from pstoraged.engine import Engine
+from pstoraged.errors import Unauthorized
+from pstoraged.history import DAY, CapacityHistory, snapshot
+from pstoraged.pool import open_pool
+
+from .daemon_util import Daemon, new_daemon, remove
+
+NBDSH = ["/usr/bin/python3", "-m", "nbd"]
+MiB = 1 << 20
+
+
+@pytest.fixture
+def daemon():
+    d = new_daemon(size=1 << 30)
+    d.start()
+    yield d
+    remove(d)
+
+
+def call(d: Daemon, method: str, path: str, body=None) -> tuple[int, dict]:
+    status, _, raw = d.client.raw(method, path, body)
+    return status, json.loads(raw) if raw else {}
+
+
+def test_volume_crud_and_every_error_class(daemon):
+    d = daemon
+    # the prototype's request shape, and sizes in bytes or with a suffix
+    st, v = call(d, "POST", "/api/v1/volumes", {"name": "demo-vol", "size_gb": 10})
+    assert st == 201 and v["size"] == 10 << 30 and v["compression"] == "lz4"
+    assert call(d, "POST", "/api/v1/volumes", {"name": "b", "size": 1 << 20})[0] == 201
+    assert call(d, "POST", "/api/v1/volumes", {"name": "c", "size": "512M",
+                                                "compression": "zstd"})[1]["size"] == 512 << 20
+    st, lst = call(d, "GET", "/api/v1/volumes")
+    assert [x["name"] for x in lst["volumes"]] == ["b", "c", "demo-vol"]
+    st, v = call(d, "PATCH", "/api/v1/volumes/b", {"size": "2M", "compression": "none",
+                                                    "readonly": True})
+    assert st == 200 and (v["size"], v["compression"], v["readonly"]) == (2 << 20, "none", True)
+    errors = [
+        # 400: bad values that pass the schema
+        ("POST", "/api/v1/volumes", {"name": "x", "size": "10X"}, 400, "invalid_argument"),
+        ("POST", "/api/v1/volumes", {"name": "x", "size": 1000}, 400, "invalid_argument"),
+        ("POST", "/api/v1/volumes", {"name": "x"}, 400, "invalid_argument"),
+        ("PATCH", "/api/v1/volumes/b", {"size": "1M"}, 400, "invalid_argument"),
+        ("GET", "/api/v1/analytics/capacity/forecast?horizons=x", None, 400, "invalid_argument"),
+        # 404
+        ("GET", "/api/v1/volumes/nope", None, 404, "not_found"),
+        ("DELETE", "/api/v1/volumes/nope", None, 404, "not_found"),
+        ("GET", "/api/v1/nothing-here", None, 404, "not_found"),
+        ("GET", "/api/v1/jobs/99", None, 404, "not_found"),
+        ("POST", "/api/v1/analytics/tiering/recommendations/bogus/apply", None, 404, "not_found"),
+        # 405
+        ("PUT", "/api/v1/volumes", None, 405, "method_not_allowed"),
+        # 409
+        ("POST", "/api/v1/volumes", {"name": "b", "size": "1M"}, 409, "conflict"),
+        # 413
+        ("POST", "/api/v1/volumes", {"name": "huge", "size": "2P"}, 413, "too_large"),
+        # 422: does not match the schema
+        ("POST", "/api/v1/volumes", {"size": "1G"}, 422, "validation_error"),
+        ("POST", "/api/v1/volumes", {"name": "Bad Name!", "size": "1G"}, 422, "validation_error"),
+        ("POST", "/api/v1/volumes", {"name": "x", "size_gb": -1}, 422, "validation_error"),
+        ("POST", "/api/v1/volumes", {"name": "x", "size": "1G", "colour": 1}, 422, "validation_error"),
+        ("POST", "/api/v1/volumes", [1, 2], 422, "validation_error"),
+        ("PATCH", "/api/v1/volumes/b", {"compression": "brotli"}, 422, "validation_error"),
+        ("GET", "/api/v1/volumes/..", None, 422, "validation_error"),
+        ("GET", "/api/v1/analytics/temperature?hot_days=-1", None, 422, "validation_error"),
+    ]
+    for method, path, body, status, code in errors:
+        st, out = call(d, method, path, body)
+        assert (st, out.get("error")) == (status, code), (method, path, body, st, out)
+        assert out["message"] and "hint" in out
+    # 409 for a volume in use
+    d.cli("export", "c")
+    st, out = call(d, "DELETE", "/api/v1/volumes/c")
+    assert st == 409 and "--force" in out["hint"]
+    assert call(d, "DELETE", "/api/v1/volumes/c?force=true")[0] == 200
+    assert call(d, "DELETE", "/api/v1/volumes/demo-vol")[1] == {"deleted": "demo-vol"}
+    assert [x["name"] for x in call(d, "GET", "/api/v1/volumes")[1]["volumes"]] == ["b"]
+    assert "Traceback" not in d.log()
+
+
+def test_curl_openapi_docs_healthz_and_metrics(daemon):
+    d = daemon
+    sock = d.client.path
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o660"
+    out = subprocess.run(["curl", "-sS", "--unix-socket", sock, "http://pstorage/api/v1/volumes"],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == {"volumes": []}
+    spec = d.client.get("/openapi.json")
+    for path in ("/api/v1/volumes", "/api/v1/volumes/{name}", "/api/v1/metrics/reduction",
+                 "/api/v1/analytics/capacity/forecast", "/api/v1/analytics/health",
+                 "/api/v1/analytics/temperature", "/api/v1/analytics/tiering/recommendations",
+                 "/api/v1/analytics/tiering/recommendations/{rec_id}/apply", "/api/v1/pool",
+                 "/healthz", "/metrics"):
+        assert path in spec["paths"], path
+    page = d.client.get("/docs")
+    assert "/api/v1/analytics/capacity/forecast" in page and "<script" not in page
+    h = d.client.get("/healthz")
+    assert h["status"] == "ok" and h["ready"] is True
+    # real I/O shows up per volume in the Prometheus metrics
+    d.cli("volume", "create", "m", "--size", "8M")
+    uri = d.cli("export", "m").stdout.strip()
+    subprocess.run(NBDSH + ["-u", uri, "-c",
+                            "h.pwrite(b'x' * 65536, 0); h.flush(); h.pread(4096, 0); "
+                            "h.pread(4096, 8192)"], check=True, timeout=60)
+    text = d.client.get("/metrics")
+    lines = {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+             for ln in text.splitlines() if ln and not ln.startswith("#")}
+    assert lines['pstorage_volume_requests_total{op="write",volume="m"}'] == 1
+    assert lines['pstorage_volume_requests_total{op="read",volume="m"}'] >= 2
+    assert lines['pstorage_volume_bytes_total{op="write",volume="m"}'] == 65536
+    assert lines['pstorage_volume_request_latency_seconds_count{op="write",volume="m"}'] == 1
+    assert lines['pstorage_volume_request_latency_seconds_bucket{le="+Inf",op="flush",volume="m"}'] >= 1
+    assert lines['pstorage_volume_logical_bytes{volume="m"}'] == 65536
+    assert lines["pstorage_pool_capacity_bytes"] > 0 and lines["pstorage_checksum_errors_total"] == 0
+
+
+def _seed_history_and_cold_data(pool_dir: str) -> bytes:
+    """Before the daemon starts: 20 days of linear growth and 4 MiB written 40 days ago."""
+    now = time.time()
+    clock = [now - 40 * DAY]
+    eng = Engine(open_pool(pool_dir), clock=lambda: clock[0])
+    try:
+        v = eng.create_volume("logs", 64 * MiB)
+        line = b"2026-10-20 12:00:00 INFO request served path=/index.html status=200\n"
+        data = b"".join((b"%08d " % i + line * 64)[:4096] for i in range(1024))
+        eng.write(v, 0, data)
+        h = CapacityHistory(eng.meta)
+        snap = snapshot(eng)
+        for i in range(20 * 24):  # hourly for 20 days: +50 MiB a day
+            snap["pool"]["allocated"] = int(100 * MiB + 50 * MiB * i / 24)
+            h.record(now - (20 * 24 - i) * 3600, snap)
+        eng.flush()
+        return data
+    finally:
+        eng.close()
+
+
+def test_analytics_endpoints_and_cli(tmp_path):
+    d = new_daemon(size=8 << 30)
+    try:
+        data = _seed_history_and_cold_data(d.pool_dir)
+        d.start()
+        fc = d.client.get("/api/v1/analytics/capacity/forecast")
+        assert fc["status"] == "ok" and fc["method"] in {m["name"] for m in fc["methods"]}
+        assert [h["days"] for h in fc["horizons"]] == [7, 30, 90]
+        # 50 MiB a day: the trend is recovered
+        assert fc["trend_bytes_per_day"] == pytest.approx(50 * MiB, rel=0.05)
+        assert fc["days_until"]["100"] > fc["days_until"]["90"] > fc["days_until"]["80"] > 0
+        fc2 = d.client.get("/api/v1/analytics/capacity/forecast?horizons=1,365")
+        assert [h["days"] for h in fc2["horizons"]] == [1, 365]
+        health = d.client.get("/api/v1/analytics/health")
+        assert health["status"] == "healthy" and health["device"]["kind"] == "file"
+        assert "percentage_used" in health["unavailable"]
+        assert health["device"]["percentage_used"] is None  # never invented
+        temp = d.client.get("/api/v1/analytics/temperature")
+        logs = next(v for v in temp["volumes"] if v["volume"] == "logs")
+        assert logs["classes"]["frozen"]["bytes"] == 4 * MiB
+        assert d.client.get("/api/v1/analytics/temperature?cold_days=60")["volumes"][0][
+            "classes"]["cold"]["bytes"] == 4 * MiB
+        recs = d.client.get("/api/v1/analytics/tiering/recommendations")["recommendations"]
+        assert [r["id"] for r in recs] == ["recompress-cold:logs"]
+        assert recs[0]["estimated_savings_bytes"] > 0
+        stored0 = d.client.get("/api/v1/pool")["statistics"]["stored_bytes"]
+        # the CLI: tables and --json
+        out = d.cli("tiering", "apply", "recompress-cold:logs", "--wait", "--json").stdout
+        job = json.loads(out)["job"]
+        assert job["state"] == "done" and job["saved_bytes"] > 0 and job["progress"] == 1
+        assert d.client.get(f"/api/v1/jobs/{job['id']}")["state"] == "done"
+        stored1 = d.client.get("/api/v1/pool")["statistics"]["stored_bytes"]
+        assert stored1 == stored0 - job["saved_bytes"]
+        uri = d.cli("export", "logs").stdout.strip()
+        got = subprocess.run(NBDSH + ["-u", uri, "-c", f"import sys; sys.stdout.buffer.write("
+                                      f"h.pread({len(data)}, 0))"],
+                             capture_output=True, check=True, timeout=60).stdout
+        assert got == data
+        for args in (["forecast"], ["health"], ["temperature"], ["tiering", "list"], ["jobs"]):
+            human = d.cli(*args).stdout
+            assert human.strip(), args
+            json.loads(d.cli(*args, "--json").stdout)
+        chart = d.cli("forecast", "--png", str(tmp_path / "f.png")).stdout
+        assert "wrote" in chart and "100%" in chart
+        assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "HEALTHY" in d.cli("health").stdout
+    finally:
+        remove(d)
+
+
+def test_forecast_says_when_there_is_not_enough_data(daemon):
+    fc = daemon.client.get("/api/v1/analytics/capacity/forecast")
+    assert fc["status"] == "insufficient_data"
+    assert fc["needed_samples"] > fc["have_samples"] and "need" in fc["message"]
+    assert "need" in daemon.cli("forecast").stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tcp_listener_needs_a_private_token_and_survives_schemathesis(tmp_path):
+    d = new_daemon(size=1 << 30)
+    try:
+        token = tmp_path / "token"
+        token.write_text("s3cret-token-0123456789abcdef\n")
+        token.chmod(0o644)
+        port = free_port()
+        d.args = ["--api-listen", f"127.0.0.1:{port}", "--api-token-file", str(token)]
+        with pytest.raises(RuntimeError, match="readable by others"):
+            d.start()
+        token.chmod(0o600)
+        d.start()
+        url = f"http://127.0.0.1:{port}"
+        with pytest.raises(Unauthorized):
+            Client(url=url).get("/api/v1/volumes")
+        with pytest.raises(Unauthorized):
+            Client(url=url, token="wrong-token-0123456789").get("/api/v1/volumes")
+        assert Client(url=url, token="s3cret-token-0123456789abcdef").get(
+            "/api/v1/volumes") == {"volumes": []}
+        st = shutil.which("schemathesis", path=os.path.dirname(sys.executable))
+        assert st, "schemathesis is a test dependency"
+        p = subprocess.run(
+            [st, "run", f"{url}/openapi.json", "-H", "Authorization: Bearer s3cret-token-0123456789abcdef",
+             "--checks", "not_a_server_error", "--max-examples", "25", "--seed", "7",
+             "--phases", "examples,coverage,fuzzing", "--request-timeout", "60"],
+            capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-4000:]
+        assert "passed" in p.stdout
+        assert "Traceback" not in d.log()
+    finally:
+        remove(d)
