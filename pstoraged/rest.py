@@ -332,6 +332,7 @@ def build_app(ctx: Context) -> FastAPI:
                                "detach/unexport it first, or pass force (--force)")
             await trio.to_thread.run_sync(lambda: ctx.exports.unexport(name, force=True))
         await call(ctx.engine.delete_volume, name, flush=True)
+        await call(ctx.dataplane.io.forget, name)  # on the thread that writes the counters
         log.info("volume %s deleted", name)
         return {"deleted": name}
 
