@@ -20,7 +20,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 from . import codecs
 from .errors import Conflict, CorruptData, DeviceIOError, InvalidArgument, NotFound, ReadOnly
@@ -63,6 +63,14 @@ _sha256 = hashlib.sha256
 _unpack_chunk = CHUNK_META.unpack
 _pack_chunk = CHUNK_META.pack
 _ckey = CHUNK_KEY.pack
+
+
+class BackgroundService(Protocol):
+    """Always-on engine background work (see Engine.background_step)."""
+
+    def wanted(self, busy: bool) -> bool: ...
+
+    def step(self, budget: int, busy: bool) -> int: ...
 
 
 @dataclass(slots=True)
@@ -147,6 +155,7 @@ class Engine:
         self.reclaiming: dict[int, int] = {
             int(k): v for k, v in self.meta.get_json("reclaim", {}).items()}
         self.jobs: list[Callable[[int], int]] = []  # background jobs (background_step)
+        self.services: list[BackgroundService] = []  # always-on background services
         self.commits = 0
         self.dirty = False
         self.failed: str | None = None  # set when the device failed a write or sync
@@ -475,17 +484,26 @@ class Engine:
 
     # ------------------------------------------------------------------ background work
     def has_background_work(self) -> bool:
-        return bool(self.reclaiming or self.jobs) or self._prune_wanted(busy=False)
+        return (bool(self.reclaiming or self.jobs) or self._prune_wanted(busy=False)
+                or any(svc.wanted(False) for svc in self.services))
 
     def background_step(self, budget: int, busy: bool) -> int:
-        """One bounded slice of background work: reclaim, then jobs, then pruning.
+        """One bounded slice of background work: reclaim, services, jobs, pruning.
 
-        A job is a callable taking the budget and returning the work it did;
-        it is dropped once it returns 0 (services such as the tiering
-        recompression queue theirs with `start_job`).
+        A service (the segment cleaner, wear leveling) is always registered
+        and says itself whether it wants to run (`wanted(busy)`) and does a
+        bounded step (`step(budget, busy)` -> work done). A job is a callable
+        taking the budget and returning the work it did; it is dropped once it
+        returns 0 (tiering recompression and scrub queue theirs with
+        `start_job`).
         """
         if self.reclaiming:
             return self.reclaim_step(budget)
+        for svc in self.services:
+            if svc.wanted(busy):
+                done = svc.step(budget, busy)
+                if done:
+                    return done
         while self.jobs:
             done = self.jobs[0](budget)
             if done:
