@@ -326,13 +326,16 @@ class Engine:
         except CorruptData as e:
             self._count_corruption(str(e))
 
-    def rewrite_chunk(self, cid: int, codec: int, payload: bytes) -> tuple[int, int]:
+    def rewrite_chunk(self, cid: int, codec: int, payload: bytes | memoryview, *,
+                      reserve_ok: bool = False) -> tuple[int, int]:
         """Store chunk `cid` again as `payload` (its data encoded with `codec`).
 
         The new record is appended, the chunk's entry points at it and the old
         record's bytes are released, all in the open transaction: a crash
         before the commit leaves the old record in use. References and the
         fingerprint do not change. Returns (old record size, new record size).
+        The segment cleaner moves chunks with this (reserve_ok: it may use the
+        segments kept free for it).
         """
         txn, key = self.meta.txn, _ckey(cid)
         raw = txn.get(key, db=self.meta.chunks)
@@ -341,7 +344,7 @@ class Engine:
         rc, s, off, slen, _old_codec, slot, res, fp = _unpack_chunk(raw)
         hdr = pack_chunk_header(KIND_CHUNK, codec, cid, BLOCK_SIZE, len(payload), fp, crc32(payload))
         try:
-            ns, noff, size = self.segs.append(hdr, payload)
+            ns, noff, size = self.segs.append(hdr, bytes(payload), reserve_ok=reserve_ok)
         except DeviceIOError as e:
             self._fail(e)
             raise

@@ -160,10 +160,13 @@ class SegmentLog:
         self._reap_discards()
 
     # allocation --------------------------------------------------------------
-    def _allocate(self) -> int:
-        if self._allocatable() <= self.reserve and self.discarding:
+    def _allocate(self, reserve_ok: bool = False) -> int:
+        """Open a free segment. Client writes leave `reserve` segments free so
+        that the segment cleaner (reserve_ok=True) can always make progress."""
+        floor = 0 if reserve_ok else self.reserve
+        if self._allocatable() <= floor and self.discarding:
             self.wait_discards()
-        if self._allocatable() <= self.reserve:
+        if self._allocatable() <= floor:
             raise PoolFull(
                 "the pool is full",
                 "delete volumes or data (trim/discard) to free space, or grow the pool",
@@ -201,13 +204,17 @@ class SegmentLog:
         if self.live[s] == 0:
             self.pending_free.add(s)
 
-    def append(self, header: bytes, payload: bytes) -> tuple[int, int, int]:
-        """Append one record; return (segment, offset, bytes it occupies)."""
+    def append(self, header: bytes, payload: bytes, *, reserve_ok: bool = False
+               ) -> tuple[int, int, int]:
+        """Append one record; return (segment, offset, bytes it occupies).
+
+        reserve_ok: the segment cleaner may open a segment from the reserve.
+        """
         need = align_up(len(header) + len(payload), RECORD_ALIGN)
         if self.open_seg < 0 or self.write_ptr[self.open_seg] + need > self.size:
             if self.open_seg >= 0:
                 self._seal(self.open_seg)
-            self._allocate()
+            self._allocate(reserve_ok)
         s = self.open_seg
         off = self.write_ptr[s]
         self.buf[off : off + len(header)] = header
