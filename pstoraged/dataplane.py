@@ -102,6 +102,8 @@ class DataPlane:
         self._rbuf = memoryview(bytearray(RECV_SIZE))
         self.batches = self.requests = self.max_batch = self.protocol_errors = 0
         self.io = IoStats()  # per-volume counters and latency histograms (/metrics)
+        # 'VOL@SNAP' -> read-only snapshot view (set by the daemon: snapshots.Catalog.view)
+        self.resolve: Callable[[str], Volume] | None = None
 
     # ------------------------------------------------------------ control side
     def start(self) -> None:
@@ -297,7 +299,8 @@ class DataPlane:
         if op == P.OP_OPEN:
             return self._open(conn, handle, payload)
         if op == P.OP_LIST:
-            return self._send(conn, P.reply(handle, 0, "\n".join(sorted(eng.volumes)).encode()))
+            names = sorted(n for n, v in eng.volumes.items() if not v.destroyed_ns)
+            return self._send(conn, P.reply(handle, 0, "\n".join(names).encode()))
         if op not in P.OP_NAMES:
             return self._refuse(conn, handle, errno.EINVAL, f"unknown op {op}")
         vol = conn.vol
@@ -342,9 +345,10 @@ class DataPlane:
             return self._refuse(conn, handle, errno.EINVAL, "export name too long")
         name = payload.decode("utf-8", "replace")
         eng = self.engine
-        vol = eng.volumes.get(name)
-        if vol is None:
-            return self._refuse(conn, handle, errno.ENOENT, f"no volume named {name!r}")
+        try:
+            vol = self.resolve(name) if "@" in name and self.resolve else eng.volume(name)
+        except PStorageError as e:
+            return self._refuse(conn, handle, errno.ENOENT, e.message)
         conn.vol = vol
         body = P.OPEN_REPLY.pack(vol.size, P.OPEN_READONLY if vol.readonly else 0, 4096,
                                  eng.instance, eng.prev_instance, 1 if eng.prev_clean else 0)

@@ -14,6 +14,7 @@ abort) and append a new chunk record to the segment log.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -97,11 +98,15 @@ class Volume:
     gen: int = 1  # the live map generation (snapshots freeze older ones); 1 = FIRST_GEN
     created_ns: int = 0
     readonly: bool = False
+    frozen: list[int] = field(default_factory=list)  # generations snapshots hold, ascending
+    destroyed_ns: int = 0  # deleted, recoverable until eradicated (SafeMode grace period)
     stats: VolumeStats = field(default_factory=VolumeStats)
+    base: Volume | None = None  # a read-only view of a snapshot: the volume it belongs to
 
     def record(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("stats")
+        d.pop("base")
         return d
 
 
@@ -154,6 +159,9 @@ class Engine:
         # deleted volumes whose map entries are still being released: id -> next lba
         self.reclaiming: dict[int, int] = {
             int(k): v for k, v in self.meta.get_json("reclaim", {}).items()}
+        # released snapshot generations whose entries are still being dropped:
+        # [volume id, generation, next lba]
+        self.dropping: list[list[int]] = self.meta.get_json("dropping", [])
         self.jobs: list[Callable[[int], int]] = []  # background jobs (background_step)
         self.services: list[BackgroundService] = []  # always-on background services
         self.commits = 0
@@ -173,10 +181,13 @@ class Engine:
         self.meta.txn.put(vol.name.encode(), json.dumps(vol.record()).encode(), db=self.meta.vols)
 
     def volume(self, name: str) -> Volume:
-        try:
-            return self.volumes[name]
-        except KeyError:
-            raise NotFound(f"no volume named {name!r}", "see 'pstorage volume list'") from None
+        vol = self.volumes.get(name)
+        if vol is None:
+            raise NotFound(f"no volume named {name!r}", "see 'pstorage volume list'")
+        if vol.destroyed_ns:
+            raise NotFound(f"volume {name!r} is destroyed",
+                           f"recover it: pstorage volume recover {name}")
+        return vol
 
     def create_volume(self, name: str, size: int, compression: str = "lz4") -> Volume:
         validate_name(name)
@@ -224,7 +235,9 @@ class Engine:
 
     def delete_volume(self, name: str) -> None:
         """Remove a volume now; its space comes back in the background (reclaim_step)."""
-        vol = self.volume(name)
+        vol = self.volumes.get(name)
+        if vol is None:
+            raise NotFound(f"no volume named {name!r}", "see 'pstorage volume list'")
         self.meta.txn.delete(name.encode(), db=self.meta.vols)
         self.meta.delete(f"vstats:{vol.id}")
         del self.volumes[name]
@@ -415,11 +428,14 @@ class Engine:
             cur = txn.cursor(db=db)
             if cur.set_range(key) and cur.key()[:12] == prefix:
                 old = U64.unpack(cur.value())[0]
-                own = cur.key() == key
-                if own:
-                    older = cur.next() and cur.key()[:12] == prefix
-                else:
-                    older = True  # a frozen generation still holds this block
+                found = bytes(cur.key())
+                # the entry the live generation sees is ours to replace unless a
+                # snapshot's (frozen) generation sees it too
+                own = l2p_unpack(found)[2] > (vol.frozen[-1] if vol.frozen else 0)
+                # an older entry would show through if ours became a hole
+                older = not own or (cur.next() and cur.key()[:12] == prefix)
+                if own and found != key:
+                    txn.delete(found, db=db)
             if cid == NO_CHUNK and not older:
                 if own:
                     txn.delete(key, db=db)
@@ -487,7 +503,7 @@ class Engine:
 
     # ------------------------------------------------------------------ background work
     def has_background_work(self) -> bool:
-        return (bool(self.reclaiming or self.jobs) or self._prune_wanted(busy=False)
+        return (bool(self.reclaiming or self.dropping or self.jobs) or self._prune_wanted(busy=False)
                 or any(svc.wanted(False) for svc in self.services))
 
     def background_step(self, budget: int, busy: bool) -> int:
@@ -502,6 +518,8 @@ class Engine:
         """
         if self.reclaiming:
             return self.reclaim_step(budget)
+        if self.dropping:
+            return self.drop_step(budget)
         for svc in self.services:
             if svc.wanted(busy):
                 done = svc.step(budget, busy)
@@ -610,9 +628,152 @@ class Engine:
         self._maybe_commit()
         return done
 
+    # ------------------------------------------------------------------ generations
+    # A snapshot freezes the volume's live generation G (O(1): the live one
+    # becomes G+1 and later writes add entries instead of replacing frozen
+    # ones). Every map entry holds one reference and is visible to the
+    # generations from its own up to (not including) the next newer entry of
+    # its block; invariant: each entry is visible to at least one generation
+    # that still exists (a snapshot's or the live one).
+
+    def freeze(self, vol: Volume) -> int:
+        """Freeze the live generation for a snapshot; returns it. O(1)."""
+        g = vol.gen
+        vol.frozen.append(g)
+        vol.gen += 1
+        self._persist_volume(vol)
+        self.dirty = True
+        return g
+
+    def view(self, vol: Volume, gen: int, name: str, size: int) -> Volume:
+        """A read-only volume object reading `vol` as of frozen generation `gen`."""
+        if gen not in vol.frozen:
+            raise NotFound(f"generation {gen} of {vol.name!r} is not frozen")
+        return Volume(vol.id, name, size, vol.compression, gen, vol.created_ns, True, base=vol)
+
+    def release(self, vol: Volume, gen: int) -> None:
+        """A snapshot is gone: drop (in the background) the entries only it could see."""
+        vol.frozen.remove(gen)
+        self._persist_volume(vol)
+        self.dropping.append([vol.id, gen, 0])
+        self.meta.put_json("dropping", self.dropping)
+        self.dirty = True
+
+    def _blocks_entries(self, vid: int, first: int, budget: int
+                        ) -> tuple[list[tuple[int, list[tuple[int, int, bytes]]]], int | None]:
+        """Entries of up to ~budget map keys from lba `first`, grouped by block
+        [(lba, [(gen, chunk, key), newest first])], and the lba to resume at
+        (None: the volume's map is done). Whole blocks only."""
+        cur = self.meta.txn.cursor(db=self.meta.l2p)
+        ok = cur.set_range(L2P_KEY.pack(vid, first, 0))
+        out: list[tuple[int, list[tuple[int, int, bytes]]]] = []
+        n = 0
+        while ok:
+            k = bytes(cur.key())
+            v, lba, g = l2p_unpack(k)
+            if v != vid:
+                return out, None
+            if not out or out[-1][0] != lba:
+                if n >= budget:
+                    return out, lba
+                out.append((lba, []))
+            out[-1][1].append((g, U64.unpack(cur.value())[0], k))
+            n += 1
+            ok = cur.next()
+        return out, None
+
+    def drop_step(self, budget: int = RECLAIM_SLICE) -> int:
+        """Drop entries of a released generation that no remaining one sees."""
+        vid, gen, first = self.dropping[0]
+        vol = self.by_id.get(vid)
+        if vol is None:  # the volume went: its reclaim releases everything
+            self.dropping.pop(0)
+            self.meta.put_json("dropping", self.dropping)
+            return 1
+        alive = sorted([*vol.frozen, vol.gen])
+        prev = max((x for x in alive if x < gen), default=0)
+        nxt = min(x for x in alive if x > gen)
+        groups, resume = self._blocks_entries(vid, first, budget)
+        txn, db = self.meta.txn, self.meta.l2p
+        for _lba, entries in groups:
+            for i in range(1, len(entries)):
+                g, cid, key = entries[i]
+                # visible to the released generation and hidden from the next alive one
+                if prev < g <= gen and entries[i - 1][0] <= nxt:
+                    txn.delete(key, db=db)
+                    if cid != NO_CHUNK:
+                        self._decref(cid)
+        done = sum(len(e) for _, e in groups)
+        self.meta.pending_ops += done
+        if resume is None:
+            self.dropping.pop(0)
+            log.info("volume %s: generation %d released", vol.name, gen)
+        else:
+            self.dropping[0][2] = resume
+        self.meta.put_json("dropping", self.dropping)
+        self.dirty = True
+        self._maybe_commit()
+        return max(done, 1)
+
+    def restore(self, vol: Volume, gen: int, size: int) -> int:
+        """Make the live generation read as frozen generation `gen`; returns blocks changed.
+
+        Cost is O(map entries of the volume) with writes only where the two differ.
+        """
+        if gen not in vol.frozen:
+            raise NotFound(f"generation {gen} of {vol.name!r} is not frozen")
+        changed = 0
+        first: int | None = 0
+        while first is not None:
+            groups, first = self._blocks_entries(vol.id, first, UNMAP_SLICE)
+            todo = []
+            for lba, entries in groups:
+                live = entries[0][1] if entries[0][0] <= vol.gen else NO_CHUNK
+                old = next((c for g, c, _ in entries if g <= gen), NO_CHUNK)
+                if live != old and not (lba * BLOCK_SIZE >= size and live == NO_CHUNK):
+                    todo.append((lba, old))
+            for lba, cid in todo:
+                if cid != NO_CHUNK:
+                    self._incref(cid)
+                self._map(vol, lba, cid)
+                self._maybe_commit()
+            changed += len(todo)
+        vol.size = size
+        self._persist_volume(vol)
+        self.dirty = True
+        return changed
+
+    def copy_generation(self, src: Volume, gen: int, dst: Volume) -> int:
+        """Fill the new, empty volume `dst` with src's blocks at `gen`: map entries
+        and references only, no data is copied. Returns blocks shared."""
+        txn, db = self.meta.txn, self.meta.l2p
+        n = 0
+        first = 0
+        end = dst.size // BLOCK_SIZE
+        while True:
+            # a slice first, then the writes: no cursor walks keys that are changing
+            rows = list(itertools.islice(
+                ((lba, cid) for lba, cid in self._visible(src, first, end, gen) if cid != NO_CHUNK),
+                UNMAP_SLICE))
+            for lba, cid in rows:
+                self._incref(cid)
+                txn.put(l2p_key(dst.id, lba, dst.gen), U64.pack(cid), db=db)
+                self.heat.mapped(dst.id, lba, 1)
+            dst.stats.mapped_blocks += len(rows)
+            self.meta.pending_ops += len(rows)
+            n += len(rows)
+            self._maybe_commit()
+            if len(rows) < UNMAP_SLICE:
+                break
+            first = rows[-1][0] + 1
+        self.dirty = True
+        return n
+
     # ------------------------------------------------------------------ I/O
     def _check_range(self, vol: Volume, offset: int, length: int) -> None:
-        if self.by_id.get(vol.id) is not vol:
+        live = vol.base or vol
+        if (self.by_id.get(vol.id) is not live or live.destroyed_ns
+                or (vol.base and vol.gen not in live.frozen)):
             raise NotFound(f"volume {vol.name!r} was deleted")
         if offset < 0 or length < 0 or offset + length > vol.size:
             raise InvalidArgument(

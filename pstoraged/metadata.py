@@ -37,6 +37,7 @@ class MetaStore:
         self.meta = self.env.open_db(b"meta")
         self.heat = self.env.open_db(b"heat")  # temperature.py: per-extent access and mapping
         self.hist = self.env.open_db(b"hist")  # history.py: capacity samples
+        self.snaps = self.env.open_db(b"snaps")  # snapshots.py: the snapshot catalog
         self._txn: lmdb.Transaction | None = None
         self.pending_ops = 0  # updates in the open transaction
 

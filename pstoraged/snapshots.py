@@ -1,0 +1,353 @@
+"""Snapshots, clones and SafeMode: the catalog on top of the engine's frozen
+map generations.
+
+A snapshot is a name for a frozen generation of one volume (Engine.freeze:
+O(1), the map is never copied). Restores and clones work through the map
+(Engine.restore, Engine.copy_generation: references only, no data copied).
+
+SafeMode: a snapshot may carry a retention lock (`lock_until`); until then
+nothing alters or deletes it (not even --force), and the volume it belongs
+to cannot be deleted either; a lock can be extended, never shortened. Deleting a volume or snapshot first *destroys* it: it
+disappears from listings and exports but stays recoverable for the grace
+period (default 24 h), after which `eradicate_due` really frees it.
+
+Records live in the `snaps` table (docs/format.md). Everything here runs on
+the engine thread (DataPlane.call), except the read-only walks (`diff`,
+`space`), which take their own read transaction on committed state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import lmdb
+
+from .engine import NO_CHUNK, Engine, Volume
+from .errors import Conflict, InvalidArgument, NotFound
+from .format import BLOCK_SIZE, CHUNK_KEY, CHUNK_META, L2P_KEY, U64, l2p_unpack, record_size
+from .units import validate_name, validate_volume_size
+
+log = logging.getLogger(__name__)
+
+SNAP_KEY = struct.Struct(">I")  # volume id, then the snapshot name (UTF-8)
+DEFAULT_GRACE_S = 24 * 3600
+MAX_DIFF_RANGES = 100_000
+
+
+@dataclass
+class Snapshot:
+    name: str
+    volume: str
+    vol_id: int
+    gen: int
+    size: int
+    created_ns: int
+    lock_until: float = 0.0  # unix seconds; 0 = not locked
+    destroyed_ns: int = 0
+
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        d = asdict(self)
+        d["created"] = self.created_ns / 1e9
+        d["locked"] = bool(self.lock_until and (now or time.time()) < self.lock_until)
+        d["destroyed"] = bool(self.destroyed_ns)
+        return d
+
+
+def parse_until(text: str, now: float) -> float:
+    """'2027-01-31', '2027-01-31T12:00:00Z', '7d', '12h', '90m' -> unix seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if m:
+        mult = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[m.group(2)]
+        return now + float(m.group(1)) * mult
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgument(f"invalid time {text!r}",
+                              "give a date (2027-01-31), a time (2027-01-31T12:00Z) or a "
+                              "duration (7d, 12h)") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+class Catalog:
+    def __init__(self, engine: Engine, grace_s: float = DEFAULT_GRACE_S) -> None:
+        self.engine = engine
+        self.meta = engine.meta
+        self.grace_s = grace_s
+
+    # ------------------------------------------------------------ records
+    def _key(self, vol_id: int, name: str) -> bytes:
+        return SNAP_KEY.pack(vol_id) + name.encode()
+
+    def _put(self, s: Snapshot) -> None:
+        self.meta.txn.put(self._key(s.vol_id, s.name), json.dumps(asdict(s)).encode(),
+                          db=self.meta.snaps)
+        self.engine.dirty = True
+
+    def _all(self, vol_id: int | None = None) -> list[Snapshot]:
+        cur = self.meta.txn.cursor(db=self.meta.snaps)
+        ok = cur.set_range(SNAP_KEY.pack(vol_id) if vol_id is not None else b"")
+        out = []
+        while ok:
+            k = bytes(cur.key())
+            if vol_id is not None and SNAP_KEY.unpack(k[:4])[0] != vol_id:
+                break
+            out.append(Snapshot(**json.loads(bytes(cur.value()))))
+            ok = cur.next()
+        return out
+
+    def _volume(self, name: str, destroyed: bool = False) -> Volume:
+        validate_name(name)
+        vol = self.engine.volumes.get(name)
+        if vol is None or (vol.destroyed_ns and not destroyed):
+            raise NotFound(f"no volume named {name!r}", "see 'pstorage volume list'")
+        return vol
+
+    def get(self, vol_name: str, snap: str, destroyed: bool = False) -> Snapshot:
+        vol = self._volume(vol_name, destroyed)
+        validate_name(snap, "snapshot")
+        raw = self.meta.txn.get(self._key(vol.id, snap), db=self.meta.snaps)
+        if raw is None:
+            raise NotFound(f"volume {vol_name!r} has no snapshot {snap!r}",
+                           f"see 'pstorage snapshot list {vol_name}'")
+        s = Snapshot(**json.loads(bytes(raw)))
+        if s.destroyed_ns and not destroyed:
+            raise NotFound(f"snapshot {vol_name}@{snap} is destroyed",
+                           f"recover it: pstorage snapshot recover {vol_name} {snap}")
+        return s
+
+    def _locked(self, s: Snapshot) -> bool:
+        return bool(s.lock_until) and self.engine.clock() < s.lock_until
+
+    # ------------------------------------------------------------ snapshots
+    def create(self, vol_name: str, snap: str | None = None,
+               lock_until: float | None = None) -> Snapshot:
+        vol = self._volume(vol_name)
+        name = snap or f"snap-{vol.gen}"
+        validate_name(name, "snapshot")
+        if self.meta.txn.get(self._key(vol.id, name), db=self.meta.snaps) is not None:
+            raise Conflict(f"volume {vol_name!r} already has a snapshot {name!r}",
+                           "choose another name (destroyed snapshots keep theirs until eradicated)")
+        now = self.engine.clock()
+        if lock_until is not None and lock_until <= now:
+            raise InvalidArgument("the retention lock must end in the future")
+        gen = self.engine.freeze(vol)
+        s = Snapshot(name, vol.name, vol.id, gen, vol.size, int(now * 1e9),
+                     float(lock_until or 0.0))
+        self._put(s)
+        self.engine.flush()
+        log.info("snapshot %s@%s created (generation %d)%s", vol.name, name, gen,
+                 f", locked until {lock_until}" if lock_until else "")
+        return s
+
+    def list(self, vol_name: str | None = None, destroyed: bool = False) -> list[Snapshot]:
+        if vol_name is not None:
+            snaps = self._all(self._volume(vol_name, destroyed).id)
+        else:
+            snaps = self._all()
+        return [s for s in snaps if destroyed or not s.destroyed_ns]
+
+    def lock(self, vol_name: str, snap: str, until: float) -> Snapshot:
+        s = self.get(vol_name, snap)
+        if until <= max(s.lock_until, self.engine.clock()):
+            raise InvalidArgument(
+                f"a retention lock can only be extended (now until {s.lock_until or 'none'})",
+                "give a later time")
+        s.lock_until = until
+        self._put(s)
+        self.engine.flush()
+        return s
+
+    def delete(self, vol_name: str, snap: str) -> Snapshot:
+        s = self.get(vol_name, snap)
+        if self._locked(s):
+            raise Conflict(f"snapshot {vol_name}@{snap} is locked until "
+                           f"{datetime.fromtimestamp(s.lock_until, UTC).isoformat()}",
+                           "a retention lock cannot be removed or overridden, not even with --force")
+        s.destroyed_ns = int(self.engine.clock() * 1e9)
+        self._put(s)
+        if self.grace_s <= 0:
+            self._eradicate_snapshot(s)
+        self.engine.flush()
+        return s
+
+    def recover(self, vol_name: str, snap: str) -> Snapshot:
+        s = self.get(vol_name, snap, destroyed=True)
+        if not s.destroyed_ns:
+            raise Conflict(f"snapshot {vol_name}@{snap} is not destroyed")
+        s.destroyed_ns = 0
+        self._put(s)
+        self.engine.flush()
+        return s
+
+    def _eradicate_snapshot(self, s: Snapshot) -> None:
+        vol = self.engine.by_id.get(s.vol_id)
+        self.meta.txn.delete(self._key(s.vol_id, s.name), db=self.meta.snaps)
+        if vol is not None and s.gen in vol.frozen:
+            self.engine.release(vol, s.gen)
+        log.info("snapshot %s@%s eradicated", s.volume, s.name)
+
+    # ------------------------------------------------------------ volumes
+    def destroy_volume(self, name: str) -> Volume:
+        vol = self._volume(name)
+        locked = [s for s in self._all(vol.id) if self._locked(s)]
+        if locked:
+            s = locked[0]
+            raise Conflict(f"volume {name!r} has snapshot {s.name!r} locked until "
+                           f"{datetime.fromtimestamp(s.lock_until, UTC).isoformat()}",
+                           "a volume with locked snapshots cannot be deleted")
+        vol.destroyed_ns = int(self.engine.clock() * 1e9)
+        self.engine._persist_volume(vol)
+        if self.grace_s <= 0:
+            self._eradicate_volume(vol)
+        self.engine.flush()
+        return vol
+
+    def recover_volume(self, name: str) -> Volume:
+        vol = self._volume(name, destroyed=True)
+        if not vol.destroyed_ns:
+            raise Conflict(f"volume {name!r} is not destroyed")
+        vol.destroyed_ns = 0
+        self.engine._persist_volume(vol)
+        self.engine.flush()
+        return vol
+
+    def _eradicate_volume(self, vol: Volume) -> None:
+        for s in self._all(vol.id):
+            self.meta.txn.delete(self._key(vol.id, s.name), db=self.meta.snaps)
+        self.engine.delete_volume(vol.name)
+        log.info("volume %s eradicated", vol.name)
+
+    def eradicate_due(self) -> int:
+        """Eradicate what has been destroyed for longer than the grace period."""
+        limit_ns = (self.engine.clock() - self.grace_s) * 1e9
+        n = 0
+        for vol in list(self.engine.volumes.values()):
+            if vol.destroyed_ns and vol.destroyed_ns <= limit_ns:
+                self._eradicate_volume(vol)
+                n += 1
+        for s in self._all():
+            if s.destroyed_ns and s.destroyed_ns <= limit_ns:
+                self._eradicate_snapshot(s)
+                n += 1
+        if n:
+            self.engine.flush()
+        return n
+
+    # ------------------------------------------------------------ restore, clone, views
+    def restore(self, vol_name: str, snap: str) -> dict[str, Any]:
+        vol = self._volume(vol_name)
+        s = self.get(vol_name, snap)
+        changed = self.engine.restore(vol, s.gen, s.size)
+        self.engine.flush()
+        log.info("volume %s restored from snapshot %s (%d blocks changed)", vol_name, snap, changed)
+        return {"volume": vol_name, "snapshot": snap, "blocks_changed": changed}
+
+    def clone(self, vol_name: str, snap: str, new_name: str) -> Volume:
+        s = self.get(vol_name, snap)
+        src = self._volume(vol_name)
+        validate_volume_size(s.size)
+        dst = self.engine.create_volume(new_name, s.size, src.compression)
+        shared = self.engine.copy_generation(src, s.gen, dst)
+        self.engine._persist_volume(dst)
+        self.engine.flush()
+        log.info("volume %s cloned from %s@%s (%d blocks shared)", new_name, vol_name, snap, shared)
+        return dst
+
+    def view(self, export_name: str) -> Volume:
+        """'VOL@SNAP' -> a read-only volume object for the data plane."""
+        vol_name, _, snap = export_name.partition("@")
+        s = self.get(vol_name, snap)
+        return self.engine.view(self._volume(vol_name), s.gen, export_name, s.size)
+
+    def generations(self, vol_name: str, a: str | None, b: str | None) -> tuple[Volume, int, int]:
+        """Resolve two snapshot names (None = the live volume) to generations."""
+        vol = self._volume(vol_name)
+        ga = self.get(vol_name, a).gen if a else vol.gen
+        gb = self.get(vol_name, b).gen if b else vol.gen
+        return vol, ga, gb
+
+
+# ---------------------------------------------------------------- read-only walks
+def _groups(txn: lmdb.Transaction, db: Any, vid: int
+            ) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """(lba, [(gen, chunk), newest first]) for every block of the volume with entries."""
+    cur = txn.cursor(db=db)
+    ok = cur.set_range(L2P_KEY.pack(vid, 0, 0))
+    lba_cur, entries = -1, list[tuple[int, int]]()
+    while ok:
+        v, lba, g = l2p_unpack(cur.key())
+        if v != vid:
+            break
+        if lba != lba_cur:
+            if entries:
+                yield lba_cur, entries
+            lba_cur, entries = lba, []
+        entries.append((g, U64.unpack(cur.value())[0]))
+        ok = cur.next()
+    if entries:
+        yield lba_cur, entries
+
+
+def _at(entries: list[tuple[int, int]], gen: int) -> int:
+    return next((c for g, c in entries if g <= gen), NO_CHUNK)
+
+
+def diff(txn: lmdb.Transaction, db: Any, vid: int, ga: int, gb: int,
+         limit: int = MAX_DIFF_RANGES) -> dict[str, Any]:
+    """Block ranges whose content differs between generations ga and gb.
+
+    Compares map entries only (chunk ids: equal ids are equal data, and a
+    rewrite with the same data dedupes to the same chunk), never reads data.
+    """
+    ranges: list[list[int]] = []
+    changed = 0
+    truncated = False
+    for lba, entries in _groups(txn, db, vid):
+        if _at(entries, ga) == _at(entries, gb):
+            continue
+        changed += 1
+        if ranges and ranges[-1][0] + ranges[-1][1] == lba:
+            ranges[-1][1] += 1
+        elif len(ranges) < limit:
+            ranges.append([lba, 1])
+        else:
+            truncated = True
+    return {"block_size": BLOCK_SIZE, "changed_blocks": changed, "changed_bytes": changed * BLOCK_SIZE,
+            "ranges": [{"offset": a * BLOCK_SIZE, "length": n * BLOCK_SIZE} for a, n in ranges],
+            "truncated": truncated}
+
+
+def space(txn: lmdb.Transaction, meta: Any, vid: int, gens: list[int]) -> dict[int, dict[str, int]]:
+    """Per generation (snapshots' and the live one): logical bytes it sees, physical
+    bytes only it holds (freed if it went), and shared physical bytes."""
+    gens = sorted(gens)
+    out = {g: {"logical_bytes": 0, "unique_bytes": 0, "shared_bytes": 0} for g in gens}
+    for _lba, entries in _groups(txn, meta.l2p, vid):
+        newer = 1 << 62
+        for g, cid in entries:
+            seen = [x for x in gens if g <= x < newer]
+            newer = g
+            if cid == NO_CHUNK or not seen:
+                continue
+            raw = txn.get(CHUNK_KEY.pack(cid), db=meta.chunks)
+            if raw is None:
+                continue
+            rc, _s, _o, slen, *_ = CHUNK_META.unpack(raw)
+            size = record_size(slen)
+            for x in seen:
+                out[x]["logical_bytes"] += BLOCK_SIZE
+                if len(seen) == 1 and rc == 1:
+                    out[x]["unique_bytes"] += size
+                else:
+                    out[x]["shared_bytes"] += size
+    return out
