@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from .client import Client
-from .errors import PStorageError
+from .errors import InvalidArgument, PStorageError
 from .units import human_bytes, parse_size
 
 
@@ -78,7 +78,7 @@ def cmd_volume_create(args: argparse.Namespace, c: Client) -> None:
 
 
 def cmd_volume_list(args: argparse.Namespace, c: Client) -> None:
-    vols = c.get("/api/v1/volumes")["volumes"]
+    vols = c.get("/api/v1/volumes" + ("?destroyed=true" if args.destroyed else ""))["volumes"]
     _emit(args, vols, table(_vol_rows(vols), VOL_HEADER) if vols else "no volumes")
 
 
@@ -98,7 +98,125 @@ def cmd_volume_resize(args: argparse.Namespace, c: Client) -> None:
 def cmd_volume_delete(args: argparse.Namespace, c: Client) -> None:
     q = "?force=1" if args.force else ""
     out = c.request("DELETE", f"/api/v1/volumes/{args.name}{q}")
-    _emit(args, out, f"deleted volume {args.name}")
+    when = out.get("eradicate_after")
+    _emit(args, out, f"destroyed volume {args.name}" + (
+        f"; recoverable until {_time(when)} (pstorage volume recover {args.name})" if when else ""))
+
+
+def _time(t: float | None) -> str:
+    return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else "-"
+
+
+def cmd_volume_recover(args: argparse.Namespace, c: Client) -> None:
+    v = c.post(f"/api/v1/volumes/{args.name}/recover")
+    _emit(args, v, f"recovered volume {args.name}")
+
+
+def cmd_volume_eradicate(args: argparse.Namespace, c: Client) -> None:
+    _emit(args, c.post(f"/api/v1/volumes/{args.name}/eradicate"), f"eradicated volume {args.name}")
+
+
+def _snapref(ref: str, snap: str | None = None) -> tuple[str, str]:
+    """'VOL@SNAP', or VOL and SNAP as two arguments."""
+    if snap is None:
+        vol, at, snap = ref.partition("@")
+        if not at or not snap:
+            raise InvalidArgument(f"{ref!r} does not name a snapshot", "write VOLUME@SNAPSHOT")
+        return vol, snap
+    return ref, snap
+
+
+def cmd_volume_clone(args: argparse.Namespace, c: Client) -> None:
+    vol, snap = _snapref(args.snapshot)
+    v = c.post(f"/api/v1/volumes/{vol}/snapshots/{snap}/clone", {"name": args.new})
+    _emit(args, v, f"created volume {v['name']} from {vol}@{snap} "
+          f"({human_bytes(v['logical_bytes'])} shared, nothing copied)")
+
+
+def cmd_volume_space(args: argparse.Namespace, c: Client) -> None:
+    r = c.get(f"/api/v1/volumes/{args.name}/space")
+    rows = [[f"{args.name} (live)", *(_b(r["volume"][k]) for k in ("logical_bytes", "unique_bytes",
+                                                                      "shared_bytes"))]]
+    rows += [[f"{args.name}@{n}", *(_b(x[k]) for k in ("logical_bytes", "unique_bytes", "shared_bytes"))]
+             for n, x in sorted(r["snapshots"].items())]
+    _emit(args, r, table(rows, ["", "LOGICAL", "UNIQUE", "SHARED"]))
+
+
+def _b(n: int) -> str:
+    return human_bytes(n)
+
+
+def _snap_rows(snaps: list[dict]) -> list[list[str]]:
+    return [[
+        f"{x['volume']}@{x['name']}", human_bytes(x["size"]), _time(x["created"]),
+        _time(x["lock_until"]) if x["locked"] else "-",
+        human_bytes(x["space"]["unique_bytes"]) if x.get("space") else "-",
+        "destroyed" if x["destroyed"] else ("exported" if x.get("uri") else "-"),
+    ] for x in snaps]
+
+
+def cmd_snapshot_create(args: argparse.Namespace, c: Client) -> None:
+    body = {"name": args.snapshot, "lock_until": args.lock_until}
+    x = c.post(f"/api/v1/volumes/{args.volume}/snapshots", body)
+    _emit(args, x, f"created snapshot {x['volume']}@{x['name']}" + (
+        f", locked until {_time(x['lock_until'])}" if x["locked"] else ""))
+
+
+def cmd_snapshot_list(args: argparse.Namespace, c: Client) -> None:
+    q = "?destroyed=true" if args.destroyed else ""
+    if args.volume:
+        snaps = c.get(f"/api/v1/volumes/{args.volume}/snapshots{q}")["snapshots"]
+    else:
+        snaps = c.get(f"/api/v1/snapshots{q}")["snapshots"]
+    _emit(args, snaps, table(_snap_rows(snaps), ["SNAPSHOT", "SIZE", "CREATED", "LOCKED UNTIL",
+                                                 "UNIQUE", "STATE"]) if snaps else "no snapshots")
+
+
+def cmd_snapshot_delete(args: argparse.Namespace, c: Client) -> None:
+    vol, snap = _snapref(args.ref, args.snap)
+    x = c.delete(f"/api/v1/volumes/{vol}/snapshots/{snap}")
+    _emit(args, x, f"destroyed snapshot {vol}@{snap}; recover it with "
+          f"'pstorage snapshot recover {vol}@{snap}' until it is eradicated")
+
+
+def cmd_snapshot_recover(args: argparse.Namespace, c: Client) -> None:
+    vol, snap = _snapref(args.ref, args.snap)
+    _emit(args, c.post(f"/api/v1/volumes/{vol}/snapshots/{snap}/recover"),
+          f"recovered snapshot {vol}@{snap}")
+
+
+def cmd_snapshot_restore(args: argparse.Namespace, c: Client) -> None:
+    vol, snap = _snapref(args.ref, args.snap)
+    q = "?force=true" if args.force else ""
+    r = c.post(f"/api/v1/volumes/{vol}/snapshots/{snap}/restore{q}")
+    _emit(args, r, f"restored {vol} from {vol}@{snap} ({r['blocks_changed']} blocks changed)")
+
+
+def cmd_snapshot_lock(args: argparse.Namespace, c: Client) -> None:
+    vol, snap = _snapref(args.ref, args.snap)
+    x = c.patch(f"/api/v1/volumes/{vol}/snapshots/{snap}", {"lock_until": args.until})
+    _emit(args, x, f"{vol}@{snap} is locked until {_time(x['lock_until'])}")
+
+
+def cmd_snapshot_export(args: argparse.Namespace, c: Client) -> None:
+    vol, snap = _snapref(args.ref, args.snap)
+    x = c.post(f"/api/v1/volumes/{vol}/snapshots/{snap}/export")
+    _emit(args, x, x["uri"])
+
+
+def cmd_snapshot_diff(args: argparse.Namespace, c: Client) -> None:
+    vol, a = _snapref(args.a)
+    q = f"?from={a}"
+    if args.b:
+        vol_b, b = _snapref(args.b)
+        if vol_b != vol:
+            raise InvalidArgument("a diff compares two snapshots of one volume")
+        q += f"&to={b}"
+    r = c.get(f"/api/v1/volumes/{vol}/diff{q}")
+    rows = [[str(x["offset"]), str(x["length"])] for x in r["ranges"]]
+    human = table(rows, ["OFFSET", "LENGTH"]) if rows else "no changes"
+    human += f"\n\n{human_bytes(r['changed_bytes'])} changed in {len(rows)} ranges"
+    _emit(args, r, human)
 
 
 def cmd_export(args: argparse.Namespace, c: Client) -> None:
@@ -299,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--size", required=True, help="e.g. 10G, 512M or bytes; a multiple of 4096")
     c.add_argument("--compression", default="lz4", choices=["lz4", "zstd", "none"])
     c.set_defaults(fn=cmd_volume_create)
-    vol.add_parser("list").set_defaults(fn=cmd_volume_list)
+    x = vol.add_parser("list")
+    x.add_argument("--destroyed", action="store_true", help="destroyed (recoverable) volumes")
+    x.set_defaults(fn=cmd_volume_list)
     s = vol.add_parser("show")
     s.add_argument("name")
     s.set_defaults(fn=cmd_volume_show)
@@ -313,6 +433,45 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d.add_argument("--force", action="store_true", help="detach and unexport first")
     d.set_defaults(fn=cmd_volume_delete)
+    for name, fn, what in (("recover", cmd_volume_recover, "bring back a destroyed volume"),
+                           ("eradicate", cmd_volume_eradicate, "free a destroyed volume now"),
+                           ("space", cmd_volume_space,
+                            "logical, unique and shared space of a volume and its snapshots")):
+        x = vol.add_parser(name, help=what)
+        x.add_argument("name")
+        x.set_defaults(fn=fn)
+    cl = vol.add_parser("clone", help="a new volume from a snapshot, sharing all its data")
+    cl.add_argument("snapshot", help="VOLUME@SNAPSHOT")
+    cl.add_argument("new", help="name of the new volume")
+    cl.set_defaults(fn=cmd_volume_clone)
+
+    sn = sub.add_parser("snapshot", help="snapshots").add_subparsers(dest="sub", required=True)
+    x = sn.add_parser("create", help="take an instant snapshot")
+    x.add_argument("volume")
+    x.add_argument("snapshot", nargs="?", help="name (default snap-N)")
+    x.add_argument("--lock-until", help="retention lock: 2027-01-31, 7d, ...; cannot be undone")
+    x.set_defaults(fn=cmd_snapshot_create)
+    x = sn.add_parser("list", help="snapshots with the space only each holds")
+    x.add_argument("volume", nargs="?")
+    x.add_argument("--destroyed", action="store_true", help="destroyed (recoverable) ones")
+    x.set_defaults(fn=cmd_snapshot_list)
+    for name, fn, what in (("delete", cmd_snapshot_delete, "destroy (recoverable for the grace period)"),
+                           ("recover", cmd_snapshot_recover, "bring back a destroyed snapshot"),
+                           ("restore", cmd_snapshot_restore, "roll the volume back to the snapshot"),
+                           ("export", cmd_snapshot_export, "serve it read-only over NBD"),
+                           ("lock", cmd_snapshot_lock, "extend the retention lock")):
+        x = sn.add_parser(name, help=what)
+        x.add_argument("ref", help="VOLUME@SNAPSHOT, or VOLUME")
+        x.add_argument("snap", nargs="?", help="SNAPSHOT when VOLUME is given alone")
+        if name == "restore":
+            x.add_argument("--force", action="store_true", help="even while exported/attached")
+        if name == "lock":
+            x.add_argument("--until", required=True, help="2027-01-31, 30d, ...")
+        x.set_defaults(fn=fn)
+    x = sn.add_parser("diff", help="changed ranges between two snapshots (or one and the volume)")
+    x.add_argument("a", help="VOLUME@OLDER")
+    x.add_argument("b", nargs="?", help="VOLUME@NEWER (default: the live volume)")
+    x.set_defaults(fn=cmd_snapshot_diff)
 
     e = sub.add_parser("export", help="serve a volume over NBD; prints its URI")
     e.add_argument("name")

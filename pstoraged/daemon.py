@@ -19,6 +19,7 @@ from .exports import ExportManager
 from .format import DEFAULT_SEGMENT_SIZE
 from .pool import create_pool, open_pool
 from .rest import Context, build_app
+from .snapshots import Eradicator
 from .temperature import Thresholds
 from .units import parse_size
 
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between capacity samples (default %(default)s)")
     p.add_argument("--temperature-days", default="1,7,30", metavar="HOT,WARM,COLD",
                    help="data temperature limits in days (default %(default)s)")
+    p.add_argument("--destroy-grace-hours", type=float, default=24.0,
+                   help="deleted volumes and snapshots stay recoverable this long (default %(default)s)")
     p.add_argument("--api-listen", metavar="ADDR:PORT",
                    help="also serve the REST API on TCP (off by default; needs --api-token-file)")
     p.add_argument("--api-token-file", metavar="FILE",
@@ -61,11 +64,15 @@ async def serve(engine: Engine, args: argparse.Namespace) -> None:
         ctx = Context(dataplane, exports)
         ctx.analytics = Analytics(dataplane, sample_interval=args.sample_interval,
                                   thresholds=Thresholds.parse(args.temperature_days))
+        ctx.catalog.grace_s = args.destroy_grace_hours * 3600
+        dataplane.resolve = ctx.catalog.view  # VOL@SNAP exports
+        eradicator = Eradicator(ctx.catalog, dataplane.call)
         control = ControlServer(build_app(ctx), os.path.join(run_dir, "control.sock"),
                                 tcp=args.api_listen, token_file=args.api_token_file)
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve)
             nursery.start_soon(ctx.analytics.run, name="capacity sampler")
+            nursery.start_soon(eradicator.run, name="eradicator")
             ctx.ready = True
             log.info("pstoraged ready: pool %s, %d volumes, sockets in %s",
                      engine.pool.sb.uuid.hex(), len(engine.volumes), run_dir)
@@ -75,6 +82,7 @@ async def serve(engine: Engine, args: argparse.Namespace) -> None:
                     break
             ctx.ready = False
             ctx.analytics.stop()
+            eradicator.stop()
             control.stop()
     finally:
         with trio.CancelScope(shield=True):

@@ -14,6 +14,7 @@ import html
 import logging
 import time
 from dataclasses import asdict
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import trio
@@ -29,12 +30,14 @@ from .engine import Engine, Volume
 from .errors import Conflict, InvalidArgument, NotFound, PStorageError
 from .exports import ExportManager
 from .format import BLOCK_SIZE
+from .snapshots import Catalog, Snapshot, parse_until
 from .units import MAX_VOLUME_SIZE, NAME_RE, parse_size, validate_name
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = "^" + NAME_RE.pattern + "$"
 VolumeName = Annotated[str, Path(description="volume name", pattern=NAME_PATTERN)]
+SnapName = Annotated[str, Path(description="snapshot name", pattern=NAME_PATTERN)]
 Compression = Literal["lz4", "zstd", "none"]
 SizeValue = Annotated[int | str, Field(
     description='bytes (4096) or with a binary suffix ("10G", "512M"); a multiple of 4096')]
@@ -67,6 +70,21 @@ class ExportRequest(_Strict):
     readonly: bool = False
     tcp: str | None = Field(None, description="also serve NBD on this ADDR:PORT",
                             examples=["127.0.0.1:10809"])
+
+
+class SnapshotCreate(_Strict):
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="default: snap-<generation>")
+    lock_until: str | None = Field(None, max_length=64, description=(
+        "retention lock: a date, a time or a duration (2027-01-31, 7d); nothing deletes "
+        "or alters the snapshot until then"))
+
+
+class SnapshotPatch(_Strict):
+    lock_until: str = Field(max_length=64, description="a later end for the retention lock")
+
+
+class CloneRequest(_Strict):
+    name: str = Field(pattern=NAME_PATTERN, description="the new volume's name")
 
 
 class ErrorBody(BaseModel):
@@ -174,6 +192,7 @@ class Context:
         self.started = time.time()
         self.ready = False
         self.analytics: Any = None  # analytics.Analytics, set by the daemon
+        self.catalog: Catalog = Catalog(self.engine)  # snapshots and SafeMode
 
     def volume(self, name: str) -> Volume:
         validate_name(name)
@@ -188,6 +207,9 @@ class Context:
             "uri": ex.uri if ex else None, "tcp": ex.tcp if ex else None,
             "device": ex.device if ex else None,
             "logical_bytes": v.stats.mapped_blocks * BLOCK_SIZE,
+            "snapshots": len(v.frozen),
+            "destroyed": bool(v.destroyed_ns),
+            "destroyed_at": v.destroyed_ns / 1e9 if v.destroyed_ns else None,
             "stats": asdict(v.stats),
         }
 
@@ -281,9 +303,11 @@ def build_app(ctx: Context) -> FastAPI:
 
     # ------------------------------------------------------------ volumes
     @app.get("/api/v1/volumes", tags=["volumes"], summary="List volumes")
-    async def list_volumes() -> dict[str, Any]:
+    async def list_volumes(destroyed: bool = Query(
+            False, description="list destroyed (recoverable) volumes instead")) -> dict[str, Any]:
         return {"volumes": [ctx.describe(v) for v in sorted(
-            ctx.engine.volumes.values(), key=lambda v: v.name)]}
+            ctx.engine.volumes.values(), key=lambda v: v.name)
+            if bool(v.destroyed_ns) == destroyed]}
 
     @app.post("/api/v1/volumes", tags=["volumes"], status_code=201, responses=ERRORS,
               summary="Create a thin-provisioned volume")
@@ -331,10 +355,167 @@ def build_app(ctx: Context) -> FastAPI:
                 raise Conflict(f"volume {name!r} is exported or attached",
                                "detach/unexport it first, or pass force (--force)")
             await trio.to_thread.run_sync(lambda: ctx.exports.unexport(name, force=True))
-        await call(ctx.engine.delete_volume, name, flush=True)
+        await unexport_snapshots(name)
+        vol = await call(ctx.catalog.destroy_volume, name)
         await call(ctx.dataplane.io.forget, name)  # on the thread that writes the counters
-        log.info("volume %s deleted", name)
-        return {"deleted": name}
+        log.info("volume %s destroyed (recoverable for %g h)", name, ctx.catalog.grace_s / 3600)
+        return {"deleted": name, "destroyed": True,
+                "eradicate_after": vol.destroyed_ns / 1e9 + ctx.catalog.grace_s
+                if vol.destroyed_ns else None}
+
+    async def unexport_snapshots(name: str) -> None:
+        for ex in [e for e in list(ctx.exports.states) if e.startswith(name + "@")]:
+            await trio.to_thread.run_sync(partial(ctx.exports.unexport, ex, force=True))
+
+    @app.post("/api/v1/volumes/{name}/recover", tags=["volumes"], responses=ERRORS,
+              summary="Recover a destroyed volume (within the grace period)")
+    async def recover_volume(name: VolumeName) -> dict[str, Any]:
+        return ctx.describe(await call(ctx.catalog.recover_volume, name))
+
+    @app.post("/api/v1/volumes/{name}/eradicate", tags=["volumes"], responses=ERRORS,
+              summary="Free a destroyed volume now instead of after the grace period")
+    async def eradicate_volume(name: VolumeName) -> dict[str, Any]:
+        await call(ctx.catalog.eradicate_volume, name)
+        return {"eradicated": name}
+
+    # ------------------------------------------------------------ snapshots
+    def snap_out(sn: Snapshot) -> dict[str, Any]:
+        d = sn.to_dict(ctx.engine.clock())
+        ex = ctx.exports.get(f"{sn.volume}@{sn.name}")
+        d["uri"] = ex.uri if ex else None
+        return d
+
+    @app.get("/api/v1/snapshots", tags=["snapshots"], summary="All snapshots")
+    async def all_snapshots(destroyed: bool = False) -> dict[str, Any]:
+        snaps = await call(ctx.catalog.list, None, destroyed)
+        return {"snapshots": [snap_out(x) for x in snaps if bool(x.destroyed_ns) == destroyed]}
+
+    @app.get("/api/v1/volumes/{name}/snapshots", tags=["snapshots"], responses=ERRORS,
+             summary="A volume's snapshots, with the space only each one holds")
+    async def list_snapshots(name: VolumeName, destroyed: bool = False,
+                             space: bool = Query(True, description="compute space per snapshot "
+                                                 "(walks the volume's map)")) -> dict[str, Any]:
+        snaps = [x for x in await call(ctx.catalog.list, name, destroyed)
+                 if bool(x.destroyed_ns) == destroyed]
+        out = [snap_out(x) for x in snaps]
+        if space:
+            acct = await volume_space(name)
+            for d in out:
+                d["space"] = acct["snapshots"].get(d["name"])
+        return {"volume": name, "snapshots": out}
+
+    async def volume_space(name: str) -> dict[str, Any]:
+        from .snapshots import space as walk_space
+
+        def gens() -> tuple[int, list[tuple[str, int]], int]:
+            vol = ctx.engine.volume(name)
+            ctx.engine.flush()  # the walk reads committed state
+            return vol.id, [(x.name, x.gen) for x in ctx.catalog.list(name, True)], vol.gen
+
+        vid, snaps, live = await call(gens, flush=True)
+
+        def walk() -> dict[int, dict[str, int]]:
+            with ctx.engine.meta.env.begin(write=False) as txn:
+                return walk_space(txn, ctx.engine.meta, vid, [g for _, g in snaps] + [live])
+
+        acct = await trio.to_thread.run_sync(walk)
+        return {"volume": acct[live], "snapshots": {n: acct[g] for n, g in snaps},
+                "explanation": {
+                    "logical_bytes": "data the volume or snapshot reads (4 KiB blocks)",
+                    "unique_bytes": "physical bytes only it holds: freed if it were eradicated",
+                    "shared_bytes": "physical bytes of its data that others hold too"}}
+
+    @app.get("/api/v1/volumes/{name}/space", tags=["snapshots"], responses=ERRORS,
+             summary="Logical, unique physical and shared space of a volume and its snapshots")
+    async def space_route(name: VolumeName) -> dict[str, Any]:
+        return {"name": name, **await volume_space(name)}
+
+    @app.post("/api/v1/volumes/{name}/snapshots", tags=["snapshots"], status_code=201,
+              responses=ERRORS, summary="Take a snapshot (instant)")
+    async def create_snapshot(name: VolumeName,
+                              req: Annotated[SnapshotCreate | None, Body()] = None) -> dict[str, Any]:
+        req = req or SnapshotCreate(name=None, lock_until=None)
+        until = parse_until(req.lock_until, ctx.engine.clock()) if req.lock_until else None
+        sn = await call(ctx.catalog.create, name, req.name, until, flush=True)
+        return snap_out(sn)
+
+    @app.get("/api/v1/volumes/{name}/snapshots/{snap}", tags=["snapshots"], responses=ERRORS,
+             summary="One snapshot")
+    async def get_snapshot(name: VolumeName, snap: SnapName) -> dict[str, Any]:
+        return snap_out(await call(ctx.catalog.get, name, snap, True))
+
+    @app.patch("/api/v1/volumes/{name}/snapshots/{snap}", tags=["snapshots"], responses=ERRORS,
+               summary="Extend a snapshot's retention lock")
+    async def patch_snapshot(name: VolumeName, snap: SnapName, req: SnapshotPatch) -> dict[str, Any]:
+        until = parse_until(req.lock_until, ctx.engine.clock())
+        return snap_out(await call(ctx.catalog.lock, name, snap, until))
+
+    @app.delete("/api/v1/volumes/{name}/snapshots/{snap}", tags=["snapshots"], responses=ERRORS,
+                summary="Delete a snapshot (destroyed first, recoverable for the grace period)")
+    async def delete_snapshot(name: VolumeName, snap: SnapName) -> dict[str, Any]:
+        if ctx.exports.get(f"{name}@{snap}"):
+            await trio.to_thread.run_sync(lambda: ctx.exports.unexport(f"{name}@{snap}", force=True))
+        return snap_out(await call(ctx.catalog.delete, name, snap))
+
+    @app.post("/api/v1/volumes/{name}/snapshots/{snap}/recover", tags=["snapshots"],
+              responses=ERRORS, summary="Recover a destroyed snapshot")
+    async def recover_snapshot(name: VolumeName, snap: SnapName) -> dict[str, Any]:
+        return snap_out(await call(ctx.catalog.recover, name, snap))
+
+    @app.post("/api/v1/volumes/{name}/snapshots/{snap}/restore", tags=["snapshots"],
+              responses=ERRORS, summary="Roll the volume back to the snapshot")
+    async def restore_snapshot(name: VolumeName, snap: SnapName,
+                               force: bool = Query(False, description="even while exported")
+                               ) -> dict[str, Any]:
+        ctx.volume(name)
+        if ctx.exports.get(name) and not force:
+            raise Conflict(f"volume {name!r} is exported or attached; restoring under a "
+                           "client corrupts what it has cached",
+                           "detach/unexport it first, or pass force (--force)")
+        return await call(ctx.catalog.restore, name, snap, flush=True)
+
+    @app.post("/api/v1/volumes/{name}/snapshots/{snap}/clone", tags=["snapshots"], status_code=201,
+              responses=ERRORS, summary="A new writable volume sharing every chunk of the snapshot")
+    async def clone_snapshot(name: VolumeName, snap: SnapName, req: CloneRequest) -> dict[str, Any]:
+        validate_name(req.name)
+        return ctx.describe(await call(ctx.catalog.clone, name, snap, req.name, flush=True))
+
+    @app.post("/api/v1/volumes/{name}/snapshots/{snap}/export", tags=["snapshots"],
+              responses=ERRORS, summary="Serve a snapshot read-only over NBD (export VOL@SNAP)")
+    async def export_snapshot(name: VolumeName, snap: SnapName) -> dict[str, Any]:
+        sn = await call(ctx.catalog.get, name, snap)
+        await trio.to_thread.run_sync(lambda: ctx.exports.export(f"{name}@{snap}", readonly=True))
+        return snap_out(sn)
+
+    @app.delete("/api/v1/volumes/{name}/snapshots/{snap}/export", tags=["snapshots"],
+                responses=ERRORS, summary="Stop serving a snapshot")
+    async def unexport_snapshot(name: VolumeName, snap: SnapName) -> dict[str, Any]:
+        await call(ctx.catalog.get, name, snap, True)
+        await trio.to_thread.run_sync(lambda: ctx.exports.unexport(f"{name}@{snap}", force=True))
+        return {"unexported": f"{name}@{snap}"}
+
+    @app.get("/api/v1/volumes/{name}/diff", tags=["snapshots"], responses=ERRORS,
+             summary="Changed block ranges between two snapshots (or a snapshot and the volume)")
+    async def diff_route(name: VolumeName,
+                         base: Annotated[str, Query(alias="from", pattern=NAME_PATTERN,
+                                                    description="older snapshot")],
+                         to: Annotated[str | None, Query(pattern=NAME_PATTERN, description=
+                                                         "newer snapshot (default: the live volume)")] = None,
+                         ) -> dict[str, Any]:
+        from .snapshots import diff as walk_diff
+
+        def gens() -> tuple[int, int, int]:
+            vol, ga, gb = ctx.catalog.generations(name, base, to)
+            ctx.engine.flush()
+            return vol.id, ga, gb
+
+        vid, ga, gb = await call(gens)
+
+        def walk() -> dict[str, Any]:
+            with ctx.engine.meta.env.begin(write=False) as txn:
+                return walk_diff(txn, ctx.engine.meta.l2p, vid, ga, gb)
+
+        return {"volume": name, "from": base, "to": to, **await trio.to_thread.run_sync(walk)}
 
     # ------------------------------------------------------------ exports
     @app.post("/api/v1/volumes/{name}/export", tags=["exports"], responses=ERRORS,

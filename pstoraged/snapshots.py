@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import lmdb
+import trio
 
 from .engine import NO_CHUNK, Engine, Volume
 from .errors import Conflict, InvalidArgument, NotFound
@@ -221,6 +222,14 @@ class Catalog:
         self.engine.flush()
         return vol
 
+    def eradicate_volume(self, name: str) -> None:
+        """Free a destroyed volume now (an operator's choice, not after the grace period)."""
+        vol = self._volume(name, destroyed=True)
+        if not vol.destroyed_ns:
+            raise Conflict(f"volume {name!r} is not destroyed", "delete it first")
+        self._eradicate_volume(vol)
+        self.engine.flush()
+
     def _eradicate_volume(self, vol: Volume) -> None:
         for s in self._all(vol.id):
             self.meta.txn.delete(self._key(vol.id, s.name), db=self.meta.snaps)
@@ -275,6 +284,29 @@ class Catalog:
         ga = self.get(vol_name, a).gen if a else vol.gen
         gb = self.get(vol_name, b).gen if b else vol.gen
         return vol, ga, gb
+
+
+class Eradicator:
+    """Background service: eradicates what outlived its grace period."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, catalog: Catalog, call: Any) -> None:
+        self.catalog = catalog
+        self.call = call  # DataPlane.call: run on the engine thread
+        self._stop = trio.Event()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.call(self.catalog.eradicate_due)
+            except Exception as e:  # a failed pool must not stop the daemon
+                log.warning("eradication check failed: %s", e)
+            with trio.move_on_after(self.INTERVAL):
+                await self._stop.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 # ---------------------------------------------------------------- read-only walks

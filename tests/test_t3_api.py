@@ -90,8 +90,19 @@ def test_volume_crud_and_every_error_class(daemon):
     st, out = call(d, "DELETE", "/api/v1/volumes/c")
     assert st == 409 and "--force" in out["hint"]
     assert call(d, "DELETE", "/api/v1/volumes/c?force=true")[0] == 200
-    assert call(d, "DELETE", "/api/v1/volumes/demo-vol")[1] == {"deleted": "demo-vol"}
+    out = call(d, "DELETE", "/api/v1/volumes/demo-vol")[1]
+    assert out["deleted"] == "demo-vol" and out["destroyed"] and out["eradicate_after"] > time.time()
     assert [x["name"] for x in call(d, "GET", "/api/v1/volumes")[1]["volumes"]] == ["b"]
+    # destroyed volumes are recoverable until eradicated
+    gone = call(d, "GET", "/api/v1/volumes?destroyed=true")[1]["volumes"]
+    assert sorted(x["name"] for x in gone) == ["c", "demo-vol"] and all(x["destroyed"] for x in gone)
+    assert call(d, "GET", "/api/v1/volumes/c")[0] == 404
+    assert call(d, "POST", "/api/v1/volumes", {"name": "c", "size": "1M"})[0] == 409
+    assert call(d, "POST", "/api/v1/volumes/c/recover")[1]["name"] == "c"
+    assert call(d, "POST", "/api/v1/volumes/b/eradicate")[0] == 409  # not destroyed
+    assert call(d, "POST", "/api/v1/volumes/demo-vol/eradicate")[1] == {"eradicated": "demo-vol"}
+    assert call(d, "POST", "/api/v1/volumes/demo-vol/recover")[0] == 404
+    assert [x["name"] for x in call(d, "GET", "/api/v1/volumes")[1]["volumes"]] == ["b", "c"]
     assert "Traceback" not in d.log()
 
 
