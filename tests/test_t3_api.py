@@ -251,7 +251,7 @@ def test_tcp_listener_needs_a_private_token_and_survives_schemathesis(tmp_path):
             [st, "run", f"{url}/openapi.json", "-H", "Authorization: Bearer s3cret-token-0123456789abcdef",
              "--checks", "not_a_server_error", "--max-examples", "25", "--seed", "7",
              "--phases", "examples,coverage,fuzzing", "--request-timeout", "60"],
-            capture_output=True, text=True, timeout=600)
+            capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert p.returncode == 0, p.stdout[-4000:]
         assert "passed" in p.stdout
         assert "Traceback" not in d.log()
