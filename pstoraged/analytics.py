@@ -17,6 +17,7 @@ from . import health
 from .dataplane import DataPlane
 from .engine import Engine
 from .history import HOUR, CapacityHistory, snapshot
+from .jobs import JobRegistry
 from .temperature import EXTENT_SIZE, Thresholds
 from .tiering import Tiering
 
@@ -32,7 +33,8 @@ class Analytics:
         self.engine: Engine = dataplane.engine
         self.history = CapacityHistory(self.engine.meta)
         self.thresholds = thresholds or Thresholds()
-        self.tiering = Tiering(self.engine, self.thresholds)
+        self.jobs = JobRegistry()  # tiering and scrub jobs
+        self.tiering = Tiering(self.engine, self.thresholds, self.jobs)
         self.sample_interval = sample_interval
         self._stop = trio.Event()
         self._last_compact = 0.0
@@ -58,6 +60,18 @@ class Analytics:
             self.history.compact(now)
             self._last_compact = now
         self.engine.dirty = True  # committed by the next idle commit
+
+    def start_scrub(self) -> dict[str, Any]:
+        """Engine thread: queue a scrub of every live chunk."""
+        from .scrub import ScrubJob, ScrubRun
+
+        if any(j.kind == "scrub" and j.state == "running" for j in self.jobs.jobs.values()):
+            from .errors import Conflict
+
+            raise Conflict("a scrub is already running", "follow it: pstorage jobs")
+        job = self.jobs.add(lambda i: ScrubJob(i))
+        self.engine.start_job(ScrubRun(self.engine, job).step)
+        return job.to_dict()
 
     # ------------------------------------------------------------ reports
     async def capacity_history(self) -> list[tuple[int, dict[str, Any]]]:

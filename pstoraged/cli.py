@@ -354,28 +354,52 @@ def cmd_tiering_list(args: argparse.Namespace, c: Client) -> None:
 
 
 def _job_line(j: dict) -> str:
+    if j["kind"] == "scrub":
+        return (f"job {j['id']} scrub: {j['state']}, {100 * j['progress']:.0f}% "
+                f"({j['chunks_checked']}/{j['chunks_total']} chunks, "
+                f"{human_bytes(j['bytes_checked'])} checked, {j['bad_chunks']} bad)")
     return (f"job {j['id']} {j['kind']} {j['volume']}: {j['state']}, {100 * j['progress']:.0f}% "
             f"({j['extents_done']}/{j['extents_total']} extents, {j['chunks_rewritten']} chunks "
             f"rewritten, {human_bytes(j['saved_bytes'])} saved)")
 
 
 def cmd_tiering_apply(args: argparse.Namespace, c: Client) -> None:
-    import time
 
     r = c.post(f"/api/v1/analytics/tiering/recommendations/{args.id}/apply")
     job = r.get("job")
     if job and args.wait:
-        while job["state"] == "running":
-            if not args.json and sys.stderr.isatty():
-                print("\r" + _job_line(job), end="", file=sys.stderr, flush=True)
-            time.sleep(0.5)
-            job = c.get(f"/api/v1/jobs/{job['id']}")
-        if not args.json and sys.stderr.isatty():
-            print(file=sys.stderr)
-        r["job"] = job
+        job = r["job"] = _follow(args, c, job)
         if job["state"] == "failed":
             raise PStorageError(f"job {job['id']} failed: {job['error']}", "see the daemon log")
     _emit(args, r, _job_line(job) if job else f"applied {args.id}")
+
+
+def _follow(args: argparse.Namespace, c: Client, job: dict) -> dict:
+    import time
+
+    tty = not args.json and sys.stderr.isatty()
+    while job["state"] == "running":
+        if tty:
+            print("\r" + _job_line(job), end="", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+        job = c.get(f"/api/v1/jobs/{job['id']}")
+    if tty:
+        print(file=sys.stderr)
+    return job
+
+
+def cmd_scrub(args: argparse.Namespace, c: Client) -> None:
+    job = c.post("/api/v1/scrub")["job"]
+    if args.wait:
+        job = _follow(args, c, job)
+    human = _job_line(job)
+    for b in job.get("bad", []):
+        human += f"\n  chunk {b['chunk']} at segment {b['segment']} offset {b['offset']}: {b['problem']}"
+    _emit(args, job, human)
+    if args.wait and job["bad_chunks"]:
+        raise PStorageError(f"scrub found {job['bad_chunks']} bad chunks",
+                            "the volumes using them return EIO for those blocks; restore them "
+                            "from a snapshot, a replica or a backup")
 
 
 def cmd_jobs(args: argparse.Namespace, c: Client) -> None:
@@ -507,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("id")
     ta.add_argument("--wait", action="store_true", help="follow the job until it finishes")
     ta.set_defaults(fn=cmd_tiering_apply)
+    x = sub.add_parser("scrub", help="read and verify every live chunk")
+    x.add_argument("--wait", action="store_true", help="follow it and report what it found")
+    x.set_defaults(fn=cmd_scrub)
     j = sub.add_parser("jobs", help="background jobs and their progress")
     j.add_argument("id", nargs="?", type=int)
     j.set_defaults(fn=cmd_jobs)

@@ -612,14 +612,19 @@ def build_app(ctx: Context) -> FastAPI:
         a = analytics()
         return await call(a.tiering.apply, rec_id)
 
+    @app.post("/api/v1/scrub", tags=["jobs"], status_code=202, responses=ERRORS,
+              summary="Start a scrub: read and verify every live chunk")
+    async def scrub() -> dict[str, Any]:
+        return {"job": await call(analytics().start_scrub)}
+
     @app.get("/api/v1/jobs", tags=["jobs"], summary="Background jobs and their progress")
     async def jobs() -> dict[str, Any]:
         a = analytics()
-        return {"jobs": [j.to_dict() for j in a.tiering.jobs.values()]}
+        return {"jobs": [j.to_dict() for j in a.jobs.jobs.values()]}
 
     @app.get("/api/v1/jobs/{job_id}", tags=["jobs"], responses=ERRORS, summary="One job")
     async def job(job_id: Annotated[int, Path(ge=0, le=2**62)]) -> dict[str, Any]:
-        j = analytics().tiering.jobs.get(job_id)
+        j = analytics().jobs.jobs.get(job_id)
         if j is None:
             raise NotFound(f"no job {job_id}", "list them: pstorage jobs")
         return j.to_dict()

@@ -34,6 +34,7 @@ from .codecs import CODEC_NONE, CODEC_ZSTD, NAMES
 from .engine import Engine, Volume
 from .errors import Conflict, InvalidArgument, NotFound
 from .format import BLOCK_SIZE, record_size
+from .jobs import JobRegistry
 from .temperature import EXTENT_SIZE, Thresholds
 from .units import human_bytes
 
@@ -114,11 +115,12 @@ def _sample_cids(engine: Engine, vol: Volume, extents: list[int], n: int) -> lis
 class Tiering:
     """Builds recommendations and runs apply jobs; lives in the daemon."""
 
-    def __init__(self, engine: Engine, thresholds: Thresholds | None = None) -> None:
+    def __init__(self, engine: Engine, thresholds: Thresholds | None = None,
+                 registry: JobRegistry | None = None) -> None:
         self.engine = engine
         self.thresholds = thresholds or Thresholds()
-        self.jobs: dict[int, Job] = {}
-        self._next_job = 1
+        self.registry = registry or JobRegistry()
+        self.jobs = self.registry.jobs
         self._zc = zstandard.ZstdCompressor(level=RECOMPRESS_LEVEL, write_content_size=False)
 
     # ------------------------------------------------------------ recommendations
@@ -234,12 +236,11 @@ class Tiering:
         if kind == "no-reduction":
             self.engine.set_compression(name, NAMES[CODEC_NONE])
             return {"applied": rec_id, "compression": "none"}
-        if any(j.volume == name and j.state == "running" for j in self.jobs.values()):
+        if any(j.kind == "recompress-cold" and j.volume == name and j.state == "running"
+               for j in self.jobs.values()):
             raise Conflict(f"a recompression job for {name} is already running",
                            "follow it: pstorage jobs")
-        job = Job(self._next_job, "recompress-cold", name)
-        self._next_job += 1
-        self.jobs[job.id] = job
+        job = self.registry.add(lambda i: Job(i, "recompress-cold", name))
         self.engine.start_job(RecompressRun(self, job, vol).step)
         log.info("job %d: recompressing cold data of %s", job.id, name)
         return {"applied": rec_id, "job": job.to_dict()}

@@ -221,3 +221,29 @@ def test_no_reduction_and_overprovisioned_rules(eng, clock):
     assert t.apply("no-reduction:random") == {"applied": "no-reduction:random", "compression": "none"}
     assert eng.volume("random").compression == "none"
     assert "no-reduction:random" not in {r["id"] for r in t.recommendations()["recommendations"]}
+
+
+def test_scrub_reads_every_chunk_and_reports_the_bad_one(eng, caplog):
+    from pstoraged.format import CHUNK_KEY, CHUNK_META
+    from pstoraged.jobs import JobRegistry
+    from pstoraged.scrub import ScrubJob, ScrubRun
+
+    caplog.allowed_errors = True  # the engine logs the checksum error
+    v = eng.create_volume("v", 16 * MiB)
+    eng.write(v, 0, os.urandom(2 * MiB))
+    eng.flush()
+    cid = eng._lookup(v, 100, v.gen)
+    _, s, off, *_ = CHUNK_META.unpack(eng.meta.txn.get(CHUNK_KEY.pack(cid), db=eng.meta.chunks))
+    with open(eng.pool.backing.path, "r+b") as f:
+        f.seek(eng.segs.offset(s) + off + 64 + 10)
+        f.write(b"\x00\x01\x02")
+    reg = JobRegistry()
+    job = reg.add(lambda i: ScrubJob(i))
+    eng.start_job(ScrubRun(eng, job).step)
+    progress = []
+    while eng.background_step(128, busy=True):
+        progress.append(job.to_dict()["progress"])
+    assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) > 10
+    assert job.state == "done" and job.chunks_checked == 512 == job.chunks_total
+    assert job.bad_chunks == 1 and job.bad[0]["chunk"] == cid and job.bad[0]["segment"] == s
+    assert eng.checksum_errors == 1

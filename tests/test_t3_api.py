@@ -209,6 +209,9 @@ def test_analytics_endpoints_and_cli(tmp_path):
         assert "wrote" in chart and "100%" in chart
         assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert "HEALTHY" in d.cli("health").stdout
+        scrub = json.loads(d.cli("scrub", "--wait", "--json").stdout)
+        assert scrub["state"] == "done" and scrub["bad_chunks"] == 0
+        assert scrub["chunks_checked"] == scrub["chunks_total"] > 1000
     finally:
         remove(d)
 
