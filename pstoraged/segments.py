@@ -169,7 +169,8 @@ class SegmentLog:
         if self._allocatable() <= floor:
             raise PoolFull(
                 "the pool is full",
-                "delete volumes or data (trim/discard) to free space, or grow the pool",
+                "free space: trim data, delete snapshots or volumes and eradicate them "
+                "(destroyed ones keep their space until eradicated), or grow the pool",
             )
         # Wear leveling: the least-erased free segment, ties by position.
         best, best_erase = -1, 1 << 32
