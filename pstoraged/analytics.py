@@ -103,7 +103,9 @@ class Analytics:
             erase_count_min=min(used) if used else None,
             erase_count_max=max(used) if used else None,
             erase_count_mean=sum(used) / len(used) if used else None,
-            gc_write_amplification=None,  # no segment cleaner moves data yet (issue 4)
+            gc_write_amplification=next(
+                (svc.statistics().write_amplification for svc in eng.services
+                 if hasattr(svc, "statistics")), None),
         )
         path = eng.pool.backing.path
         dev = await trio.to_thread.run_sync(health.device_health, path)

@@ -11,6 +11,7 @@ import sys
 import trio
 
 from .analytics import DEFAULT_SAMPLE_INTERVAL, Analytics
+from .cleaner import SegmentCleaner
 from .control import ControlServer
 from .dataplane import DataPlane
 from .engine import Engine
@@ -65,6 +66,8 @@ async def serve(engine: Engine, args: argparse.Namespace) -> None:
         ctx.analytics = Analytics(dataplane, sample_interval=args.sample_interval,
                                   thresholds=Thresholds.parse(args.temperature_days))
         ctx.catalog.grace_s = args.destroy_grace_hours * 3600
+        # garbage collection and static wear leveling run between client batches
+        await dataplane.call(lambda: engine.services.append(SegmentCleaner(engine)))
         dataplane.resolve = ctx.catalog.view  # VOL@SNAP exports
         eradicator = Eradicator(ctx.catalog, dataplane.call)
         control = ControlServer(build_app(ctx), os.path.join(run_dir, "control.sock"),

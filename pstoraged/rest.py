@@ -286,6 +286,9 @@ def build_app(ctx: Context) -> FastAPI:
             "statistics": asdict(st), "instance": ctx.engine.instance.hex(),
             "failed": ctx.engine.failed,
             "reclaiming_volumes": len(ctx.engine.reclaiming),
+            "dropping_generations": len(ctx.engine.dropping),
+            "cleaner": next((asdict(svc.statistics()) for svc in ctx.engine.services
+                             if hasattr(svc, "statistics")), None),
             "dataplane": asdict(ctx.dataplane.statistics()),
         }
 
