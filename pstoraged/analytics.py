@@ -96,16 +96,20 @@ class Analytics:
         ss = eng.segs.statistics()
         erase = eng.segs.erase
         used = [erase[i] for i in range(len(erase))]
+        cleaner = next((svc for svc in eng.services if hasattr(svc, "statistics")), None)
+        wa = (await self.dataplane.call(cleaner.statistics)).write_amplification \
+            if cleaner is not None else None
+        # free = what is not live data: the cleaner keeps only a few segments
+        # free on purpose and turns dead space into free segments on demand
+        usable = ss.total * (ss.segment_size - 4096)
         counters = health.EngineHealthCounters(
-            free_fraction=ss.free / ss.total if ss.total else 0.0,
+            free_fraction=max(0.0, 1 - eng.live_stored / usable) if usable else 0.0,
             checksum_errors=eng.checksum_errors, io_errors=eng.io_errors,
             pool_failed=eng.failed,
             erase_count_min=min(used) if used else None,
             erase_count_max=max(used) if used else None,
             erase_count_mean=sum(used) / len(used) if used else None,
-            gc_write_amplification=next(
-                (svc.statistics().write_amplification for svc in eng.services
-                 if hasattr(svc, "statistics")), None),
+            gc_write_amplification=wa,
         )
         path = eng.pool.backing.path
         dev = await trio.to_thread.run_sync(health.device_health, path)

@@ -278,6 +278,8 @@ def build_app(ctx: Context) -> FastAPI:
     @app.get("/api/v1/pool", tags=["pool"], summary="Pool geometry, capacity and state")
     async def pool() -> dict[str, Any]:
         st = await call(ctx.engine.statistics)
+        cleaner = next((svc for svc in ctx.engine.services if hasattr(svc, "statistics")), None)
+        cstats = asdict(await call(cleaner.statistics)) if cleaner is not None else None
         ss = ctx.engine.segs.statistics()
         p = ctx.engine.pool
         return {
@@ -287,8 +289,7 @@ def build_app(ctx: Context) -> FastAPI:
             "failed": ctx.engine.failed,
             "reclaiming_volumes": len(ctx.engine.reclaiming),
             "dropping_generations": len(ctx.engine.dropping),
-            "cleaner": next((asdict(svc.statistics()) for svc in ctx.engine.services
-                             if hasattr(svc, "statistics")), None),
+            "cleaner": cstats,
             "dataplane": asdict(ctx.dataplane.statistics()),
         }
 
