@@ -10,13 +10,14 @@ import tempfile
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from pstoraged.cleaner import SegmentCleaner
 from pstoraged.engine import NO_CHUNK, Engine
 from pstoraged.errors import Conflict, NotFound
-from pstoraged.format import BLOCK_SIZE, CHUNK_META, U64, l2p_unpack
+from pstoraged.format import BLOCK_SIZE, CHUNK_META, SEG_SEALED, U64, l2p_unpack
 from pstoraged.pool import open_pool
 from pstoraged.snapshots import Catalog, diff, parse_until, space
 
@@ -63,7 +64,7 @@ class SnapshotModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="pst-snap-")
-        make_pool(self.dir, size=24 << 20)
+        make_pool(self.dir, size=4 << 20, segment_size=64 << 10)
         self._open()
         self.eng.create_volume("a", VOL_SIZE)
         self.model = {"a": bytearray(VOL_SIZE)}
@@ -75,6 +76,8 @@ class SnapshotModel(RuleBasedStateMachine):
     def _open(self) -> None:
         self.eng = Engine(open_pool(self.dir))
         self.cat = Catalog(self.eng, grace_s=0)  # delete = eradicate at once
+        self.cleaner = SegmentCleaner(self.eng)
+        self.eng.services.append(self.cleaner)
 
     def _durable(self) -> None:
         self.saved = ({k: bytes(v) for k, v in self.model.items()}, dict(self.snaps))
@@ -96,6 +99,15 @@ class SnapshotModel(RuleBasedStateMachine):
                        for _ in range(n))
         self.eng.write(self.eng.volume(name), block * BLOCK_SIZE, buf)
         self.model[name][block * BLOCK_SIZE : (block + n) * BLOCK_SIZE] = buf
+        self._after()
+
+    @rule(data=st.data(), block=st.integers(0, VOL_BLOCKS - 16))
+    def write_unique(self, data, block):
+        """16 new blocks: fills and seals segments, so the cleaner has work."""
+        name = data.draw(st.sampled_from(self.vols()))
+        buf = os.urandom(16 * BLOCK_SIZE)
+        self.eng.write(self.eng.volume(name), block * BLOCK_SIZE, buf)
+        self.model[name][block * BLOCK_SIZE : (block + 16) * BLOCK_SIZE] = buf
         self._after()
 
     @rule(data=st.data(), block=st.integers(0, VOL_BLOCKS - 1), n=st.integers(1, 8))
@@ -155,6 +167,19 @@ class SnapshotModel(RuleBasedStateMachine):
         for _ in range(steps):
             if not self.eng.background_step(7, busy=True):
                 break
+        self._after()
+
+    @rule(segments=st.integers(1, 4))
+    def garbage_collect(self, segments):
+        # the cleaner moves chunks that frozen generations still reference
+        moved = self.cleaner.chunks_moved
+        segs = self.eng.segs
+        sealed = sorted((segs.live[x], x) for x in range(segs.count)
+                        if segs.state[x] == SEG_SEALED and segs.live[x]
+                        and x not in segs.pending_free)
+        for _live, x in sealed[:segments]:  # the emptiest first, whatever the policy says
+            self.cleaner.clean_segment(x, flush=False)
+        event("the cleaner moved chunks" if self.cleaner.chunks_moved > moved else "nothing to move")
         self._after()
 
     @rule()
