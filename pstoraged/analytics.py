@@ -14,6 +14,7 @@ import trio
 
 from . import forecast as fc
 from . import health
+from .cleaner import SegmentCleaner
 from .dataplane import DataPlane
 from .engine import Engine
 from .history import HOUR, CapacityHistory, snapshot
@@ -96,7 +97,7 @@ class Analytics:
         ss = eng.segs.statistics()
         erase = eng.segs.erase
         used = [erase[i] for i in range(len(erase))]
-        cleaner = next((svc for svc in eng.services if hasattr(svc, "statistics")), None)
+        cleaner = next((svc for svc in eng.services if isinstance(svc, SegmentCleaner)), None)
         wa = (await self.dataplane.call(cleaner.statistics)).write_amplification \
             if cleaner is not None else None
         # free = what is not live data: the cleaner keeps only a few segments

@@ -128,6 +128,7 @@ class CleanerStatistics:
     dead_fraction: float  # of the sealed segments' capacity
     wear_spread: int  # max - min erase count over all segments
     wear_spread_limit: int
+    requested: bool  # an operator's pass (pstorage gc) is pending
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +207,9 @@ class SegmentCleaner:
         # segment -> seq: left alone (unreadable record); void once the segment is reused
         self.skip: dict[int, int] = {int(k): v for k, v in c.get("skip", {}).items()}
         self._victim: _Victim | None = None
+        # an operator asked for a pass (pstorage gc): compact when idle even
+        # below the fragmentation threshold, until no victim is left
+        self.requested = False
         self._space_active = False  # between the watermarks, on the way up
         self._in_pass = False
         self._stalled: tuple[int, ...] | None = None  # state in which nothing could be done
@@ -271,7 +275,7 @@ class SegmentCleaner:
             return "space"
         if busy:
             return None  # the rest waits for a quiet moment
-        if self.dead_fraction() > DEAD_FRACTION_IDLE:
+        if self.requested or self.dead_fraction() > DEAD_FRACTION_IDLE:
             return "fragmentation"
         if self._wear_wanted():
             return "wear"
@@ -374,6 +378,9 @@ class SegmentCleaner:
             picked = self.choose_victim(mode)
             if picked is None:
                 self._stalled = self._key()
+                if self.requested:
+                    log.info("cleaner: requested pass done")
+                self.requested = False
                 return 0
             self._start(*picked)
         done = self._work(self._limit(budget, busy, mode))
@@ -592,6 +599,11 @@ class SegmentCleaner:
             self.engine._maybe_commit()
         return CleanResult(s, complete, v.chunks, v.moved, v.error)
 
+    def request_pass(self) -> None:
+        """Compact as soon as clients are idle, whatever the fragmentation."""
+        self.requested = True
+        self._stalled = None
+
     def run_pass(self, max_segments: int | None = None) -> int:
         """Clean as an idle pool would until nothing is left worth doing; commit.
 
@@ -643,4 +655,5 @@ class SegmentCleaner:
             utilization_ceiling=self.max_live / self.capacity if self.capacity else 0.0,
             dead_fraction=self.dead_fraction(), wear_spread=spread,
             wear_spread_limit=WEAR_SPREAD_LIMIT,
+            requested=self.requested,
         )

@@ -402,6 +402,30 @@ def cmd_scrub(args: argparse.Namespace, c: Client) -> None:
                             "from a snapshot, a replica or a backup")
 
 
+def _gc_line(x: dict) -> str:
+    wa = x["write_amplification"]
+    return (f"cleaner: {x['segments_cleaned']} segments cleaned, {human_bytes(x['bytes_moved'])} "
+            f"moved, {x['free_segments']} free segments, {100 * x['dead_fraction']:.0f}% of sealed "
+            f"space dead, write amplification {f'{wa:.2f}' if wa else '-'}"
+            + (", pass pending" if x["requested"] else ""))
+
+
+def cmd_gc(args: argparse.Namespace, c: Client) -> None:
+    import time
+
+    x = c.post("/api/v1/gc")["cleaner"]
+    if args.wait:
+        tty = not args.json and sys.stderr.isatty()
+        while x["requested"] or x["victim"] is not None:
+            if tty:
+                print("\r" + _gc_line(x), end="", file=sys.stderr, flush=True)
+            time.sleep(0.5)
+            x = c.get("/api/v1/pool")["cleaner"]
+        if tty:
+            print(file=sys.stderr)
+    _emit(args, x, _gc_line(x))
+
+
 def cmd_jobs(args: argparse.Namespace, c: Client) -> None:
     if args.id is not None:
         j = c.get(f"/api/v1/jobs/{args.id}")
@@ -531,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("id")
     ta.add_argument("--wait", action="store_true", help="follow the job until it finishes")
     ta.set_defaults(fn=cmd_tiering_apply)
+    x = sub.add_parser("gc", help="compact the pool now (the cleaner also runs on its own)")
+    x.add_argument("--wait", action="store_true", help="follow the pass until it ends")
+    x.set_defaults(fn=cmd_gc)
     x = sub.add_parser("scrub", help="read and verify every live chunk")
     x.add_argument("--wait", action="store_true", help="follow it and report what it found")
     x.set_defaults(fn=cmd_scrub)

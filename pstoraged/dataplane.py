@@ -165,7 +165,9 @@ class DataPlane:
                 events = self._ep.poll(timeout)
                 done = 0
                 if background:
-                    busy = bool(events) or time.monotonic() - self._last_io < QUIET_SECONDS
+                    # control jobs (the wake-up fd) do not make clients busy
+                    busy = (any(fd != self._wakefd for fd, _ in events)
+                            or time.monotonic() - self._last_io < QUIET_SECONDS)
                     done = self._guard(partial(self.engine.background_step,
                                                BUSY_RECLAIM if busy else IDLE_RECLAIM,
                                                busy=busy)) or 0
@@ -195,6 +197,8 @@ class DataPlane:
                         except Exception:  # a bug must cost one connection, not the daemon
                             log.exception("data conn %d: dropped after an internal error", conn.id)
                             self._close(conn)
+                if batch:  # client requests (control jobs below do not make clients busy)
+                    self._last_io = time.monotonic()
                 while True:  # control jobs, after the data requests seen so far
                     try:
                         fn, args, flush, reply = self._jobs.get_nowait()
@@ -202,7 +206,6 @@ class DataPlane:
                         break
                     batch.append((None, 0, fn, args, flush, reply, -1, 0, 0))
                 if batch:
-                    self._last_io = time.monotonic()
                     self._execute(batch)
         except Exception:
             log.exception("data plane crashed")

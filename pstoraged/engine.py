@@ -175,6 +175,9 @@ class Engine:
         self.prev_clean = bool(prev.get("clean", False))
         self.meta.put_json("instance", {"id": self.instance.hex(), "clean": False})
         self._commit()
+        # no transaction may stay open: the engine moves to the data plane
+        # thread next, and LMDB's writer lock belongs to the thread that took it
+        self.meta.commit()
 
     # ------------------------------------------------------------------ volumes
     def _persist_volume(self, vol: Volume) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Any
 
 import lmdb
@@ -39,17 +40,25 @@ class MetaStore:
         self.hist = self.env.open_db(b"hist")  # history.py: capacity samples
         self.snaps = self.env.open_db(b"snaps")  # snapshots.py: the snapshot catalog
         self._txn: lmdb.Transaction | None = None
+        self._owner = 0  # thread that began the open transaction
         self.pending_ops = 0  # updates in the open transaction
 
     @property
     def txn(self) -> lmdb.Transaction:
         if self._txn is None:
             self._txn = self.env.begin(write=True)
+            self._owner = threading.get_ident()
         return self._txn
 
     def commit(self) -> None:
         if self._txn is None:
             return
+        # LMDB's writer lock is a robust mutex owned by the thread that began
+        # the transaction: committing from another thread leaves it locked and
+        # the next begin deadlocks. Engines hand over between threads only
+        # with no transaction open (Engine.__init__ ends with a commit).
+        if self._owner != threading.get_ident():
+            raise RuntimeError("metadata transaction committed by a thread that did not begin it")
         txn, self._txn = self._txn, None
         self.pending_ops = 0
         try:

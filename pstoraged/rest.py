@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
+from .cleaner import SegmentCleaner
 from .dataplane import DataPlane
 from .engine import Engine, Volume
 from .errors import Conflict, InvalidArgument, NotFound, PStorageError
@@ -194,6 +195,9 @@ class Context:
         self.analytics: Any = None  # analytics.Analytics, set by the daemon
         self.catalog: Catalog = Catalog(self.engine)  # snapshots and SafeMode
 
+    def cleaner(self) -> SegmentCleaner | None:
+        return next((s for s in self.engine.services if isinstance(s, SegmentCleaner)), None)
+
     def volume(self, name: str) -> Volume:
         validate_name(name)
         return self.engine.volume(name)
@@ -278,7 +282,7 @@ def build_app(ctx: Context) -> FastAPI:
     @app.get("/api/v1/pool", tags=["pool"], summary="Pool geometry, capacity and state")
     async def pool() -> dict[str, Any]:
         st = await call(ctx.engine.statistics)
-        cleaner = next((svc for svc in ctx.engine.services if hasattr(svc, "statistics")), None)
+        cleaner = ctx.cleaner()
         cstats = asdict(await call(cleaner.statistics)) if cleaner is not None else None
         ss = ctx.engine.segs.statistics()
         p = ctx.engine.pool
@@ -615,6 +619,15 @@ def build_app(ctx: Context) -> FastAPI:
     async def tiering_apply(rec_id: Annotated[str, Path(max_length=300)]) -> dict[str, Any]:
         a = analytics()
         return await call(a.tiering.apply, rec_id)
+
+    @app.post("/api/v1/gc", tags=["jobs"], status_code=202, responses=ERRORS,
+              summary="Ask the segment cleaner for a full compaction pass when clients are idle")
+    async def gc() -> dict[str, Any]:
+        cleaner = ctx.cleaner()
+        if cleaner is None:
+            raise NotFound("the segment cleaner is not running")
+        await call(cleaner.request_pass)
+        return {"cleaner": asdict(await call(cleaner.statistics))}
 
     @app.post("/api/v1/scrub", tags=["jobs"], status_code=202, responses=ERRORS,
               summary="Start a scrub: read and verify every live chunk")
