@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -21,7 +22,8 @@ VOL = 96 * MiB
 def fio(uri: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     p = subprocess.run(["fio", "--name=gc", "--ioengine=nbd", f"--uri={uri}", "--bs=4k",
                         "--iodepth=16", f"--size={VOL}", "--refill_buffers", *args],
-                       capture_output=True, text=True, timeout=timeout)
+                       capture_output=True, text=True, timeout=timeout,
+                       cwd=tempfile.gettempdir())  # fio leaves verify state files in its cwd
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-2000:]
     return p
 
