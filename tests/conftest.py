@@ -42,6 +42,17 @@ def engine(pool_dir):
 
 
 @pytest.fixture
+def daemon():
+    """A running daemon on a 4 GiB sparse pool (1 MiB segments)."""
+    from .daemon_util import new_daemon, remove
+
+    d = new_daemon()
+    d.start()
+    yield d
+    remove(d)
+
+
+@pytest.fixture
 def fs_daemon():
     """A running daemon on a 6 GiB sparse pool, for tests that mount filesystems."""
     import subprocess

@@ -26,14 +26,6 @@ NBDSH = ["/usr/bin/python3", "-m", "nbd"]
 MiB = 1 << 20
 
 
-@pytest.fixture
-def daemon():
-    d = new_daemon(size=1 << 30)
-    d.start()
-    yield d
-    remove(d)
-
-
 def call(d: Daemon, method: str, path: str, body=None) -> tuple[int, dict]:
     status, _, raw = d.client.raw(method, path, body)
     return status, json.loads(raw) if raw else {}

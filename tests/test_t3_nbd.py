@@ -26,14 +26,6 @@ pytestmark = pytest.mark.skipif(
 NBDSH = ["/usr/bin/python3", "-m", "nbd", "--base-allocation"]
 
 
-@pytest.fixture
-def daemon():
-    d = new_daemon()
-    d.start()
-    yield d
-    remove(d)
-
-
 def export(d: Daemon, name: str, size: str = "64M", **kw) -> str:
     d.cli("volume", "create", name, "--size", size, *kw.get("extra", ()))
     return d.cli("export", name).stdout.strip()

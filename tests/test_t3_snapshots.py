@@ -7,11 +7,7 @@ import os
 import subprocess
 import time
 
-import pytest
-
 from pstoraged.errors import Conflict
-
-from .daemon_util import new_daemon, remove
 
 NBDSH = ["/usr/bin/python3", "-m", "nbd"]
 MiB = 1 << 20
@@ -27,14 +23,6 @@ def nbd_read(uri: str, offset: int, length: int) -> bytes:
     return subprocess.run(NBDSH + ["-u", uri, "-c", f"import sys; sys.stdout.buffer.write("
                                    f"h.pread({length}, {offset}))"],
                           capture_output=True, check=True, timeout=60).stdout
-
-
-@pytest.fixture
-def daemon():
-    d = new_daemon(size=2 << 30)
-    d.start()
-    yield d
-    remove(d)
 
 
 def test_snapshot_export_clone_restore_diff_through_nbd(daemon):
