@@ -220,8 +220,19 @@ def cmd_snapshot_diff(args: argparse.Namespace, c: Client) -> None:
 
 
 def cmd_export(args: argparse.Namespace, c: Client) -> None:
-    v = c.post(f"/api/v1/volumes/{args.name}/export", {"tcp": args.tcp, "readonly": args.readonly})
-    text = v["uri"] + (f"\nnbd://{v['tcp']}/{args.name}" if v["tcp"] else "")
+    import os
+
+    body = {"tcp": args.tcp, "readonly": args.readonly,
+            "tls_psk_file": os.path.abspath(args.tls_psk) if args.tls_psk else None,
+            "tls_certificates": os.path.abspath(args.tls_certificates) if args.tls_certificates
+            else None,
+            "allow": args.allow.split(",") if args.allow else None}
+    v = c.post(f"/api/v1/volumes/{args.name}/export", body)
+    scheme = "nbds" if v.get("tls") else "nbd"
+    text = v["uri"] + (f"\n{scheme}://{v['tcp']}/{args.name}" if v["tcp"] else "")
+    if v["tcp"] and not v.get("tls"):
+        print(f"pstorage: warning: {v['tcp']} serves {args.name} without TLS; anyone who can "
+              "reach it can read and write it (use --tls-psk FILE)", file=sys.stderr)
     _emit(args, v, text)
 
 
@@ -524,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="serve a volume over NBD; prints its URI")
     e.add_argument("name")
     e.add_argument("--tcp", help="also serve on TCP ADDR:PORT")
+    e.add_argument("--tls-psk", metavar="FILE", help="TCP requires TLS with these pre-shared keys")
+    e.add_argument("--tls-certificates", metavar="DIR", help="TCP requires TLS with certificates")
+    e.add_argument("--allow", metavar="ADDR[,CIDR...]", help="only these TCP clients")
     e.add_argument("--readonly", action="store_true")
     e.set_defaults(fn=cmd_export)
     u = sub.add_parser("unexport", help="stop serving a volume")

@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class ExportState:
     readonly: bool = False
     tcp: str | None = None  # "ADDR:PORT" when also served on TCP
     tcp_pid: int = 0
+    tls: str | None = None  # "psk" | "certificates": the TCP server requires TLS
+    allow: list[str] = field(default_factory=list)  # client addresses the TCP server accepts
     by_attach: bool = False  # started by attach: stopped again by detach
     device: str | None = None  # /dev/loopN or /dev/nbdN when attached
     method: str | None = None  # "nbdfuse+loop" | "nbd"
@@ -150,6 +153,37 @@ def wait_for_block_device(dev: str, timeout: float = 15.0) -> None:
         _wait_for(ready, timeout, dev)
 
 
+def _tls_options(psk: str | None, certificates: str | None) -> list[str]:
+    if psk and certificates:
+        raise InvalidArgument("give a TLS PSK file or a certificates directory, not both")
+    if psk:
+        if not os.path.isfile(psk):
+            raise InvalidArgument(f"TLS PSK file {psk} does not exist",
+                                  "create it: psktool -u USER -p FILE (lines of user:hexkey)")
+        if os.stat(psk).st_mode & 0o077:
+            raise InvalidArgument(f"TLS PSK file {psk} is readable by others", f"chmod 600 {psk}")
+        return ["--tls=require", f"--tls-psk={psk}"]
+    if certificates:
+        if not os.path.isfile(os.path.join(certificates, "server-cert.pem")):
+            raise InvalidArgument(f"{certificates} has no server-cert.pem",
+                                  "it needs ca-cert.pem, server-cert.pem and server-key.pem")
+        return ["--tls=require", f"--tls-certificates={certificates}"]
+    return []
+
+
+def _allow_list(allow: list[str] | None) -> list[str]:
+    import ipaddress
+
+    out = []
+    for a in allow or []:
+        try:
+            out.append(str(ipaddress.ip_network(a.strip(), strict=False)))
+        except ValueError:
+            raise InvalidArgument(f"invalid client address {a!r} in the allow-list",
+                                  "use addresses or CIDR blocks: 10.0.0.5, 10.0.0.0/24, ::1") from None
+    return out
+
+
 class ExportManager:
     """Owns RUN_DIR/exports; every method is blocking (run it in a thread)."""
 
@@ -201,13 +235,29 @@ class ExportManager:
             del self.states[name]
 
     def export(self, name: str, *, readonly: bool = False, tcp: str | None = None,
-               by_attach: bool = False) -> ExportState:
+               by_attach: bool = False, tls_psk: str | None = None,
+               tls_certificates: str | None = None, allow: list[str] | None = None
+               ) -> ExportState:
+        """Serve a volume on a unix socket, and on TCP when `tcp` is given.
+
+        TCP can require TLS (a PSK file of 'user:hexkey' lines, or a
+        certificates directory: nbdkit --tls=require) and accept only clients
+        from `allow` (addresses or CIDR blocks: nbdkit's ip filter, the rest
+        denied).
+        """
+        tls_opts = _tls_options(tls_psk, tls_certificates)
+        allow = _allow_list(allow)
+        if (tls_opts or allow) and not tcp:
+            raise InvalidArgument("TLS and allow-lists apply to TCP exports", "add --tcp ADDR:PORT")
         self._forget_if_dead(name)
         st = self.states.get(name)
         if st is not None:
             if tcp and not st.tcp:
-                self._start_tcp(st, tcp)
+                self._start_tcp(st, tcp, tls_opts, allow)
                 self._save(st)
+            elif tcp and (tcp != st.tcp or allow != st.allow or bool(tls_opts) != bool(st.tls)):
+                raise Conflict(f"{name} is already served on TCP {st.tcp} with other settings",
+                               "unexport it first")
             return st
         vdir = self._vdir(name)
         os.makedirs(vdir, exist_ok=True)
@@ -224,23 +274,55 @@ class ExportManager:
         st = ExportState(name, sock, f"nbd+unix:///{name}?socket={sock}", _read_pid(pidfile),
                          readonly=readonly, by_attach=by_attach)
         if tcp:
-            self._start_tcp(st, tcp)
+            try:
+                self._start_tcp(st, tcp, tls_opts, allow)
+            except PStorageError:
+                self._stop(st.pid)
+                shutil.rmtree(vdir, ignore_errors=True)
+                raise
         self.states[name] = st
         self._save(st)
         log.info("export %s: nbdkit pid %d serving %s", name, st.pid, st.uri)
         return st
 
-    def _start_tcp(self, st: ExportState, tcp: str) -> None:
+    def _start_tcp(self, st: ExportState, tcp: str, tls_opts: list[str] | None = None,
+                   allow: list[str] | None = None) -> None:
         addr, _, port = tcp.rpartition(":")
         if not port.isdigit():
             raise InvalidArgument(f"bad TCP address {tcp!r}", "write it as ADDR:PORT, e.g. 127.0.0.1:10809")
         pidfile = os.path.join(self._vdir(st.name), "nbdkit-tcp.pid")
-        cmd = ["nbdkit", "--port", port, *(["--ipaddr", addr] if addr else []),
-               "--pidfile", pidfile, *(["-r"] if st.readonly else []),
-               "python", plugin_path(), f"socket={self.data_socket}", f"export={st.name}"]
-        _run(cmd)
-        _wait_for(lambda: _read_pid(pidfile) > 0, 10, "nbdkit (tcp)")
+        serve = [*(["-r"] if st.readonly else []), *(tls_opts or []),
+                 "python", plugin_path(), f"socket={self.data_socket}", f"export={st.name}"]
+        if allow:
+            # our gate accepts, checks the address, and hands the socket to an
+            # `nbdkit -s` per client (tcp_gate.py says why not nbdkit's ip filter)
+            logf = os.path.join(self._vdir(st.name), "tcp_gate.log")
+            with open(logf, "ab") as lf:
+                gate = subprocess.Popen(
+                    [sys.executable, "-m", "pstoraged.tcp_gate", "--listen", tcp,
+                     "--allow", ",".join(allow), "--pidfile", pidfile, "--", "nbdkit", "-s",
+                     *serve],
+                    stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, start_new_session=True,
+                    cwd="/", env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+            try:
+                _wait_for(lambda: _read_pid(pidfile) > 0 or gate.poll() is not None, 10,
+                          "the TCP gate")
+            finally:
+                if gate.poll() is not None:
+                    raise ToolFailed(f"cannot serve {st.name} on {tcp}: "
+                                     + Path(logf).read_text(errors="replace").strip()[-400:])
+        else:
+            cmd = ["nbdkit", "--port", port, *(["--ipaddr", addr.strip("[]")] if addr else []),
+                   "--pidfile", pidfile, *serve]
+            _run(cmd)
+            _wait_for(lambda: _read_pid(pidfile) > 0, 10, "nbdkit (tcp)")
         st.tcp, st.tcp_pid = tcp, _read_pid(pidfile)
+        st.tls = None if not tls_opts else ("psk" if any("psk" in o for o in tls_opts)
+                                            else "certificates")
+        st.allow = list(allow or [])
+        if not tls_opts:
+            log.warning("export %s: TCP %s without TLS: anyone who reaches it can read%s the volume",
+                        st.name, tcp, "" if st.readonly else " and write")
 
     def unexport(self, name: str, *, force: bool = False) -> None:
         st = self.states.get(name)

@@ -70,7 +70,14 @@ class VolumePatch(_Strict):
 class ExportRequest(_Strict):
     readonly: bool = False
     tcp: str | None = Field(None, description="also serve NBD on this ADDR:PORT",
-                            examples=["127.0.0.1:10809"])
+                            examples=["127.0.0.1:10809"], max_length=64)
+    tls_psk_file: str | None = Field(None, max_length=4096, description=(
+        "TCP requires TLS with these pre-shared keys (lines of user:hexkey, mode 0600)"))
+    tls_certificates: str | None = Field(None, max_length=4096, description=(
+        "TCP requires TLS with the certificates in this directory (ca-cert.pem, "
+        "server-cert.pem, server-key.pem)"))
+    allow: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        None, max_length=64, description="TCP clients accepted (addresses or CIDR blocks)")
 
 
 class SnapshotCreate(_Strict):
@@ -209,6 +216,7 @@ class Context:
             "created": v.created_ns / 1e9, "readonly": v.readonly,
             "exported": ex is not None and not ex.by_attach,
             "uri": ex.uri if ex else None, "tcp": ex.tcp if ex else None,
+            "tls": ex.tls if ex else None, "allow": ex.allow if ex else None,
             "device": ex.device if ex else None,
             "logical_bytes": v.stats.mapped_blocks * BLOCK_SIZE,
             "snapshots": len(v.frozen),
@@ -531,9 +539,10 @@ def build_app(ctx: Context) -> FastAPI:
     async def export(name: VolumeName,
                      req: Annotated[ExportRequest | None, Body()] = None) -> dict[str, Any]:
         vol = ctx.volume(name)
-        req = req or ExportRequest(tcp=None)
+        req = req or ExportRequest(tcp=None, tls_psk_file=None, tls_certificates=None, allow=None)
         st = await trio.to_thread.run_sync(lambda: ctx.exports.export(
-            name, readonly=req.readonly or vol.readonly, tcp=req.tcp))
+            name, readonly=req.readonly or vol.readonly, tcp=req.tcp,
+            tls_psk=req.tls_psk_file, tls_certificates=req.tls_certificates, allow=req.allow))
         if st.by_attach:
             st.by_attach = False  # explicitly exported now: detach leaves it running
         return ctx.describe(vol)
