@@ -58,6 +58,32 @@ def cmd_pool_create(args: argparse.Namespace) -> None:
           f"({human_bytes(data['capacity'])})")
 
 
+def cmd_devices(args: argparse.Namespace) -> None:
+    """Candidate backing devices (local: works without the daemon)."""
+    from dataclasses import asdict
+
+    from .devices import list_candidates
+
+    devs = list_candidates()
+
+    def state(d) -> str:  # type: ignore[no-untyped-def]
+        if d.mounted_at:
+            return "in use: mounted " + ",".join(d.mounted_at)
+        if d.holders:
+            return "in use: held by " + ",".join(d.holders)
+        if d.signatures:
+            return "has data: " + ",".join(d.signatures)
+        return "free"
+
+    rows = [[d.path, human_bytes(d.size_bytes), "nvme" if d.is_nvme else ("loop" if d.is_loop
+             else "disk"), d.model or "-",
+             "-" if d.rotational is None else ("hdd" if d.rotational else "ssd"),
+             f"{d.logical_block_size}/{d.physical_block_size}", state(d)] for d in devs]
+    _emit(args, [asdict(d) for d in devs],
+          table(rows, ["DEVICE", "SIZE", "TYPE", "MODEL", "MEDIA", "SECTORS", "STATUS"])
+          if rows else "no block devices found")
+
+
 def cmd_pool_show(args: argparse.Namespace, c: Client) -> None:
     p = c.get("/api/v1/pool")
     s = p["statistics"]
@@ -569,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("id")
     ta.add_argument("--wait", action="store_true", help="follow the job until it finishes")
     ta.set_defaults(fn=cmd_tiering_apply)
+    x = sub.add_parser("devices", help="candidate backing devices: size, model, in use, data")
+    x.set_defaults(local=cmd_devices)
     x = sub.add_parser("gc", help="compact the pool now (the cleaner also runs on its own)")
     x.add_argument("--wait", action="store_true", help="follow the pass until it ends")
     x.set_defaults(fn=cmd_gc)

@@ -163,6 +163,13 @@ def _signatures(path: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(sigs + [s for s in own if s == "pstorage"]))  # blkid can't know ours
 
 
+def _lenient_signatures(path: str) -> tuple[str, ...]:
+    try:
+        return _signatures(path)
+    except DeviceError:
+        return ("unreadable",)
+
+
 def _size(path: str, sysdir: str) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -188,7 +195,10 @@ def _identity(path: str, diskdir: str) -> tuple[str | None, str | None]:
     return model or None, serial or None
 
 
-def describe(path: str) -> DeviceInfo:
+def describe(path: str, *, lenient: bool = False) -> DeviceInfo:
+    """What `path` is. lenient: a device that cannot be read (no permission,
+    I/O error) is described with signatures ("unreadable",) instead of
+    refused; listing uses it, creating a pool never does."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -217,7 +227,7 @@ def describe(path: str) -> DeviceInfo:
         physical_block_size=int(_read(f"{diskdir}/queue/physical_block_size", "512") or 512),
         rotational=None if rot is None else rot == "1", model=model, serial=serial,
         is_nvme=name.startswith("nvme"), is_loop=name.startswith("loop"),
-        signatures=_signatures(path),
+        signatures=_lenient_signatures(path) if lenient else _signatures(path),
         mounted_at=_mounted({real}, [name, *parts, *_stacked([name, *parts])]),
         holders=holders, partitions=parts)
 
@@ -268,7 +278,7 @@ def list_candidates() -> list[DeviceInfo]:
                 or _read(f"{SYS_BLOCK}/{name}/hidden") == "1"):
             continue
         try:
-            out.append(describe(node))
+            out.append(describe(node, lenient=True))
         except DeviceError as e:  # e.g. no device node inside a container
             log.debug("skipping %s: %s", node, e)
     return out

@@ -57,6 +57,7 @@ class ExportState:
     allow: list[str] = field(default_factory=list)  # client addresses the TCP server accepts
     by_attach: bool = False  # started by attach: stopped again by detach
     device: str | None = None  # /dev/loopN or /dev/nbdN when attached
+    link: str | None = None  # its stable name, /dev/pstorage/NAME
     method: str | None = None  # "nbdfuse+loop" | "nbd"
     fuse_pid: int = 0
     fuse_dir: str | None = None
@@ -363,8 +364,9 @@ class ExportManager:
             if st.by_attach:
                 self.unexport(name, force=True)
             raise
+        st.link = _link(name, st.device)
         self._save(st)
-        log.info("attach %s: %s via %s", name, st.device, st.method)
+        log.info("attach %s: %s via %s, %s", name, st.device, st.method, st.link)
         return st
 
     def _attach_nbd(self, st: ExportState) -> None:
@@ -423,6 +425,8 @@ class ExportManager:
             self._save(st)
 
     def _cleanup_attach(self, st: ExportState, *, force: bool) -> None:
+        _unlink(st.link, st.device)
+        st.link = None
         if st.device and st.method == "nbdfuse+loop":
             subprocess.run(["losetup", "-d", st.device], capture_output=True)
         elif st.device and st.method == "nbd":
@@ -433,6 +437,40 @@ class ExportManager:
             _wait_exit(st.fuse_pid, 10)
         st.device = st.method = st.fuse_dir = None
         st.fuse_pid = 0
+
+
+def dev_dir() -> str:
+    return os.environ.get("PSTORAGE_DEV_DIR", "/dev/pstorage")
+
+
+def _link(name: str, device: str | None) -> str | None:
+    """/dev/pstorage/NAME -> the device. udev's rule (systemd/99-pstorage.rules)
+    makes the same link where udevd runs; we make it ourselves so that it
+    exists at once and also where udevd does not run (containers)."""
+    if not device:
+        return None
+    link = os.path.join(dev_dir(), name)
+    try:
+        os.makedirs(dev_dir(), exist_ok=True)
+        tmp = f"{link}.tmp{os.getpid()}"
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(device, tmp)
+        os.replace(tmp, link)
+    except OSError as e:
+        log.warning("cannot create %s: %s", link, e)
+        return None
+    return link
+
+
+def _unlink(link: str | None, device: str | None) -> None:
+    if not link:
+        return
+    try:
+        if os.readlink(link) == device:  # not one udev or a later attach made
+            os.unlink(link)
+    except OSError:
+        pass
 
 
 def mounted_on(dev: str) -> list[str]:

@@ -218,6 +218,7 @@ class Context:
             "uri": ex.uri if ex else None, "tcp": ex.tcp if ex else None,
             "tls": ex.tls if ex else None, "allow": ex.allow if ex else None,
             "device": ex.device if ex else None,
+            "device_link": ex.link if ex else None,
             "logical_bytes": v.stats.mapped_blocks * BLOCK_SIZE,
             "snapshots": len(v.frozen),
             "destroyed": bool(v.destroyed_ns),

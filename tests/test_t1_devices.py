@@ -295,3 +295,22 @@ def test_active_swap_in_use_even_with_force(loop_factory) -> None:
             devices.vet(info, force=True)
     finally:
         subprocess.run(["swapoff", dev], check=False)
+
+
+def test_devices_command_lists_status(loop_factory) -> None:
+    import json
+    import subprocess
+    import sys
+
+    free, _ = loop_factory()
+    used, _ = loop_factory(prepare=lambda p: subprocess.run(["mkfs.ext4", "-q", "-F", str(p)],
+                                                             check=True))
+    out = subprocess.run([sys.executable, "-m", "pstoraged.cli", "devices", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    found = {d["path"]: d for d in json.loads(out)}
+    assert found[free]["signatures"] == [] and found[free]["is_loop"]
+    assert "ext4" in found[used]["signatures"]
+    table = subprocess.run([sys.executable, "-m", "pstoraged.cli", "devices"],
+                           capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in table.splitlines() if ln.startswith(used + " "))
+    assert "has data: ext4" in line and "64.0 MiB" in line

@@ -28,6 +28,8 @@ pytestmark = [
 def attach(d: Daemon, name: str) -> str:
     dev = d.cli("attach", name).stdout.strip()
     assert dev.startswith("/dev/"), dev
+    # the stable name points at it
+    assert os.path.realpath(f"/dev/pstorage/{name}") == os.path.realpath(dev)
     return dev
 
 
@@ -117,6 +119,7 @@ def test_detach_refused_while_mounted(fs_daemon):
     assert p.returncode != 0 and "--force" in p.stderr
     umount(mnt)
     fs_daemon.cli("detach", "m")
+    assert not os.path.lexists("/dev/pstorage/m")
 
 
 def test_mounted_volume_survives_daemon_restart_under_writes(fs_daemon):
