@@ -10,6 +10,7 @@ import sys
 
 import trio
 
+from . import logsetup
 from .analytics import DEFAULT_SAMPLE_INTERVAL, Analytics
 from .cleaner import SegmentCleaner
 from .control import ControlServer
@@ -95,10 +96,7 @@ async def serve(engine: Engine, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logsetup.setup(args.log_level)
     try:
         if args.init and not os.path.exists(os.path.join(args.pool_dir, "pool.json")):
             if not args.device:

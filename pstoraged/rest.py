@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import logging
 import time
+import uuid as uuidlib
 from dataclasses import asdict
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -235,6 +236,21 @@ def build_app(ctx: Context) -> FastAPI:
                     "forecast, device health, data temperature and tiering.",
     )
     app.state.ctx = ctx
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next: Any) -> Response:
+        """Every request gets an id (the client's X-Request-Id, or a new one):
+        logged with its outcome, returned in the X-Request-Id header."""
+        rid = request.headers.get("x-request-id", "")[:64] or uuidlib.uuid4().hex[:12]
+        request.state.rid = rid
+        t0 = time.monotonic()
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = rid
+        level = logging.INFO if request.method != "GET" or response.status_code >= 400 \
+            else logging.DEBUG
+        log.log(level, "request %s: %s %s -> %d (%.1f ms)", rid, request.method,
+                request.url.path, response.status_code, (time.monotonic() - t0) * 1000)
+        return response
 
     # ------------------------------------------------------------ errors
     @app.exception_handler(PStorageError)

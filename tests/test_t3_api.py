@@ -114,6 +114,9 @@ def test_curl_openapi_docs_healthz_and_metrics(daemon):
         assert path in spec["paths"], path
     page = d.client.get("/docs")
     assert "/api/v1/analytics/capacity/forecast" in page and "<script" not in page
+    st, headers, _ = d.client.raw("GET", "/api/v1/volumes", headers={"X-Request-Id": "abc123"})
+    assert headers["x-request-id"] == "abc123"
+    assert len(d.client.raw("GET", "/api/v1/volumes")[1]["x-request-id"]) == 12
     h = d.client.get("/healthz")
     assert h["status"] == "ok" and h["ready"] is True
     # real I/O shows up per volume in the Prometheus metrics
