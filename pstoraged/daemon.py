@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -10,8 +11,8 @@ import sys
 
 import trio
 
-from . import logsetup
-from .analytics import DEFAULT_SAMPLE_INTERVAL, Analytics
+from . import config, logsetup, sdnotify
+from .analytics import Analytics
 from .cleaner import SegmentCleaner
 from .control import ControlServer
 from .dataplane import DataPlane
@@ -27,28 +28,30 @@ from .units import parse_size
 
 log = logging.getLogger("pstoraged")
 
-DEFAULT_POOL_DIR = "/var/lib/pstorage"
-DEFAULT_RUN_DIR = "/run/pstorage"
+DEFAULT_POOL_DIR = config.DEFAULT_POOL_DIR
+DEFAULT_RUN_DIR = config.DEFAULT_RUN_DIR
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # Flags backed by the config file default to None: config.merge() applies
+    # only the flags that were given (then $PSTORAGE_*, then the file).
     p = argparse.ArgumentParser(prog="pstoraged", description=__doc__)
-    p.add_argument("--pool-dir", default=os.environ.get("PSTORAGE_POOL_DIR", DEFAULT_POOL_DIR),
-                   help="pool directory: metadata and pool.json (default %(default)s)")
-    p.add_argument("--run-dir", default=os.environ.get("PSTORAGE_RUN_DIR", DEFAULT_RUN_DIR),
-                   help="sockets and export state (default %(default)s)")
+    p.add_argument("--config", metavar="FILE",
+                   help=f"configuration file (default {config.DEFAULT_PATH}, if it exists)")
+    p.add_argument("--pool-dir", help=f"pool directory (default {config.DEFAULT_POOL_DIR})")
+    p.add_argument("--run-dir", help=f"sockets and export state (default {config.DEFAULT_RUN_DIR})")
     p.add_argument("--init", action="store_true", help="create the pool first if there is none")
     p.add_argument("--device", help="with --init: backing block device or file")
     p.add_argument("--size", help="with --init: create the backing file with this size (e.g. 20G)")
     p.add_argument("--segment-size", default=str(DEFAULT_SEGMENT_SIZE), help="with --init")
     p.add_argument("--force", action="store_true", help="with --init: overwrite signatures")
-    p.add_argument("--log-level", default=os.environ.get("PSTORAGE_LOG_LEVEL", "INFO"))
-    p.add_argument("--sample-interval", type=float, default=DEFAULT_SAMPLE_INTERVAL,
-                   help="seconds between capacity samples (default %(default)s)")
-    p.add_argument("--temperature-days", default="1,7,30", metavar="HOT,WARM,COLD",
-                   help="data temperature limits in days (default %(default)s)")
-    p.add_argument("--destroy-grace-hours", type=float, default=24.0,
-                   help="deleted volumes and snapshots stay recoverable this long (default %(default)s)")
+    p.add_argument("--log-level")
+    p.add_argument("--sample-interval", type=float,
+                   help="seconds between capacity samples (default 300)")
+    p.add_argument("--temperature-days", metavar="HOT,WARM,COLD",
+                   help="data temperature limits in days (default 1,7,30)")
+    p.add_argument("--destroy-grace-hours", type=float,
+                   help="deleted volumes and snapshots stay recoverable this long (default 24)")
     p.add_argument("--api-listen", metavar="ADDR:PORT",
                    help="also serve the REST API on TCP (off by default; needs --api-token-file)")
     p.add_argument("--api-token-file", metavar="FILE",
@@ -56,39 +59,78 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(engine: Engine, args: argparse.Namespace) -> None:
-    run_dir = args.run_dir
+async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config) -> None:
+    run_dir = cfg.run_dir
     data_sock = os.path.join(run_dir, "data.sock")
     dataplane = DataPlane(engine, data_sock)
     dataplane.start()
     try:
         exports = await trio.to_thread.run_sync(ExportManager, run_dir, data_sock)
         ctx = Context(dataplane, exports)
-        ctx.analytics = Analytics(dataplane, sample_interval=args.sample_interval,
-                                  thresholds=Thresholds.parse(args.temperature_days))
-        ctx.catalog.grace_s = args.destroy_grace_hours * 3600
+        ctx.analytics = Analytics(dataplane, sample_interval=cfg.sample_interval,
+                                  thresholds=Thresholds(*cfg.temperature_days))
+        ctx.catalog.grace_s = cfg.destroy_grace_hours * 3600
         # garbage collection and static wear leveling run between client batches
         await dataplane.call(lambda: engine.services.append(SegmentCleaner(engine)))
         dataplane.resolve = ctx.catalog.view  # VOL@SNAP exports
         eradicator = Eradicator(ctx.catalog, dataplane.call)
         control = ControlServer(build_app(ctx), os.path.join(run_dir, "control.sock"),
-                                tcp=args.api_listen, token_file=args.api_token_file)
+                                tcp=cfg.api_listen, token_file=cfg.api_token_file)
+
+        async def engine_alive() -> bool:
+            await dataplane.call(lambda: None)  # a round trip through the engine thread
+            return True
+
+        watchdog = sdnotify.Watchdog(engine_alive)
+
+        def status() -> str:
+            return f"pool {engine.pool.sb.uuid.hex()}, {len(engine.volumes)} volumes"
+
+        def reload() -> None:
+            nonlocal cfg
+            sdnotify.reloading()
+            try:
+                new = config.merge(config.load(args.config), args)
+            except PStorageError as e:
+                log.error("reload failed, keeping the running settings: %s", e)
+            else:
+                now, later = config.reload_plan(cfg, new)
+                logging.getLogger().setLevel(new.log_level)
+                ctx.analytics.sample_interval = new.sample_interval
+                th = Thresholds(*new.temperature_days)
+                ctx.analytics.thresholds = ctx.analytics.tiering.thresholds = th
+                ctx.catalog.grace_s = new.destroy_grace_hours * 3600
+                # the running settings: what a later reload compares with
+                cfg = dataclasses.replace(cfg, **{k: getattr(new, k) for k in now})
+                log.info("reloaded: %s; needs restart: %s", ", ".join(now) or "nothing",
+                         ", ".join(later) or "nothing")
+            sdnotify.ready(status=status())
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve)
             nursery.start_soon(ctx.analytics.run, name="capacity sampler")
             nursery.start_soon(eradicator.run, name="eradicator")
+            nursery.start_soon(watchdog.run, name="watchdog")
             ctx.ready = True
             log.info("pstoraged ready: pool %s, %d volumes, sockets in %s",
                      engine.pool.sb.uuid.hex(), len(engine.volumes), run_dir)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                           signal.SIGHUP) as signals:
+                # only now: systemd may send SIGTERM (or SIGHUP) right after READY=1
+                sdnotify.ready(status=status())
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        reload()
+                        continue
                     log.info("%s: stopping", signal.Signals(signum).name)
                     break
+            sdnotify.stopping(status="draining and committing")
+            watchdog.stop()
             ctx.ready = False
             ctx.analytics.stop()
             eradicator.stop()
             control.stop()
     finally:
+        sdnotify.stopping()  # also when serve() fails; a repeat is harmless
         with trio.CancelScope(shield=True):
             await dataplane.stop()  # drains queued I/O, commits, marks the pool clean
         log.info("pstoraged stopped cleanly")
@@ -96,22 +138,27 @@ async def serve(engine: Engine, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logsetup.setup(args.log_level)
     try:
-        if args.init and not os.path.exists(os.path.join(args.pool_dir, "pool.json")):
-            if not args.device:
-                raise PStorageError("--init needs --device", "e.g. --device /var/lib/pstorage/pool.img --size 20G")
-            create_pool(args.pool_dir, args.device,
-                        file_size=parse_size(args.size) if args.size else None,
-                        segment_size=parse_size(args.segment_size), force=args.force)
-            log.info("created pool in %s on %s", args.pool_dir, args.device)
-        engine = Engine(open_pool(args.pool_dir))
+        cfg = config.merge(config.load(args.config), args)
     except PStorageError as e:
         print(f"pstoraged: {e}", file=sys.stderr)
         return e.exit_code
-    os.makedirs(args.run_dir, exist_ok=True)
+    logsetup.setup(cfg.log_level)
     try:
-        trio.run(serve, engine, args)
+        if args.init and not os.path.exists(os.path.join(cfg.pool_dir, "pool.json")):
+            if not args.device:
+                raise PStorageError("--init needs --device", "e.g. --device /var/lib/pstorage/pool.img --size 20G")
+            create_pool(cfg.pool_dir, args.device,
+                        file_size=parse_size(args.size) if args.size else None,
+                        segment_size=parse_size(args.segment_size), force=args.force)
+            log.info("created pool in %s on %s", cfg.pool_dir, args.device)
+        engine = Engine(open_pool(cfg.pool_dir))
+    except PStorageError as e:
+        print(f"pstoraged: {e}", file=sys.stderr)
+        return e.exit_code
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    try:
+        trio.run(serve, engine, args, cfg)
     except PStorageError as e:
         print(f"pstoraged: {e}", file=sys.stderr)
         return e.exit_code

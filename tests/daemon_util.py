@@ -30,7 +30,8 @@ class Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pstoraged.daemon", "--pool-dir", self.pool_dir,
-             "--run-dir", self.run_dir, "--log-level", "DEBUG", *self.args],
+             "--run-dir", self.run_dir, "--log-level", "DEBUG", "--config", "/dev/null",
+             *self.args],
             stdout=log, stderr=log,
         )
         log.close()

@@ -255,3 +255,36 @@ def test_tcp_listener_needs_a_private_token_and_survives_schemathesis(tmp_path):
         assert "Traceback" not in d.log()
     finally:
         remove(d)
+
+
+def test_sighup_reloads_the_config_file(tmp_path):
+    import signal
+
+    d = new_daemon(size=1 << 30)
+    try:
+        conf = tmp_path / "pstoraged.toml"
+        conf.write_text("destroy_grace_hours = 24\n")
+        d.args = ["--config", str(conf)]
+        d.start()
+        conf.write_text('destroy_grace_hours = 2\nsample_interval = 60\napi_listen = "127.0.0.1:18777"\n'
+                        'api_token_file = "/nonexistent"\n')
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 20
+        while "reloaded:" not in d.log() and time.time() < deadline:
+            time.sleep(0.1)
+        line = next(ln for ln in d.log().splitlines() if "reloaded:" in ln)
+        assert "destroy_grace_hours" in line and "sample_interval" in line
+        assert "needs restart: api_listen" in line  # --run-dir on the command line wins
+        d.cli("volume", "create", "g", "--size", "1M")
+        out = call(d, "DELETE", "/api/v1/volumes/g")[1]
+        assert out["eradicate_after"] - time.time() < 2 * 3600 + 60  # the new grace period
+        conf.write_text("no_such_key = 1\n")  # a broken file keeps the running settings
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 20
+        while "reload failed" not in d.log() and time.time() < deadline:
+            time.sleep(0.1)
+        assert "no_such_key" in d.log()
+        assert d.client.get("/healthz")["status"] == "ok"
+    finally:
+        remove(d)
