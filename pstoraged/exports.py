@@ -27,7 +27,7 @@ from .errors import Conflict, InvalidArgument, NotFound, PStorageError
 log = logging.getLogger(__name__)
 
 DEFAULT_PLUGIN = Path(__file__).resolve().parent.parent / "plugins" / "pstorage.py"
-INSTALLED_PLUGIN = Path("/usr/share/pstorage/plugins/pstorage.py")
+INSTALLED_PLUGIN = Path("/usr/local/lib/pstorage/plugins/pstorage.py")  # scripts/install
 
 
 class ToolFailed(PStorageError):
