@@ -55,6 +55,7 @@ class ExportsConfig:
 class FuseConfig:
     """[fuse]: volumes presented as files."""
 
+    enabled: bool = False  # serve the mount; `pstorage attach` then uses it instead of nbdfuse
     mountpoint: str = "/run/pstorage/dev"
 
 
@@ -207,6 +208,12 @@ def _networks(v: Any, where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _boolean(v: Any, where: str) -> bool:
+    if not isinstance(v, bool):
+        raise _wrong(where, "true or false", v)
+    return v
+
+
 CHECKS: dict[str, Check] = {
     "pool_dir": _path,
     "run_dir": _path,
@@ -222,6 +229,7 @@ CHECKS: dict[str, Check] = {
     "exports.tls_certificates_dir": _optional(_path),
     "exports.allow": _networks,
     "fuse.mountpoint": _path,
+    "fuse.enabled": _boolean,
 }
 
 

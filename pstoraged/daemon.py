@@ -11,7 +11,7 @@ import sys
 
 import trio
 
-from . import config, logsetup, sdnotify
+from . import config, fusefs, logsetup, sdnotify
 from .analytics import Analytics
 from .cleaner import SegmentCleaner
 from .control import ControlServer
@@ -20,6 +20,7 @@ from .engine import Engine
 from .errors import PStorageError
 from .exports import ExportManager
 from .format import DEFAULT_SEGMENT_SIZE
+from .fusefs import FuseFrontEnd
 from .pool import create_pool, open_pool
 from .rest import Context, build_app
 from .snapshots import Eradicator
@@ -65,7 +66,9 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config) ->
     dataplane = DataPlane(engine, data_sock)
     dataplane.start()
     try:
-        exports = await trio.to_thread.run_sync(ExportManager, run_dir, data_sock)
+        fuse_dir = cfg.fuse.mountpoint if cfg.fuse.enabled else None
+        exports = await trio.to_thread.run_sync(ExportManager, run_dir, data_sock, fuse_dir)
+        fuse = FuseFrontEnd(dataplane, fuse_dir) if fuse_dir else None
         ctx = Context(dataplane, exports)
         ctx.analytics = Analytics(dataplane, sample_interval=cfg.sample_interval,
                                   thresholds=Thresholds(*cfg.temperature_days))
@@ -107,6 +110,8 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config) ->
             sdnotify.ready(status=status())
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve)
+            if fuse is not None:  # volumes as files, before anyone may attach
+                await nursery.start(fuse.run)
             nursery.start_soon(ctx.analytics.run, name="capacity sampler")
             nursery.start_soon(eradicator.run, name="eradicator")
             nursery.start_soon(watchdog.run, name="watchdog")
@@ -129,6 +134,8 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config) ->
             ctx.analytics.stop()
             eradicator.stop()
             control.stop()
+            if fuse is not None:
+                fuse.stop()
     finally:
         sdnotify.stopping()  # also when serve() fails; a repeat is harmless
         with trio.CancelScope(shield=True):
@@ -144,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pstoraged: {e}", file=sys.stderr)
         return e.exit_code
     logsetup.setup(cfg.log_level)
+    if cfg.fuse.enabled:  # before any thread starts: the flag is inherited per thread
+        fusefs.set_io_flusher()
     try:
         if args.init and not os.path.exists(os.path.join(cfg.pool_dir, "pool.json")):
             if not args.device:

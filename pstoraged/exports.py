@@ -188,9 +188,12 @@ def _allow_list(allow: list[str] | None) -> list[str]:
 class ExportManager:
     """Owns RUN_DIR/exports; every method is blocking (run it in a thread)."""
 
-    def __init__(self, run_dir: str, data_socket: str) -> None:
+    def __init__(self, run_dir: str, data_socket: str, fuse_dir: str | None = None) -> None:
         self.dir = os.path.join(run_dir, "exports")
         self.data_socket = data_socket
+        # the daemon's own FUSE mount of the volumes: attach puts loop devices
+        # on its files instead of starting nbdkit + nbdfuse
+        self.fuse_dir = fuse_dir
         os.makedirs(self.dir, exist_ok=True)
         self.states: dict[str, ExportState] = {}
         for name in sorted(os.listdir(self.dir)):
@@ -208,7 +211,7 @@ class ExportManager:
         except (OSError, ValueError, TypeError):
             shutil.rmtree(self._vdir(name), ignore_errors=True)
             return None
-        if not _alive(st.pid):
+        if self._dead(st):
             log.warning("export %s: nbdkit (pid %d) is gone; forgetting it", name, st.pid)
             self._cleanup_attach(st, force=True)
             shutil.rmtree(self._vdir(name), ignore_errors=True)
@@ -221,6 +224,12 @@ class ExportManager:
         tmp.write_text(json.dumps(asdict(st)))
         os.replace(tmp, p)
 
+    @staticmethod
+    def _dead(st: ExportState) -> bool:
+        if st.method == "fuse+loop" and not st.pid:  # no nbdkit: the loop device is the state
+            return not (st.device and os.path.exists(f"/sys/block/{os.path.basename(st.device)}/loop"))
+        return not _alive(st.pid)
+
     # exports -----------------------------------------------------------------
     def get(self, name: str) -> ExportState | None:
         return self.states.get(name)
@@ -228,7 +237,7 @@ class ExportManager:
     def _forget_if_dead(self, name: str) -> None:
         """nbdkit died under an export (killed, crashed): clear what is left of it."""
         st = self.states.get(name)
-        if st is not None and not _alive(st.pid):
+        if st is not None and self._dead(st):
             log.warning("export %s: nbdkit (pid %d) died; cleaning up", name, st.pid)
             self._cleanup_attach(st, force=True)
             self._stop(st.tcp_pid)
@@ -352,6 +361,8 @@ class ExportManager:
         st = self.states.get(name)
         if st is not None and st.device:
             return st
+        if self.fuse_dir:
+            return self._attach_fuse(name, st)
         if st is None:
             st = self.export(name, by_attach=True)
         try:
@@ -424,9 +435,27 @@ class ExportManager:
         else:
             self._save(st)
 
+    def _attach_fuse(self, name: str, st: ExportState | None) -> ExportState:
+        """A loop device (direct I/O) on the daemon's FUSE file of the volume."""
+        from . import fusefs
+
+        assert self.fuse_dir is not None
+        dev = fusefs.attach_via_fuse(self.fuse_dir, name)
+        if st is None:  # attached only: no nbdkit behind it
+            st = ExportState(name, "", "", 0, by_attach=True)
+            os.makedirs(self._vdir(name), exist_ok=True)
+            self.states[name] = st
+        st.device, st.method = dev, "fuse+loop"
+        st.link = _link(name, dev)
+        self._save(st)
+        log.info("attach %s: %s via the FUSE front end, %s", name, dev, st.link)
+        return st
+
     def _cleanup_attach(self, st: ExportState, *, force: bool) -> None:
         _unlink(st.link, st.device)
         st.link = None
+        if st.device and st.method == "fuse+loop":
+            subprocess.run(["losetup", "-d", st.device], capture_output=True)
         if st.device and st.method == "nbdfuse+loop":
             subprocess.run(["losetup", "-d", st.device], capture_output=True)
         elif st.device and st.method == "nbd":

@@ -216,7 +216,7 @@ class Context:
             "name": v.name, "size": v.size, "compression": v.compression,
             "created": v.created_ns / 1e9, "readonly": v.readonly,
             "exported": ex is not None and not ex.by_attach,
-            "uri": ex.uri if ex else None, "tcp": ex.tcp if ex else None,
+            "uri": (ex.uri or None) if ex else None, "tcp": ex.tcp if ex else None,
             "tls": ex.tls if ex else None, "allow": ex.allow if ex else None,
             "device": ex.device if ex else None,
             "device_link": ex.link if ex else None,

@@ -186,3 +186,54 @@ def test_demo_main_job_runs_end_to_end():
     finally:
         subprocess.run(["umount", "-l", f"{base}/mnt"], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_attach_through_the_daemons_fuse_front_end(tmp_path):
+    """[fuse] enabled: volumes are files in the daemon's own FUSE mount, and
+    attach puts a direct-I/O loop device on them (no nbdkit, no nbdfuse)."""
+    from .daemon_util import new_daemon, remove
+
+    d = new_daemon(size=2 << 30)
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    try:
+        conf = tmp_path / "pstoraged.toml"
+        conf.write_text(f'[fuse]\nenabled = true\nmountpoint = "{d.run_dir}/dev"\n')
+        d.args = ["--config", str(conf)]
+        d.start()
+        d.cli("volume", "create", "ff", "--size", "256M")
+        assert os.path.getsize(f"{d.run_dir}/dev/ff") == 256 << 20
+        dev = attach(d, "ff")
+        loop = os.path.basename(dev)
+        with open(f"/sys/block/{loop}/loop/backing_file") as f:
+            assert f.read().strip() == f"{d.run_dir}/dev/ff"
+        with open(f"/sys/block/{loop}/loop/dio") as f:
+            assert f.read().strip() == "1"
+        subprocess.run(["mkfs.ext4", "-q", dev], check=True)
+        subprocess.run(["mount", dev, mnt], check=True)
+        try:
+            data = os.urandom(3 << 20)
+            with open(f"{mnt}/file", "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            subprocess.run(["fstrim", mnt], check=True)
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+        assert subprocess.run(["e2fsck", "-fn", dev], capture_output=True).returncode == 0
+        info = d.client.get("/api/v1/volumes/ff")
+        assert info["device"] == dev and info["uri"] is None  # no nbdkit behind it
+        d.cli("detach", "ff")
+        dev = attach(d, "ff")
+        subprocess.run(["mount", "-o", "ro", dev, mnt], check=True)
+        try:
+            with open(f"{mnt}/file", "rb") as f:
+                assert f.read() == data
+        finally:
+            subprocess.run(["umount", mnt], check=True)
+        d.cli("detach", "ff")
+        assert d.stop() == 0
+        assert not os.path.ismount(f"{d.run_dir}/dev")  # unmounted on a clean stop
+    finally:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+        remove(d)
