@@ -4,7 +4,9 @@ steps (Engine.start_job); jobs live in memory and a restart forgets them."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, TypeVar
 
 
@@ -16,6 +18,34 @@ class Job(Protocol):
 
 
 J = TypeVar("J", bound=Job)
+
+
+@dataclass
+class JobRecord:
+    """What every job reports; subclasses add their own counters."""
+
+    id: int
+    kind: str = ""
+    volume: str = ""
+    state: str = "running"  # running | done | failed
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    error: str | None = None
+
+    def progress(self) -> float:
+        return 1.0 if self.state == "done" else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["progress"] = round(self.progress(), 4)
+        return d
+
+
+def fraction(done: int, total: int, state: str) -> float:
+    """Progress of `done` out of `total`; a job with nothing to do is done when it says so."""
+    if total:
+        return min(1.0, done / total)
+    return 1.0 if state == "done" else 0.0
 
 
 class JobRegistry:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine
 from .errors import CorruptData
 from .format import CHUNK_KEY, CHUNK_META
+from .jobs import JobRecord, fraction
 
 log = logging.getLogger(__name__)
 
@@ -24,25 +25,17 @@ MAX_LISTED = 100  # bad chunks listed in the report
 
 
 @dataclass
-class ScrubJob:
-    id: int
+class ScrubJob(JobRecord):
     kind: str = "scrub"
     volume: str = "(pool)"
-    state: str = "running"
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
     chunks_total: int = 0
     chunks_checked: int = 0
     bytes_checked: int = 0
     bad_chunks: int = 0
     bad: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["progress"] = (round(min(1.0, self.chunks_checked / self.chunks_total), 4)
-                         if self.chunks_total else (1.0 if self.state == "done" else 0.0))
-        return d
+    def progress(self) -> float:
+        return fraction(self.chunks_checked, self.chunks_total, self.state)
 
 
 class ScrubRun:

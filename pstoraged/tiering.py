@@ -34,7 +34,7 @@ from .codecs import CODEC_NONE, CODEC_ZSTD, NAMES
 from .engine import Engine, Volume
 from .errors import Conflict, InvalidArgument, NotFound
 from .format import BLOCK_SIZE, record_size
-from .jobs import JobRegistry
+from .jobs import JobRecord, JobRegistry, fraction
 from .temperature import EXTENT_SIZE, Thresholds
 from .units import human_bytes
 
@@ -66,25 +66,21 @@ class Recommendation:
 
 
 @dataclass
-class Job:
-    id: int
-    kind: str
-    volume: str
-    state: str = "running"  # running | done | failed
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
+class Job(JobRecord):
+    """A recompression job."""
+
     extents_total: int = 0
     extents_done: int = 0
     chunks_examined: int = 0
     chunks_rewritten: int = 0
     bytes_before: int = 0  # stored size of the rewritten chunks before ...
     bytes_after: int = 0  # ... and after
-    error: str | None = None
+
+    def progress(self) -> float:
+        return fraction(self.extents_done, self.extents_total, self.state)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["progress"] = (round(self.extents_done / self.extents_total, 4)
-                         if self.extents_total else (1.0 if self.state == "done" else 0.0))
+        d = super().to_dict()
         d["saved_bytes"] = self.bytes_before - self.bytes_after
         return d
 
