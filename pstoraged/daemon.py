@@ -20,7 +20,7 @@ from .engine import Engine
 from .errors import PStorageError
 from .exports import ExportManager
 from .format import DEFAULT_SEGMENT_SIZE
-from .fusefs import FuseFrontEnd
+from .fusefs import FuseFrontEnd, loop_devices_on
 from .pool import create_pool, open_pool
 from .rest import Context, build_app
 from .snapshots import Eradicator
@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config) -> None:
+async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
+                stored_fuse_fd: int | None = None) -> None:
     run_dir = cfg.run_dir
     data_sock = os.path.join(run_dir, "data.sock")
     dataplane = DataPlane(engine, data_sock)
@@ -68,7 +69,8 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config) ->
     try:
         fuse_dir = cfg.fuse.mountpoint if cfg.fuse.enabled else None
         exports = await trio.to_thread.run_sync(ExportManager, run_dir, data_sock, fuse_dir)
-        fuse = FuseFrontEnd(dataplane, fuse_dir) if fuse_dir else None
+        # a mount an earlier run left in systemd's fd store: take it over
+        fuse = FuseFrontEnd(dataplane, fuse_dir, fd=stored_fuse_fd) if fuse_dir else None
         ctx = Context(dataplane, exports)
         ctx.analytics = Analytics(dataplane, sample_interval=cfg.sample_interval,
                                   thresholds=Thresholds(*cfg.temperature_days))
@@ -112,6 +114,9 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config) ->
             await nursery.start(control.serve)
             if fuse is not None:  # volumes as files, before anyone may attach
                 await nursery.start(fuse.run)
+                # systemd keeps a duplicate, so the mount (and the loop devices on
+                # it) outlive a restart or a crash: requests wait for the next run
+                sdnotify.store_fds([fuse.connection_fd], "fuse")
             nursery.start_soon(ctx.analytics.run, name="capacity sampler")
             nursery.start_soon(eradicator.run, name="eradicator")
             nursery.start_soon(watchdog.run, name="watchdog")
@@ -135,7 +140,12 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config) ->
             eradicator.stop()
             control.stop()
             if fuse is not None:
-                fuse.stop()
+                # with devices attached and an fd store to hold the mount, leave it
+                # for the next run (a restart); else unmount and forget it
+                keep = bool(loop_devices_on(fuse.mountpoint)) and "NOTIFY_SOCKET" in os.environ
+                fuse.stop(keep_mount=keep)
+                if not keep:
+                    sdnotify.remove_fds("fuse")
     finally:
         sdnotify.stopping()  # also when serve() fails; a repeat is harmless
         with trio.CancelScope(shield=True):
@@ -151,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pstoraged: {e}", file=sys.stderr)
         return e.exit_code
     logsetup.setup(cfg.log_level)
+    stored = sdnotify.listen_fds()  # systemd's fd store, handed back after a restart
+    fuse_fds = stored.get("fuse", []) if cfg.fuse.enabled else []
+    stored_fuse_fd = fuse_fds[0] if fuse_fds else None
     if cfg.fuse.enabled:  # before any thread starts: the flag is inherited per thread
         fusefs.set_io_flusher()
     try:
@@ -167,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     os.makedirs(cfg.run_dir, exist_ok=True)
     try:
-        trio.run(serve, engine, args, cfg)
+        trio.run(serve, engine, args, cfg, stored_fuse_fd)
     except PStorageError as e:
         print(f"pstoraged: {e}", file=sys.stderr)
         return e.exit_code

@@ -227,6 +227,13 @@ class FuseFrontEnd:
         if self._reader is not None:
             self._reader.cancel()
 
+    @property
+    def connection_fd(self) -> int:
+        """The /dev/fuse descriptor of the mount (-1 when not mounted): what a
+        holder such as systemd's fd store keeps to carry the mount across a
+        restart or crash."""
+        return self._fd
+
     def statistics(self) -> FuseStatistics:
         return FuseStatistics(self._fd >= 0, self.requests, self.batches, self.max_batch,
                               self.io_errors, self._inflight)
