@@ -55,8 +55,19 @@ class ExportsConfig:
 class FuseConfig:
     """[fuse]: volumes presented as files."""
 
-    enabled: bool = False  # serve the mount; `pstorage attach` then uses it instead of nbdfuse
-    mountpoint: str = "/run/pstorage/dev"
+    # serve the mount; `pstorage attach` then uses it instead of nbdfuse.
+    # "auto": under systemd (NOTIFY_SOCKET), whose fd store carries the mount
+    # across restarts; not when run by hand
+    enabled: bool | str = "auto"
+    mountpoint: str = ""  # "" = RUN_DIR/dev
+
+    def active(self) -> bool:
+        if self.enabled == "auto":
+            return "NOTIFY_SOCKET" in os.environ
+        return bool(self.enabled)
+
+    def path(self, run_dir: str) -> str:
+        return self.mountpoint or os.path.join(run_dir, "dev")
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,9 +219,13 @@ def _networks(v: Any, where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _boolean(v: Any, where: str) -> bool:
-    if not isinstance(v, bool):
-        raise _wrong(where, "true or false", v)
+def _path_or_empty(v: Any, where: str) -> str:
+    return "" if v == "" else _path(v, where)
+
+
+def _auto_or_boolean(v: Any, where: str) -> bool | str:
+    if not isinstance(v, bool) and v != "auto":
+        raise _wrong(where, 'true, false or "auto"', v)
     return v
 
 
@@ -228,8 +243,8 @@ CHECKS: dict[str, Check] = {
     "exports.tls_psk_file": _optional(_path),
     "exports.tls_certificates_dir": _optional(_path),
     "exports.allow": _networks,
-    "fuse.mountpoint": _path,
-    "fuse.enabled": _boolean,
+    "fuse.mountpoint": _path_or_empty,
+    "fuse.enabled": _auto_or_boolean,
 }
 
 

@@ -67,7 +67,7 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
     dataplane = DataPlane(engine, data_sock)
     dataplane.start()
     try:
-        fuse_dir = cfg.fuse.mountpoint if cfg.fuse.enabled else None
+        fuse_dir = cfg.fuse.path(run_dir) if cfg.fuse.active() else None
         exports = await trio.to_thread.run_sync(ExportManager, run_dir, data_sock, fuse_dir)
         # a mount an earlier run left in systemd's fd store: take it over
         fuse = FuseFrontEnd(dataplane, fuse_dir, fd=stored_fuse_fd) if fuse_dir else None
@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     logsetup.setup(cfg.log_level)
     stored = sdnotify.listen_fds()  # systemd's fd store, handed back after a restart
-    fuse_fds = stored.get("fuse", []) if cfg.fuse.enabled else []
+    fuse_fds = stored.get("fuse", []) if cfg.fuse.active() else []
     stored_fuse_fd = fuse_fds[0] if fuse_fds else None
-    if cfg.fuse.enabled:  # before any thread starts: the flag is inherited per thread
+    if cfg.fuse.active():  # before any thread starts: the flag is inherited per thread
         fusefs.set_io_flusher()
     try:
         if args.init and not os.path.exists(os.path.join(cfg.pool_dir, "pool.json")):

@@ -33,6 +33,8 @@ class Daemon:
              "--run-dir", self.run_dir, "--log-level", "DEBUG", "--config", "/dev/null",
              *self.args],
             stdout=log, stderr=log,
+            # not under our runner's systemd, if any: that would switch FUSE attach on
+            env={k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"},
         )
         log.close()
         deadline = time.monotonic() + 20
