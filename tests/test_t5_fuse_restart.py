@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from pstoraged.fusefs import loop_devices_on
+
 from .daemon_util import new_daemon, remove
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
@@ -141,6 +143,10 @@ def test_mounted_volume_survives_restart_and_kill9(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        # a failure may leave the loop device and the FUSE mount behind
+        for loop in loop_devices_on(f"{d.run_dir}/dev"):
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+        subprocess.run(["umount", "-l", f"{d.run_dir}/dev"], capture_output=True)
         log.close()
         sysd.close()
         remove(d)
