@@ -97,7 +97,7 @@ class Analytics:
         ss = eng.segs.statistics()
         erase = eng.segs.erase
         used = [erase[i] for i in range(len(erase))]
-        cleaner = next((svc for svc in eng.services if isinstance(svc, SegmentCleaner)), None)
+        cleaner = SegmentCleaner.of(eng)
         wa = (await self.dataplane.call(cleaner.statistics)).write_amplification \
             if cleaner is not None else None
         # free = what is not live data: the cleaner keeps only a few segments

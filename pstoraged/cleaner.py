@@ -178,6 +178,11 @@ class SegmentCleaner:
     (tests, `pstorage gc`).
     """
 
+    @classmethod
+    def of(cls, engine: Engine) -> SegmentCleaner | None:
+        """The cleaner registered with `engine`, if any."""
+        return next((s for s in engine.services if isinstance(s, cls)), None)
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         segs = engine.segs

@@ -14,6 +14,7 @@ import html
 import logging
 import time
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -204,7 +205,7 @@ class Context:
         self.catalog: Catalog = Catalog(self.engine)  # snapshots and SafeMode
 
     def cleaner(self) -> SegmentCleaner | None:
-        return next((s for s in self.engine.services if isinstance(s, SegmentCleaner)), None)
+        return SegmentCleaner.of(self.engine)
 
     def volume(self, name: str) -> Volume:
         validate_name(name)
@@ -437,21 +438,24 @@ def build_app(ctx: Context) -> FastAPI:
                 d["space"] = acct["snapshots"].get(d["name"])
         return {"volume": name, "snapshots": out}
 
+    async def read_committed(walk: Callable[[Any], Any]) -> Any:
+        """Run walk(txn) in a worker thread on a read-only transaction; the jobs
+        queued before it have been committed (flush=True), so it sees them."""
+        def run() -> Any:
+            with ctx.engine.meta.env.begin(write=False) as txn:
+                return walk(txn)
+        return await trio.to_thread.run_sync(run)
+
     async def volume_space(name: str) -> dict[str, Any]:
         from .snapshots import space as walk_space
 
         def gens() -> tuple[int, list[tuple[str, int]], int]:
             vol = ctx.engine.volume(name)
-            ctx.engine.flush()  # the walk reads committed state
             return vol.id, [(x.name, x.gen) for x in ctx.catalog.list(name, True)], vol.gen
 
         vid, snaps, live = await call(gens, flush=True)
-
-        def walk() -> dict[int, dict[str, int]]:
-            with ctx.engine.meta.env.begin(write=False) as txn:
-                return walk_space(txn, ctx.engine.meta, vid, [g for _, g in snaps] + [live])
-
-        acct = await trio.to_thread.run_sync(walk)
+        acct = await read_committed(
+            lambda txn: walk_space(txn, ctx.engine.meta, vid, [g for _, g in snaps] + [live]))
         return {"volume": acct[live], "snapshots": {n: acct[g] for n, g in snaps},
                 "explanation": {
                     "logical_bytes": "data the volume or snapshot reads (4 KiB blocks)",
@@ -539,16 +543,11 @@ def build_app(ctx: Context) -> FastAPI:
 
         def gens() -> tuple[int, int, int]:
             vol, ga, gb = ctx.catalog.generations(name, base, to)
-            ctx.engine.flush()
             return vol.id, ga, gb
 
-        vid, ga, gb = await call(gens)
-
-        def walk() -> dict[str, Any]:
-            with ctx.engine.meta.env.begin(write=False) as txn:
-                return walk_diff(txn, ctx.engine.meta.l2p, vid, ga, gb)
-
-        return {"volume": name, "from": base, "to": to, **await trio.to_thread.run_sync(walk)}
+        vid, ga, gb = await call(gens, flush=True)
+        out = await read_committed(lambda txn: walk_diff(txn, ctx.engine.meta.l2p, vid, ga, gb))
+        return {"volume": name, "from": base, "to": to, **out}
 
     # ------------------------------------------------------------ exports
     @app.post("/api/v1/volumes/{name}/export", tags=["exports"], responses=ERRORS,

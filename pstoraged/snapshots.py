@@ -34,7 +34,7 @@ import trio
 from .engine import NO_CHUNK, Engine, Volume
 from .errors import Conflict, InvalidArgument, NotFound
 from .format import BLOCK_SIZE, CHUNK_KEY, CHUNK_META, L2P_KEY, U64, l2p_unpack, record_size
-from .units import validate_name, validate_volume_size
+from .units import validate_name
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,6 @@ class Catalog:
     def clone(self, vol_name: str, snap: str, new_name: str) -> Volume:
         s = self.get(vol_name, snap)
         src = self._volume(vol_name)
-        validate_volume_size(s.size)
         dst = self.engine.create_volume(new_name, s.size, src.compression)
         shared = self.engine.copy_generation(src, s.gen, dst)
         self.engine._persist_volume(dst)
