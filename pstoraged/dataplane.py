@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 
+from . import codecs, reducer
 from . import protocol as P
 from .engine import Engine, Volume
 from .errors import DeviceIOError, PStorageError
@@ -104,6 +105,10 @@ class DataPlane:
         self.io = IoStats()  # per-volume counters and latency histograms (/metrics)
         # 'VOL@SNAP' -> read-only snapshot view (set by the daemon: snapshots.Catalog.view)
         self.resolve: Callable[[str], Volume] | None = None
+        # hashes and compresses large writes on the other core (see reducer.py)
+        self._reducer: reducer.ReducerThread | None = None
+        # requests parsed while the engine waited for the reducer: the next batch
+        self._ahead: list[_Job] = []
 
     # ------------------------------------------------------------ control side
     def start(self) -> None:
@@ -113,6 +118,8 @@ class DataPlane:
         self._listener.setblocking(False)
         self._ep.register(self._listener.fileno(), select.EPOLLIN)
         self._ep.register(self._wakefd, select.EPOLLIN)
+        self._reducer = reducer.start()
+        self.engine.defer_commits = True  # group commits come after the replies (_execute)
         self._thread = threading.Thread(target=self._run, name="dataplane", daemon=True)
         self._thread.start()
 
@@ -162,7 +169,7 @@ class DataPlane:
                 timeout = IDLE_COMMIT_SECONDS
                 if background:
                     timeout = 0 if self._background_progress else QUIET_SECONDS
-                events = self._ep.poll(timeout)
+                events = self._ep.poll(0 if self._ahead else timeout)
                 done = 0
                 if background:
                     # control jobs (the wake-up fd) do not make clients busy
@@ -172,11 +179,11 @@ class DataPlane:
                                                BUSY_RECLAIM if busy else IDLE_RECLAIM,
                                                busy=busy)) or 0
                     self._background_progress = done > 0
-                if not events and self._jobs.empty():
+                if not events and self._jobs.empty() and not self._ahead:
                     if not done:
                         self._guard(self.engine.idle)
                     continue
-                batch: list[_Job] = []
+                batch, self._ahead = self._ahead, []
                 for fd, ev in events:
                     if fd == self._wakefd:
                         try:
@@ -216,6 +223,25 @@ class DataPlane:
             if self._listener is not None:
                 self._listener.close()
             self._guard(self.engine.close)
+            if self._reducer is not None:
+                self._reducer.stop()
+
+    def _read_ahead(self) -> None:
+        """Parse requests that arrived meanwhile, so the reducer gets them now.
+
+        Called while the engine would otherwise wait for the reducer; the
+        requests join the next batch (FIFO order is kept). Only incoming data
+        is handled here: everything else stays ready for the next poll.
+        """
+        for fd, ev in self._ep.poll(0):
+            conn = self._conns.get(fd)
+            if conn is None or not ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                continue
+            try:
+                self._read(conn, self._ahead)
+            except Exception:  # a bug must cost one connection, not the daemon
+                log.exception("data conn %d: dropped after an internal error", conn.id)
+                self._close(conn)
 
     def _guard(self, fn: Callable[[], Any]) -> Any:
         try:
@@ -331,8 +357,15 @@ class DataPlane:
             batch.append((conn, handle, eng.read, (vol, offset, length), False, None,
                           _M_READ, length, t0))
         elif op == P.OP_WRITE:
-            batch.append((conn, handle, eng.write, (vol, offset, payload), fua, None,
-                          _M_WRITE, length, t0))
+            red = self._reducer
+            if red is not None and red.wants(offset, length):
+                # the reducer starts on it now, while the engine runs earlier requests
+                pending = red.submit(payload, codecs.IDS[vol.compression])
+                batch.append((conn, handle, eng.write_reduced, (vol, offset, pending), fua,
+                              None, _M_WRITE, length, t0))
+            else:
+                batch.append((conn, handle, eng.write, (vol, offset, payload), fua, None,
+                              _M_WRITE, length, t0))
         elif op in (P.OP_ZERO, P.OP_TRIM):
             batch.append((conn, handle, eng.zero, (vol, offset, length), fua, None,
                           _M_ZERO if op == P.OP_ZERO else _M_TRIM, length, t0))
@@ -362,9 +395,12 @@ class DataPlane:
     def _execute(self, batch: list[_Job]) -> None:
         results: list[_Result] = []
         want_commit = False
+        write_reduced = self.engine.write_reduced
         for conn, handle, fn, args, flush, extra, mop, nbytes, t0 in batch:
             exc: BaseException | None = None
             res = None
+            if fn == write_reduced and not args[2].ready():
+                self._read_ahead()  # keep the reducer busy while we wait for it
             try:
                 res = fn(*args)
                 want_commit |= flush
@@ -388,6 +424,10 @@ class DataPlane:
         self.requests += len(batch)
         self.max_batch = max(self.max_batch, len(batch))
         self._deliver(results)
+        if self.engine.commit_due():
+            # the replies are out; the reducer works on what came in while we commit
+            self._read_ahead()
+            self._guard(self.engine.commit_if_due)
 
     def _deliver(self, results: list[_Result]) -> None:
         now = monotonic_ns()

@@ -41,7 +41,9 @@ from .format import (
     pack_chunk_header,
     record_size,
 )
+from .fpindex import FingerprintIndex
 from .pool import Pool
+from .reducer import KIND_ZERO, Pending
 from .segments import SegmentLog
 from .temperature import HeatMap
 from .units import validate_name, validate_volume_size
@@ -163,8 +165,14 @@ class Engine:
         # [volume id, generation, next lba]
         self.dropping: list[list[int]] = self.meta.get_json("dropping", [])
         self.jobs: list[Callable[[int], int]] = []  # background jobs (background_step)
-        self.services: list[BackgroundService] = []  # always-on background services
+        # the dedupe index; its merge is the first always-on background service
+        self.fps = FingerprintIndex(self.meta, self.next_chunk, self._updated)
+        self.services: list[BackgroundService] = [self.fps]
         self.commits = 0
+        # Set by the data plane: writes leave the periodic group commit to it,
+        # so that it can send the batch's replies and hand new requests to the
+        # reducer first, and the commit's fsync overlaps with that work.
+        self.defer_commits = False
         self.dirty = False
         self.failed: str | None = None  # set when the device failed a write or sync
         # Instance tracking lets a reconnecting client learn whether writes it
@@ -260,12 +268,10 @@ class Engine:
         chunk. Stale entries are overwritten on reuse or pruned in the
         background (prune_step).
         """
-        txn = self.meta.txn
-        hit = txn.get(fp, db=self.meta.fp)
-        if hit is None:
+        cid = self.fps.get(fp)
+        if cid is None:
             return None
-        cid = U64.unpack(hit)[0]
-        raw = txn.get(_ckey(cid), db=self.meta.chunks)
+        raw = self.meta.txn.get(_ckey(cid), db=self.meta.chunks)
         if raw is None or raw[-32:] != fp:
             self.stale_fps -= 1  # the caller overwrites it with a new chunk
             return None
@@ -290,15 +296,19 @@ class Engine:
             txn.put(key, _pack_chunk(rc - 1, s, off, slen, codec, slot, res, fp), db=self.meta.chunks)
             return
         txn.delete(key, db=self.meta.chunks)
-        self.stale_fps += 1  # its fingerprint entry stays until reused or pruned
+        if self.fps.forget(fp, cid):
+            self.stale_fps += 1  # its fingerprint entry stays until reused or pruned
         size = record_size(slen)
         self.segs.release(s, size)
         self.live_chunks -= 1
         self.live_stored -= size
 
-    def _new_chunk(self, vol: Volume, fp: bytes, codec: int, payload: bytes) -> int:
+    def _new_chunk(self, vol: Volume, fp: bytes, codec: int, payload: bytes,
+                   crc: int | None = None) -> int:
         cid = self.next_chunk
-        hdr = pack_chunk_header(KIND_CHUNK, codec, cid, BLOCK_SIZE, len(payload), fp, crc32(payload))
+        if crc is None:
+            crc = crc32(payload)
+        hdr = pack_chunk_header(KIND_CHUNK, codec, cid, BLOCK_SIZE, len(payload), fp, crc)
         try:
             s, off, size = self.segs.append(hdr, payload)
         except DeviceIOError as e:  # the write-behind of full blocks failed
@@ -309,7 +319,7 @@ class Engine:
         # chunk ids only grow: appending skips the B-tree search
         txn.put(_ckey(cid), _pack_chunk(1, s, off, len(payload), codec, 0, 0, fp),
                 db=self.meta.chunks, append=True)
-        txn.put(fp, U64.pack(cid), db=self.meta.fp)
+        self.fps.add(fp, cid)
         self.live_chunks += 1
         self.live_stored += size
         vol.stats.stored_bytes += size
@@ -504,6 +514,12 @@ class Engine:
                 yield lba, U64.unpack(cur.value())[0]
             ok = cur.next()
 
+    def index_statistics(self) -> dict[str, Any]:
+        """The dedupe index: entries waiting in memory, stale entries, running sweeps."""
+        return {"in_memory": len(self.fps), "merging": bool(self.fps.merging),
+                "merged_below_chunk": self.fps.upto, "stale": self.stale_fps,
+                "pruning": self.prune_from is not None}
+
     # ------------------------------------------------------------------ background work
     def has_background_work(self) -> bool:
         return (bool(self.reclaiming or self.dropping or self.jobs) or self._prune_wanted(busy=False)
@@ -561,10 +577,12 @@ class Engine:
         ok = cur.set_range(self.prune_from) if self.prune_from else cur.first()
         seen = 0
         stale: list[bytes] = []
+        pending = self.fps.pending
         while ok and seen < budget:
             fp = bytes(cur.key())
             raw = txn.get(_ckey(U64.unpack(cur.value())[0]), db=self.meta.chunks)
-            if raw is None or raw[-32:] != fp:
+            # an entry about to be replaced by the merge was counted as reused already
+            if (raw is None or raw[-32:] != fp) and not pending(fp):
                 stale.append(fp)
             seen += 1
             ok = cur.next()
@@ -854,7 +872,7 @@ class Engine:
         self.dirty = True
         if fua:
             self.flush()
-        else:
+        elif not self.defer_commits:
             self._maybe_commit()
 
     def _store(self, vol: Volume, lba: int, codec: int, block: bytes) -> None:
@@ -875,6 +893,49 @@ class Engine:
             cid = self._new_chunk(vol, fp, used, payload)
             st.unique_bytes += BLOCK_SIZE
         self._map(vol, lba, cid)
+
+    def write_reduced(self, vol: Volume, offset: int, pending: Pending,
+                      fua: bool = False) -> None:
+        """write() of whole blocks already hashed and compressed by the reducer thread.
+
+        Same result as write(); the engine thread only does the metadata.
+        """
+        self._writable(vol)
+        fps, kinds, payloads, crcs = pending.wait()
+        count = len(kinds)
+        self._check_range(vol, offset, count * BLOCK_SIZE)
+        assert offset % BLOCK_SIZE == 0, "the reducer takes whole blocks only"
+        self.heat.touch(vol.id, offset, count * BLOCK_SIZE)
+        lba = offset // BLOCK_SIZE
+        zeros = unique = dupes = 0
+        for i, kind in enumerate(kinds):
+            if kind == KIND_ZERO:
+                zeros += 1
+                self._map(vol, lba + i, NO_CHUNK)
+                continue
+            fp = fps[32 * i : 32 * i + 32]
+            hit = self._dedupe_lookup(fp)
+            if hit is not None:
+                cid = hit[0]
+                self._incref(cid, hit[1])
+                dupes += 1
+            else:
+                payload = payloads[i]
+                assert payload is not None
+                cid = self._new_chunk(vol, fp, kind, payload, crcs[i])
+                unique += 1
+            self._map(vol, lba + i, cid)
+        st = vol.stats
+        st.written_bytes += count * BLOCK_SIZE
+        st.zero_bytes += zeros * BLOCK_SIZE
+        st.dedupe_bytes += dupes * BLOCK_SIZE
+        st.unique_bytes += unique * BLOCK_SIZE
+        st.writes += 1
+        self.dirty = True
+        if fua:
+            self.flush()
+        elif not self.defer_commits:
+            self._maybe_commit()
 
     def _check_failed(self) -> None:
         if self.failed is not None:
@@ -944,6 +1005,17 @@ class Engine:
     def _maybe_commit(self) -> None:
         if self.meta.pending_ops >= COMMIT_EVERY:
             self._commit()
+
+    def _updated(self) -> None:
+        self.dirty = True
+        self._maybe_commit()
+
+    def commit_due(self) -> bool:
+        """The open transaction is big enough for a group commit (see defer_commits)."""
+        return self.meta.pending_ops >= COMMIT_EVERY
+
+    def commit_if_due(self) -> None:
+        self._maybe_commit()
 
     def _persist_counters(self) -> None:
         for vol in self.volumes.values():

@@ -21,8 +21,8 @@ SUPPORTED_VERSIONS = (1,)
 # 2: the `fp` index is a hint (entries of freed chunks stay until pruned), and
 #    the `heat` and `hist` tables exist. A version-1 store is upgraded on open
 #    (it has no stale entries); a daemon that only knows 1 refuses a 2.
-METADATA_VERSION = 2
-SUPPORTED_METADATA_VERSIONS = (1, 2)
+METADATA_VERSION = 3
+SUPPORTED_METADATA_VERSIONS = (1, 2, 3)
 
 BLOCK_SIZE = 4096  # logical block of every volume
 ALIGN = 4096  # device I/O alignment (O_DIRECT, and padding at each flush)

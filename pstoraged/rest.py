@@ -319,6 +319,8 @@ def build_app(ctx: Context) -> FastAPI:
             "failed": ctx.engine.failed,
             "reclaiming_volumes": len(ctx.engine.reclaiming),
             "dropping_generations": len(ctx.engine.dropping),
+            "dedupe_index": await call(ctx.engine.index_statistics),
+            "background_work": await call(ctx.engine.has_background_work),
             "cleaner": cstats,
             "dataplane": asdict(ctx.dataplane.statistics()),
         }

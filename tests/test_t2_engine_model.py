@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from pstoraged import codecs, fpindex, reducer
 from pstoraged.engine import Engine
 from pstoraged.errors import CorruptData, InvalidArgument, NotFound, PoolFull
 from pstoraged.format import BLOCK_SIZE
@@ -63,8 +64,8 @@ def fingerprint_index_state(eng: Engine) -> tuple[int, int]:
 
     txn = eng.meta.txn
     valid = stale = 0
-    for fp, v in txn.cursor(db=eng.meta.fp):
-        raw = txn.get(CHUNK_KEY.pack(int.from_bytes(v, "little")), db=eng.meta.chunks)
+    for fp, cid in eng.fps.entries().items():  # B-tree and in-memory tiers
+        raw = txn.get(CHUNK_KEY.pack(cid), db=eng.meta.chunks)
         if raw is not None and raw[-32:] == fp:
             valid += 1
         else:
@@ -72,6 +73,12 @@ def fingerprint_index_state(eng: Engine) -> tuple[int, int]:
     for _k, raw in txn.cursor(db=eng.meta.chunks):
         assert eng._dedupe_lookup(raw[-32:]) is not None
     return valid, stale
+
+
+@pytest.fixture(autouse=True)
+def tiny_fingerprint_table(monkeypatch):
+    """Merges of the dedupe index's in-memory table happen every few chunks."""
+    monkeypatch.setattr(fpindex, "TABLE_ENTRIES", 6)
 
 
 class EngineModel(RuleBasedStateMachine):
@@ -106,6 +113,29 @@ class EngineModel(RuleBasedStateMachine):
         self._after()
         if fua:
             assert self.durable[name] == bytes(self.model[name])
+
+    @rule(name=st.sampled_from(["a", "b"]), block=st.integers(0, VOL_BLOCKS - 1),
+          blocks=st.integers(1, 12), pattern=st.integers(0, len(PATTERNS)),
+          salt=st.integers(0, 1 << 20), fua=st.booleans())
+    def write_reduced(self, name, block, blocks, pattern, salt, fua):
+        """The data plane's path for large writes: reduced by the C reducer first."""
+        if not reducer.AVAILABLE:
+            return
+        offset = block * BLOCK_SIZE
+        length = min(blocks * BLOCK_SIZE, VOL_SIZE - offset)
+        data = fill(pattern, length, salt)
+        vol = self.eng.volume(name)
+        self.eng.write_reduced(vol, offset, reducer.reduce_now(data, codecs.IDS[vol.compression]),
+                               fua=fua)
+        self.model[name][offset : offset + length] = data
+        self._after()
+        if fua:
+            assert self.durable[name] == bytes(self.model[name])
+
+    @rule(busy=st.booleans())
+    def background(self, busy):
+        self.eng.background_step(64, busy=busy)
+        self._after()
 
     @rule(name=st.sampled_from(["a", "b"]), offset=offsets, length=lengths)
     def read(self, name, offset, length):

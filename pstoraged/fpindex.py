@@ -1,0 +1,149 @@
+"""The pool-wide dedupe index: fingerprint -> chunk id, in two tiers.
+
+Fingerprints are random, so adding each new chunk's entry straight to the
+B-tree dirtied one 4 KiB page per unique block written: on sequential writes
+of mixed data the index pages were ~80 % of every group commit (measured:
+40 ms commits, 4 ms without them). New entries therefore go to a bounded
+in-memory table first, and a background merge moves a full table into the
+B-tree in key order, so that each B-tree page is written once per merge
+however many new entries land on it.
+
+Crash safety needs no log of its own: every chunk record already carries its
+fingerprint, and chunk ids only grow. The meta key `fp_upto` says below which
+chunk id every chunk is in the B-tree; on open, the chunks from there on are
+read back into the table (a bounded scan: at most two tables' worth).
+
+The index is a hint either way (Engine._dedupe_lookup checks every hit against
+the chunk record), so a lost or stale entry can cost dedupe, never data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from .format import CHUNK_KEY, U64
+from .metadata import MetaStore
+
+log = logging.getLogger(__name__)
+
+TABLE_ENTRIES = 65536  # new fingerprints held in memory before a merge (~13 MiB)
+MERGE_SLICE = 2048  # entries merged per background step
+
+
+class FingerprintIndex:
+    def __init__(self, meta: MetaStore, next_chunk: int, after_step: Callable[[], None],
+                 table_entries: int | None = None) -> None:
+        self.meta = meta
+        self.after_step = after_step  # the engine's "updates made" hook (dirty, maybe commit)
+        self.table_entries = table_entries or TABLE_ENTRIES
+        self.recent: dict[bytes, int] = {}  # entries not yet in the B-tree
+        self.merging: dict[bytes, int] = {}  # the table being merged
+        self._order: list[bytes] = []  # its keys, sorted
+        self._pos = 0  # next key of _order to merge
+        self._merge_upto = 0  # chunk id below which all will be in the B-tree after the merge
+        upto = meta.get_json("fp_upto", None)
+        if upto is None:  # a new store, or one older than metadata v3: all in the B-tree
+            upto = next_chunk
+            meta.put_json("fp_upto", upto)
+        self.upto: int = upto
+        self._load_tail(next_chunk)
+
+    def _load_tail(self, next_chunk: int) -> None:
+        """Rebuild the table from the chunk records not yet merged (after a restart)."""
+        txn, n = self.meta.txn, 0
+        cur = txn.cursor(db=self.meta.chunks)
+        ok = cur.set_range(CHUNK_KEY.pack(self.upto))
+        while ok:
+            cid = CHUNK_KEY.unpack(cur.key())[0]
+            self.recent[bytes(cur.value()[-32:])] = cid
+            n += 1
+            ok = cur.next()
+        if n:
+            log.info("dedupe index: %d fingerprints of chunks %d.. back in memory",
+                     n, self.upto)
+
+    def __len__(self) -> int:
+        return len(self.recent) + len(self.merging)
+
+    def get(self, fp: bytes) -> int | None:
+        cid = self.recent.get(fp)
+        if cid is None:
+            cid = self.merging.get(fp)
+            if cid is None:
+                hit = self.meta.txn.get(fp, db=self.meta.fp)
+                if hit is None:
+                    return None
+                cid = U64.unpack(hit)[0]
+        return cid
+
+    def pending(self, fp: bytes) -> bool:
+        """An entry for fp waits in memory (and will replace the B-tree's)."""
+        return fp in self.recent or fp in self.merging
+
+    def forget(self, fp: bytes, cid: int) -> bool:
+        """Chunk `cid` was freed: returns whether that leaves a stale entry behind.
+
+        An entry still in memory is simply dropped (it never reaches the
+        B-tree). A B-tree entry for fp stays, stale, until pruned or replaced.
+        """
+        for table in (self.recent, self.merging):
+            held = table.get(fp)
+            if held is None:
+                continue
+            if held != cid:  # superseded by a newer chunk with the same content
+                return False
+            del table[fp]
+            return self.meta.txn.get(fp, db=self.meta.fp) is not None
+        return True
+
+    def entries(self) -> dict[bytes, int]:
+        """The whole index as lookups see it (tests and checks; reads the B-tree)."""
+        out = {bytes(k): U64.unpack(v)[0] for k, v in self.meta.txn.cursor(db=self.meta.fp)}
+        out.update(self.merging)
+        out.update(self.recent)
+        return out
+
+    def add(self, fp: bytes, cid: int) -> None:
+        self.recent[fp] = cid
+        if len(self.recent) >= self.table_entries:
+            self._start_merge(cid + 1)
+            if len(self.recent) >= self.table_entries:  # the merge could not keep up
+                self.finish_merge()
+                self._start_merge(cid + 1)
+
+    def _start_merge(self, upto: int) -> None:
+        if self.merging:
+            return
+        self.merging, self.recent = self.recent, {}
+        self._order = sorted(self.merging)
+        self._pos = 0
+        self._merge_upto = upto
+
+    def wanted(self, busy: bool) -> bool:
+        return bool(self.merging)
+
+    def step(self, budget: int, busy: bool) -> int:
+        """Merge up to max(budget, MERGE_SLICE) entries of the table, in key order."""
+        if not self.merging:
+            return 0
+        txn, db = self.meta.txn, self.meta.fp
+        end = min(len(self._order), self._pos + max(budget, MERGE_SLICE))
+        cur = txn.cursor(db=db)
+        merging = self.merging
+        cur.putmulti([(fp, U64.pack(cid)) for fp in self._order[self._pos : end]
+                      if (cid := merging.get(fp)) is not None])  # freed meanwhile: skipped
+        done = end - self._pos
+        self.meta.pending_ops += done
+        self._pos = end
+        if end == len(self._order):
+            # every chunk below _merge_upto is now in the B-tree (in this transaction)
+            self.upto = self._merge_upto
+            self.meta.put_json("fp_upto", self.upto)
+            self.merging, self._order, self._pos = {}, [], 0
+        self.after_step()
+        return done
+
+    def finish_merge(self) -> None:
+        while self.merging:
+            self.step(len(self._order), busy=True)
