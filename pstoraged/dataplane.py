@@ -357,15 +357,8 @@ class DataPlane:
             batch.append((conn, handle, eng.read, (vol, offset, length), False, None,
                           _M_READ, length, t0))
         elif op == P.OP_WRITE:
-            red = self._reducer
-            if red is not None and red.wants(offset, length):
-                # the reducer starts on it now, while the engine runs earlier requests
-                pending = red.submit(payload, codecs.IDS[vol.compression])
-                batch.append((conn, handle, eng.write_reduced, (vol, offset, pending), fua,
-                              None, _M_WRITE, length, t0))
-            else:
-                batch.append((conn, handle, eng.write, (vol, offset, payload), fua, None,
-                              _M_WRITE, length, t0))
+            fn, wargs = self.write_job(vol, offset, payload)
+            batch.append((conn, handle, fn, wargs, fua, None, _M_WRITE, length, t0))
         elif op in (P.OP_ZERO, P.OP_TRIM):
             batch.append((conn, handle, eng.zero, (vol, offset, length), fua, None,
                           _M_ZERO if op == P.OP_ZERO else _M_TRIM, length, t0))
@@ -373,6 +366,19 @@ class DataPlane:
             batch.append((conn, handle, eng.extents, (vol, offset, length), False, _extents,
                           _M_EXTENTS, 0, t0))
         return None
+
+    def write_job(self, vol: Volume, offset: int, data: bytes
+                  ) -> tuple[Callable[..., Any], tuple]:
+        """The engine call for a write: large aligned ones go to the reducer now.
+
+        The reducer starts on it at once (any thread may call this), while the
+        engine runs earlier requests; the engine then only does the metadata.
+        """
+        red = self._reducer
+        if red is not None and red.wants(offset, len(data)):
+            pending = red.submit(data, codecs.IDS[vol.compression])
+            return self.engine.write_reduced, (vol, offset, pending)
+        return self.engine.write, (vol, offset, data)
 
     def _open(self, conn: _Conn, handle: int, payload: bytes) -> None:
         if conn.vol is not None:

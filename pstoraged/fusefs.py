@@ -359,8 +359,9 @@ class FuseFrontEnd:
                 if size <= 0:
                     raise _Refuse(errno.ENOSPC)
                 data = bytes(body[IO_IN.size : IO_IN.size + size])
-                batch.append((unique, self._engine.write, (vol, off, data),
-                              WRITE_OUT.pack(size, 0), _M_WRITE, vol.name, size, t0))
+                fn, args = self._dp.write_job(vol, off, data)
+                batch.append((unique, fn, args, WRITE_OUT.pack(size, 0), _M_WRITE, vol.name,
+                              size, t0))
                 return size
             if opcode == FSYNC:
                 vol = self._file(FSYNC_IN.unpack_from(body)[0])
