@@ -5,7 +5,8 @@ The container is this machine's own root filesystem seen through an overlay
 target; the unit file is the one we ship, installed where scripts/install
 puts it, with a test drop-in only for paths and shorter timeouts. Checked:
 Type=notify start (active only once READY=1 came), restart on a crash (kill -9)
-with the data kept, the watchdog killing a hung daemon, reload (SIGHUP), a
+with the data kept, the export unit, the FUSE mount kept across the crash in
+systemd's fd store, the watchdog killing a hung daemon, reload (SIGHUP), a
 clean stop, and journald keeping our priorities.
 """
 
@@ -51,7 +52,7 @@ CONFIG = """pool_dir = "/var/lib/pstorage"
 run_dir = "/run/pstorage"
 sample_interval = 3600
 [fuse]
-enabled = false
+enabled = true
 """
 
 
@@ -89,7 +90,8 @@ class Container:
         self.log = open(self.base / "boot.log", "wb")
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "--directory", str(self.root), "--register=no", "--keep-unit",
-             "--link-journal=no", "--machine=pstorage-test", "--quiet", "-b",
+             "--link-journal=no", "--machine=pstorage-test", "--quiet",
+             "--bind=/dev/fuse", "-b",
              "systemd.unit=pstorage-test.target"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
@@ -212,8 +214,14 @@ def test_the_unit_under_systemd(container):
     nbdkit_pid = c.run("cat", "/run/pstorage/exports/keep/nbdkit.pid").stdout.strip()
     c.run("nbdsh", "-u", uri, "-c", "h.pwrite(b'systemd!' * 8192, 65536); h.flush()")
 
+    # the FUSE front end's file of the volume: written and fsynced
+    fuse_file = "/run/pstorage/dev/keep"
+    c.run("python3", "-c", f"import os; fd = os.open('{fuse_file}', os.O_WRONLY); "
+          "os.pwrite(fd, b'fusefuse' * 512, 1 << 20); os.fsync(fd)")
+
     # a crash: Restart=on-failure brings it back; KillMode=process left the
-    # export running, and it serves the flushed data from the new daemon
+    # export running, and it serves the flushed data from the new daemon; the
+    # FUSE mount was kept in the fd store and the new daemon serves it
     os.kill(_host_pid(c, first_pid), signal.SIGKILL)
     c.wait(lambda: c.show("NRestarts")["NRestarts"] == "1"
            and c.show("ActiveState")["ActiveState"] == "active", "restart after kill -9")
@@ -222,6 +230,10 @@ def test_the_unit_under_systemd(container):
     assert [v["name"] for v in c.cli("volume", "list")] == ["keep"]
     assert c.run("cat", "/run/pstorage/exports/keep/nbdkit.pid").stdout.strip() == nbdkit_pid
     c.run("nbdsh", "-u", uri, "-c", "assert h.pread(65536, 65536) == b'systemd!' * 8192")
+    c.run("python3", "-c", f"import os; fd = os.open('{fuse_file}', os.O_RDONLY); "
+          "assert os.pread(fd, 4096, 1 << 20) == b'fusefuse' * 512")
+    journal = c.run("journalctl", "-u", "pstoraged", "--no-pager").stdout
+    assert "took over the mount on /run/pstorage/dev" in journal, journal[-2000:]
 
     # a hung daemon: the watchdog (4 s in the drop-in) aborts and restarts it
     os.kill(_host_pid(c, second_pid), signal.SIGSTOP)
