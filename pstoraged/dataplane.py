@@ -175,6 +175,8 @@ class DataPlane:
                     # control jobs (the wake-up fd) do not make clients busy
                     busy = (any(fd != self._wakefd for fd, _ in events)
                             or time.monotonic() - self._last_io < QUIET_SECONDS)
+                    if busy and self._reducer is not None:
+                        self._read_ahead()  # the reducer works on them meanwhile
                     done = self._guard(partial(self.engine.background_step,
                                                BUSY_RECLAIM if busy else IDLE_RECLAIM,
                                                busy=busy)) or 0
