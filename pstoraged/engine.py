@@ -868,7 +868,11 @@ class Engine:
         st.written_bytes += BLOCK_SIZE * len(blocks)
         for i, block in enumerate(blocks):
             self._store(vol, lba + i, codec, block)
-        st.writes += 1
+        self._written(vol, fua)
+
+    def _written(self, vol: Volume, fua: bool) -> None:
+        """A write request is applied: count it, and commit if asked (or due)."""
+        vol.stats.writes += 1
         self.dirty = True
         if fua:
             self.flush()
@@ -930,12 +934,7 @@ class Engine:
         st.zero_bytes += zeros * BLOCK_SIZE
         st.dedupe_bytes += dupes * BLOCK_SIZE
         st.unique_bytes += unique * BLOCK_SIZE
-        st.writes += 1
-        self.dirty = True
-        if fua:
-            self.flush()
-        elif not self.defer_commits:
-            self._maybe_commit()
+        self._written(vol, fua)
 
     def _check_failed(self) -> None:
         if self.failed is not None:

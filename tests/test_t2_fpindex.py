@@ -89,56 +89,65 @@ def test_reduced_writes_store_what_plain_writes_store(engine):
     assert sa.written_bytes == 2 * len(data)
 
 
+@pytest.fixture
+def small_index(monkeypatch):
+    """A 64-entry table merged 8 entries per step: merges and partial merges are easy to reach."""
+    monkeypatch.setattr(fpindex, "TABLE_ENTRIES", 64)
+    monkeypatch.setattr(fpindex, "MERGE_SLICE", 8)
+
+
+@pytest.fixture
+def eng(pool_dir, small_index):
+    e = Engine(open_pool(pool_dir))
+    yield e
+    if e.pool.backing.fd >= 0:
+        e.close()
+
+
+def _settle(eng, busy=False):
+    while eng.background_step(16, busy=busy):
+        pass
+
+
 def _write_unique(eng, vol, first_block, count):
     blocks = [os.urandom(BLOCK_SIZE) for _ in range(count)]
     eng.write(vol, first_block * BLOCK_SIZE, b"".join(blocks))
     return blocks
 
 
-def test_new_fingerprints_wait_in_memory_and_merge_in_the_background(pool_dir, monkeypatch):
-    monkeypatch.setattr(fpindex, "TABLE_ENTRIES", 64)
-    eng = Engine(open_pool(pool_dir))
-    try:
-        v = eng.create_volume("v", 4 << 20)
-        blocks = _write_unique(eng, v, 0, 40)
-        idx = eng.fps
-        assert len(idx.recent) == 40 and not idx.merging  # nothing in the B-tree yet
-        blocks += _write_unique(eng, v, 40, 40)  # the table filled: a merge started
-        assert idx.merging and len(idx) == 80 and eng.has_background_work()
-        while eng.background_step(16, busy=True):
-            pass
-        assert not idx.merging and idx.upto > 1 and len(idx) <= 64
-        eng.flush()
-        # everything dedupes, from either tier
-        before = eng.live_chunks
-        eng.write(v, 1 << 20, b"".join(blocks))
-        assert eng.live_chunks == before
-        assert fingerprint_index_state(eng) == (before, eng.stale_fps)
-    finally:
-        eng.close()
+def test_new_fingerprints_wait_in_memory_and_merge_in_the_background(eng):
+    v = eng.create_volume("v", 4 << 20)
+    blocks = _write_unique(eng, v, 0, 40)
+    idx = eng.fps
+    assert len(idx.recent) == 40 and not idx.merging  # nothing in the B-tree yet
+    blocks += _write_unique(eng, v, 40, 40)  # the table filled: a merge started
+    assert idx.merging and len(idx) == 80 and eng.has_background_work()
+    assert eng.background_step(16, busy=True) == 16  # a bounded slice at a time
+    _settle(eng, busy=True)
+    assert not idx.merging and idx.upto > 1 and len(idx) <= 64
+    eng.flush()
+    # everything dedupes, from either tier
+    before = eng.live_chunks
+    eng.write(v, 1 << 20, b"".join(blocks))
+    assert eng.live_chunks == before
+    assert fingerprint_index_state(eng) == (before, eng.stale_fps)
 
 
-def test_memory_stays_bounded_when_merges_cannot_keep_up(pool_dir, monkeypatch):
-    monkeypatch.setattr(fpindex, "TABLE_ENTRIES", 32)
-    eng = Engine(open_pool(pool_dir))
-    try:
-        v = eng.create_volume("v", 4 << 20)
-        for i in range(10):  # no background steps at all
-            _write_unique(eng, v, i * 30, 30)
-            assert len(eng.fps) <= 2 * 32
-        assert fingerprint_index_state(eng) == (300, 0)
-    finally:
-        eng.close()
+def test_memory_stays_bounded_when_merges_cannot_keep_up(eng):
+    v = eng.create_volume("v", 4 << 20)
+    for i in range(10):  # no background steps at all
+        _write_unique(eng, v, i * 30, 30)
+        assert len(eng.fps) <= 2 * 64
+    assert fingerprint_index_state(eng) == (300, 0)
 
 
-def test_crash_during_a_merge_loses_no_index_entry(pool_dir, monkeypatch):
-    monkeypatch.setattr(fpindex, "TABLE_ENTRIES", 64)
-    eng = Engine(open_pool(pool_dir))
+def test_crash_during_a_merge_loses_no_index_entry(eng, pool_dir):
     v = eng.create_volume("v", 4 << 20)
     blocks = _write_unique(eng, v, 0, 100)
     eng.background_step(16, busy=True)
     eng.flush()  # part of the merge is committed ...
     eng.background_step(16, busy=True)  # ... and part is lost
+    assert eng.fps.merging  # (not finished)
     _write_unique(eng, v, 100, 10)  # never committed
     crash(eng)
     eng = Engine(open_pool(pool_dir))
@@ -148,28 +157,21 @@ def test_crash_during_a_merge_loses_no_index_entry(pool_dir, monkeypatch):
         before = eng.live_chunks
         eng.write(eng.volume("v"), 1 << 20, b"".join(blocks))
         assert eng.live_chunks == before  # all deduped
-        while eng.background_step(64, busy=False):
-            pass
+        _settle(eng)
         eng.flush()
         assert fingerprint_index_state(eng) == (100, 0)
     finally:
         eng.close()
 
 
-def test_chunks_freed_before_their_merge_leave_no_stale_entry(pool_dir, monkeypatch):
-    monkeypatch.setattr(fpindex, "TABLE_ENTRIES", 64)
-    eng = Engine(open_pool(pool_dir))
-    try:
-        v = eng.create_volume("v", 4 << 20)
-        _write_unique(eng, v, 0, 50)
-        _write_unique(eng, v, 0, 50)  # frees the first 50 while they are still in memory
-        assert eng.stale_fps == 0
-        while eng.background_step(64, busy=False):
-            pass
-        eng.flush()
-        assert fingerprint_index_state(eng) == (50, 0)
-    finally:
-        eng.close()
+def test_chunks_freed_before_their_merge_leave_no_stale_entry(eng):
+    v = eng.create_volume("v", 4 << 20)
+    _write_unique(eng, v, 0, 50)
+    _write_unique(eng, v, 0, 50)  # frees the first 50 while they are still in memory
+    assert eng.stale_fps == 0
+    _settle(eng)
+    eng.flush()
+    assert fingerprint_index_state(eng) == (50, 0)
 
 
 def test_version_2_store_is_upgraded_and_keeps_deduping(pool_dir):
