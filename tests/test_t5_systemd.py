@@ -91,7 +91,9 @@ class Container:
         self.proc = subprocess.Popen(
             ["systemd-nspawn", "--directory", str(self.root), "--register=no", "--keep-unit",
              "--link-journal=no", "--machine=pstorage-test", "--quiet",
-             "--bind=/dev/fuse", "-b",
+             "--bind=/dev/fuse",
+             # the checkout may be under /tmp, which nspawn gives its own tmpfs
+             f"--bind-ro={ROOT}", "-b",
              "systemd.unit=pstorage-test.target"],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
