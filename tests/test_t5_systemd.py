@@ -81,6 +81,12 @@ class Container:
         (etc / "systemd/system/pstoraged.service.d").mkdir(parents=True, exist_ok=True)
         (etc / "systemd/system/pstoraged.service.d/test.conf").write_text(DROPIN)
         (etc / "systemd/system/pstorage-test.target").write_text(TARGET)
+        # The export unit's DynamicUser= implies PrivateTmp=: a checkout under
+        # /tmp (where the CLI symlink points) must be bound in. An installed
+        # system has the CLI in /usr/local.
+        (etc / "systemd/system/pstorage-nbd@.service.d").mkdir(parents=True, exist_ok=True)
+        (etc / "systemd/system/pstorage-nbd@.service.d/test.conf").write_text(
+            f"[Service]\nBindReadOnlyPaths={ROOT}\n")
         (etc / "sysusers.d").mkdir(exist_ok=True)
         (etc / "sysusers.d/pstorage.conf").write_text("g pstorage -\n")
         (etc / "pstorage").mkdir(exist_ok=True)
