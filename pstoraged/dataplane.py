@@ -47,6 +47,7 @@ MAX_OUT = 64 << 20  # stop reading a connection whose replies pile up beyond thi
 BUSY_RECLAIM = 128  # map entries of deleted volumes released per batch under load
 IDLE_RECLAIM = 2048  # ... and per step when no client is waiting
 QUIET_SECONDS = 0.1  # no request for this long: clients are idle
+READ_TRIES = 4  # receives per connection and wake-up while a frame is incomplete
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,16 +279,25 @@ class DataPlane:
         conn.sock.close()
 
     def _read(self, conn: _Conn, batch: list[_Job]) -> None:
-        try:
-            n = conn.sock.recv_into(self._rbuf)
-        except BlockingIOError:
-            return
-        except OSError:
-            n = 0
-        if not n:
-            self._close(conn)
-            return
-        conn.inbuf += self._rbuf[:n]
+        # A large frame can be caught half sent: read on while one is
+        # incomplete and more is there, rather than leaving its rest (and the
+        # request) for the next poll, after the whole next batch.
+        for _ in range(READ_TRIES):
+            try:
+                n = conn.sock.recv_into(self._rbuf)
+            except BlockingIOError:
+                return
+            except OSError:
+                n = 0
+            if not n:
+                self._close(conn)
+                return
+            conn.inbuf += self._rbuf[:n]
+            if not self._parse_frames(conn, batch):
+                return
+
+    def _parse_frames(self, conn: _Conn, batch: list[_Job]) -> bool:
+        """Parse every complete frame of conn.inbuf; True if an incomplete one is left."""
         buf = conn.inbuf
         pos = 0
         hsize = P.REQ.size
@@ -315,6 +325,8 @@ class DataPlane:
             self._set_reading(conn, False)
             if not conn.out:
                 self._close(conn)
+            return False
+        return bool(buf)
 
     def _refuse(self, conn: _Conn, handle: int, err: int, msg: str) -> None:
         self.protocol_errors += 1
