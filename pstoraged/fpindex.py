@@ -28,7 +28,8 @@ from .metadata import MetaStore
 log = logging.getLogger(__name__)
 
 TABLE_ENTRIES = 65536  # new fingerprints held in memory before a merge (~13 MiB)
-MERGE_SLICE = 512  # entries merged per background step (smaller steps: shorter stalls, measured ~5% faster than 2048)
+# entries merged per background step: short stalls (quick runs: ~5 % faster than 2048)
+MERGE_SLICE = 512
 
 
 class FingerprintIndex:
@@ -47,9 +48,9 @@ class FingerprintIndex:
             upto = next_chunk
             meta.put_json("fp_upto", upto)
         self.upto: int = upto
-        self._load_tail(next_chunk)
+        self._load_tail()
 
-    def _load_tail(self, next_chunk: int) -> None:
+    def _load_tail(self) -> None:
         """Rebuild the table from the chunk records not yet merged (after a restart)."""
         txn, n = self.meta.txn, 0
         cur = txn.cursor(db=self.meta.chunks)
