@@ -23,6 +23,18 @@ def _request(sock: socket.socket, op: int, payload: bytes = b"", length: int = 0
     return sock.recv(plen, socket.MSG_WAITALL) if plen else b""
 
 
+def _serve(dp: DataPlane, client) -> None:
+    """Run the data plane while `client` (blocking socket code) talks to it, then stop it."""
+    async def main() -> None:
+        dp.start()
+        try:
+            await trio.to_thread.run_sync(client)
+        finally:
+            await dp.stop()
+
+    trio.run(main)
+
+
 def test_internal_error_drops_one_connection_not_the_daemon(pool_dir, caplog):
     caplog.allowed_errors = True
     engine = Engine(open_pool(pool_dir))
@@ -47,14 +59,7 @@ def test_internal_error_drops_one_connection_not_the_daemon(pool_dir, caplog):
             assert _request(b, P.OP_OPEN, b"v") is not None  # others are served
             assert _request(b, P.OP_READ, length=4096) == bytes(4096)
 
-    async def main() -> None:
-        dp.start()
-        try:
-            await trio.to_thread.run_sync(client)
-        finally:
-            await dp.stop()
-
-    trio.run(main)
+    _serve(dp, client)
     assert "dropped after an internal error" in caplog.text
 
 
@@ -99,12 +104,5 @@ def test_frames_split_and_joined_anyhow_are_served_in_order(pool_dir):
             assert got[1][2] == data
             assert _request(s, P.OP_READ, length=16384) == data[:16384]
 
-    async def main() -> None:
-        dp.start()
-        try:
-            await trio.to_thread.run_sync(client)
-        finally:
-            await dp.stop()
-
-    trio.run(main)
+    _serve(dp, client)
     assert engine.volume("v").stats.zero_bytes == 32 << 10  # reduced: the zero blocks seen
