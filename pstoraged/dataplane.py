@@ -232,9 +232,10 @@ class DataPlane:
     def _read_ahead(self) -> None:
         """Parse requests that arrived meanwhile, so the reducer gets them now.
 
-        Called while the engine would otherwise wait for the reducer; the
-        requests join the next batch (FIFO order is kept). Only incoming data
-        is handled here: everything else stays ready for the next poll.
+        Called before the engine thread waits for the reducer, commits, or
+        runs a background step under load; the requests join the next batch
+        (FIFO order is kept). Only incoming data is handled here: everything
+        else stays ready for the next poll.
         """
         for fd, ev in self._ep.poll(0):
             conn = self._conns.get(fd)
@@ -447,7 +448,7 @@ class DataPlane:
         if self.engine.commit_due():
             # the replies are out; the reducer works on what came in while we commit
             self._read_ahead()
-            self._guard(self.engine.commit_if_due)
+            self._guard(self.engine.flush)  # the group commit that is due
 
     def _deliver(self, results: list[_Result]) -> None:
         now = monotonic_ns()

@@ -1002,7 +1002,7 @@ class Engine:
 
     # ------------------------------------------------------------------ durability
     def _maybe_commit(self) -> None:
-        if self.meta.pending_ops >= COMMIT_EVERY:
+        if self.commit_due():
             self._commit()
 
     def _updated(self) -> None:
@@ -1012,9 +1012,6 @@ class Engine:
     def commit_due(self) -> bool:
         """The open transaction is big enough for a group commit (see defer_commits)."""
         return self.meta.pending_ops >= COMMIT_EVERY
-
-    def commit_if_due(self) -> None:
-        self._maybe_commit()
 
     def _persist_counters(self) -> None:
         for vol in self.volumes.values():

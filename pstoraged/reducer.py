@@ -21,6 +21,8 @@ import queue
 import threading
 from typing import Any
 
+from .format import BLOCK_SIZE
+
 log = logging.getLogger(__name__)
 
 try:
@@ -32,7 +34,6 @@ except ImportError:  # built without a C compiler or headers: reduce inline
 
 AVAILABLE = _CReducer is not None
 OFFLOAD_MIN = 16384  # bytes: below this a write is reduced inline
-BLOCK = 4096
 
 # (fingerprints: 32 bytes per block, kinds: codec per block or KIND_ZERO,
 #  payloads: what to store per block, None for zero blocks, their CRC-32s)
@@ -65,7 +66,8 @@ class Pending:
 
 
 class ReducerThread:
-    """The worker. submit() from the engine thread; results come back in any order."""
+    """The worker. submit() from any thread (data plane, FUSE front end); each Pending
+    is waited for on the engine thread, in any order."""
 
     def __init__(self, zstd_level: int = 3) -> None:
         if _CReducer is None:
@@ -76,7 +78,7 @@ class ReducerThread:
         self._thread.start()
 
     def wants(self, offset: int, length: int) -> bool:
-        return length >= OFFLOAD_MIN and offset % BLOCK == 0 and length % BLOCK == 0
+        return length >= OFFLOAD_MIN and offset % BLOCK_SIZE == 0 and length % BLOCK_SIZE == 0
 
     def submit(self, data: bytes, codec: int) -> Pending:
         """Queue a write's reduction: one C call for the whole write.
