@@ -25,7 +25,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from time import monotonic_ns
@@ -430,17 +430,24 @@ class DataPlane:
             except Exception as e:  # a bug must not take the daemon down
                 log.exception("engine %s failed", getattr(fn, "__name__", fn))
                 exc = DeviceIOError(f"internal error: {e}")
-            results.append((conn, handle, res, exc, flush, extra, mop, nbytes, t0))
+            result = (conn, handle, res, exc, flush, extra, mop, nbytes, t0)
+            if flush:  # answered after the commit below
+                results.append(result)
+            else:
+                # Answer now, not after the batch: at low queue depth the client
+                # sends its next request sooner (128 KiB writes, QD8: ~5 %, A/B).
+                self._deliver((result,))
         if want_commit:
             try:
                 self.engine.flush()
             except Exception as e:
                 log.exception("commit failed")
                 fail = e if isinstance(e, PStorageError) else DeviceIOError(str(e))
-                # Only requests that asked for durability learn of it; the
-                # others' data is readable and a later flush retries.
-                results = [(c, h, None if f else r, fail if f else x, f, ex, m, n, t)
-                           for c, h, r, x, f, ex, m, n, t in results]
+                # Only requests that asked for durability learn of it (the
+                # others are answered already: their data is readable and a
+                # later flush retries).
+                results = [(c, h, None, fail, f, ex, m, n, t)
+                           for c, h, _, _, f, ex, m, n, t in results]
         self.batches += 1
         self.requests += len(batch)
         self.max_batch = max(self.max_batch, len(batch))
@@ -450,7 +457,7 @@ class DataPlane:
             self._read_ahead()
             self._guard(self.engine.flush)  # the group commit that is due
 
-    def _deliver(self, results: list[_Result]) -> None:
+    def _deliver(self, results: Iterable[_Result]) -> None:
         now = monotonic_ns()
         record = self.io.record
         for conn, handle, res, failure, _, extra, mop, nbytes, t0 in results:

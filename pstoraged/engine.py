@@ -166,7 +166,9 @@ class Engine:
         self.dropping: list[list[int]] = self.meta.get_json("dropping", [])
         self.jobs: list[Callable[[int], int]] = []  # background jobs (background_step)
         # the dedupe index; its merge is the first always-on background service
-        self.fps = FingerprintIndex(self.meta, self.next_chunk, self._updated)
+        sb = pool.sb
+        self.fps = FingerprintIndex(self.meta, self.next_chunk, self._updated,
+                                    capacity_blocks=sb.segment_count * sb.segment_size // BLOCK_SIZE)
         self.services: list[BackgroundService] = [self.fps]
         self.commits = 0
         # Set by the data plane: writes leave the periodic group commit to it,
@@ -518,7 +520,7 @@ class Engine:
         """The dedupe index: entries waiting in memory, stale entries, running sweeps."""
         return {"in_memory": len(self.fps), "merging": bool(self.fps.merging),
                 "merged_below_chunk": self.fps.upto, "stale": self.stale_fps,
-                "pruning": self.prune_from is not None}
+                "pruning": self.prune_from is not None, "filter": self.fps.filter_statistics()}
 
     # ------------------------------------------------------------------ background work
     def has_background_work(self) -> bool:

@@ -196,3 +196,106 @@ def test_version_2_store_is_upgraded_and_keeps_deduping(pool_dir):
         assert eng.live_chunks == 20
     finally:
         eng.close()
+
+
+# ---------------------------------------------------------------- the Bloom filter
+needs_filter = pytest.mark.skipif(fpindex.FingerprintFilter is None and not os.environ.get("CI"),
+                                  reason="pstoraged._filter is not built")
+
+
+def _fps(n, salt=b""):
+    return [hashlib.sha256(salt + i.to_bytes(8, "little")).digest() for i in range(n)]
+
+
+@needs_filter
+def test_filter_never_forgets_and_rarely_says_maybe_wrongly():
+    assert fpindex.FingerprintFilter is not None, "pstoraged._filter must be built"
+    size = fpindex.filter_bytes(100_000)
+    assert size == 256 << 10  # the power of two with >= 12 bits per entry
+    f = fpindex.FingerprintFilter(size)
+    inside = _fps(size * 8 // fpindex.FILTER_BITS_PER_ENTRY)  # the designed load
+    f.add_many(inside[1:])
+    f.add(memoryview(inside[0]))
+    assert f.added == len(inside) and f.nbytes == size
+    assert all(f.maybe(fp) for fp in inside)
+    wrong = sum(f.maybe(fp) for fp in _fps(100_000, b"other"))
+    assert wrong < 1500  # ~0.5 % expected; an empty or saturated filter fails this
+    assert not fpindex.FingerprintFilter(size).maybe(inside[0])
+    with pytest.raises(ValueError):
+        fpindex.FingerprintFilter(1000)  # not a power of two
+    with pytest.raises(ValueError):
+        f.maybe(b"short")
+    with pytest.raises(TypeError):
+        f.add_many([inside[0], 7])
+
+
+def test_filter_size_is_bounded():
+    assert fpindex.filter_bytes(0) == fpindex.FILTER_MIN_BYTES
+    assert fpindex.filter_bytes(10 << 20) == 16 << 20  # 40 GiB of 4 KiB blocks
+    assert fpindex.filter_bytes(1 << 40) == fpindex.FILTER_MAX_BYTES
+
+
+@pytest.fixture
+def slow_build(monkeypatch):
+    """A small filter built 4 keys a step, so that builds take many steps."""
+    monkeypatch.setattr(fpindex, "FILTER_MIN_BYTES", 4096)
+    monkeypatch.setattr(fpindex, "FILTER_MAX_BYTES", 4096)
+    monkeypatch.setattr(fpindex, "FILTER_BUILD_SLICE", 4)
+
+
+def _btree_keys(eng):
+    return list(eng.meta.txn.cursor(db=eng.meta.fp).iternext(values=False))
+
+
+@needs_filter
+def test_filter_is_built_from_the_btree_while_merges_go_on(slow_build, pool_dir, small_index):
+    eng = Engine(open_pool(pool_dir))
+    v = eng.create_volume("v", 4 << 20)
+    blocks = _write_unique(eng, v, 0, 200)
+    _settle(eng)
+    eng.close()
+    eng = Engine(open_pool(pool_dir))  # a restart: the filter is built again
+    try:
+        idx = eng.fps
+        assert idx.filter is None and idx._building is not None
+        # merges land keys on both sides of the walk while it goes on
+        more = _write_unique(eng, eng.volume("v"), 200, 200)
+        steps = 0
+        while idx.filter is None:
+            assert eng.background_step(1, busy=True)
+            steps += 1
+        assert steps > 20 and idx.filter_statistics()["ready"]
+        _settle(eng)
+        keys = _btree_keys(eng)
+        assert len(keys) > 300 and all(idx.filter.maybe(k) for k in keys)
+        # lookups of new blocks skip the B-tree; known ones still dedupe
+        skips = idx.filter_skips
+        _write_unique(eng, eng.volume("v"), 400, 50)
+        assert idx.filter_skips - skips >= 40
+        before = eng.live_chunks
+        eng.write(eng.volume("v"), 600 * BLOCK_SIZE, b"".join(blocks + more))
+        assert eng.live_chunks == before
+        assert fingerprint_index_state(eng)[1] == eng.stale_fps
+        assert eng.index_statistics()["filter"]["bytes"] == 4096
+    finally:
+        eng.close()
+
+
+@needs_filter
+def test_filter_is_rebuilt_when_freed_chunks_fill_it(slow_build, monkeypatch, pool_dir, small_index):
+    monkeypatch.setattr(fpindex, "FILTER_MAX_BYTES", 1024)  # sized for 682 entries
+    monkeypatch.setattr(fpindex, "FILTER_MIN_BYTES", 1024)
+    eng = Engine(open_pool(pool_dir))
+    idx = eng.fps
+    _settle(eng)
+    first = idx.filter
+    assert first is not None
+    v = eng.create_volume("v", 4 << 20)
+    for _ in range(10):  # overwrites: each round frees the last round's chunks
+        _write_unique(eng, v, 0, 100)
+        _settle(eng)
+    assert idx.filter is not first  # rebuilt once past 682 entries
+    assert idx.filter.added < 10 * 100  # (the first took every one of them)
+    assert all(idx.filter.maybe(k) for k in _btree_keys(eng))
+    assert fingerprint_index_state(eng)[0] == 100
+    eng.close()
