@@ -89,6 +89,8 @@ class FingerprintIndex:
         self._filter_size = filter_bytes(capacity_blocks)
         if FingerprintFilter is not None and capacity_blocks:
             self._start_build()
+            if not meta.txn.stat(meta.fp)["entries"]:  # nothing to walk
+                self.filter, self._building = self._building, None
 
     def _load_tail(self) -> None:
         """Rebuild the table from the chunk records not yet merged (after a restart)."""

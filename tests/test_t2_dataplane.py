@@ -99,10 +99,50 @@ def test_frames_split_and_joined_anyhow_are_served_in_order(pool_dir):
             # a flush, a read and a second write in one send
             s.sendall(frame(P.OP_FLUSH, handle=3) + frame(P.OP_READ, 65536, len(data), handle=4)
                       + frame(P.OP_WRITE, 0, 16384, data[:16384], handle=5))
-            got = replies(s, 3)
+            # (the flush is answered after its commit, the others when applied)
+            got = sorted(replies(s, 3))
             assert [(h, e) for h, e, _ in got] == [(3, 0), (4, 0), (5, 0)]
             assert got[1][2] == data
             assert _request(s, P.OP_READ, length=16384) == data[:16384]
 
     _serve(dp, client)
     assert engine.volume("v").stats.zero_bytes == 32 << 10  # reduced: the zero blocks seen
+
+
+def test_only_durable_requests_wait_for_the_commit(pool_dir):
+    """A write without FUA is answered when applied, while the flush sent with
+    it still waits for its commit."""
+    import threading
+
+    engine = Engine(open_pool(pool_dir))
+    engine.create_volume("v", 1 << 20)
+    path = os.path.join(pool_dir, "data.sock")
+    dp = DataPlane(engine, path)
+    real_flush, release, held = engine.flush, threading.Event(), threading.Event()
+
+    def slow_flush() -> None:
+        if not release.is_set():
+            held.set()
+            assert release.wait(20)
+        real_flush()
+
+    engine.flush = slow_flush  # type: ignore[method-assign]
+
+    def client() -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(path)
+            assert _request(s, P.OP_OPEN, b"v") is not None
+            s.sendall(P.REQ.pack(P.REQ_MAGIC, P.OP_WRITE, 0, 2, 0, 4096, 4096) + b"x" * 4096
+                      + P.REQ.pack(P.REQ_MAGIC, P.OP_FLUSH, 0, 3, 0, 0, 0))
+            _, err, handle, _, _ = P.REP.unpack(s.recv(P.REP.size, socket.MSG_WAITALL))
+            assert (handle, err) == (2, 0)  # answered before the commit was let go
+            assert held.wait(10)  # ... which the flush is waiting for
+            release.set()
+            _, err, handle, _, _ = P.REP.unpack(s.recv(P.REP.size, socket.MSG_WAITALL))
+            assert (handle, err) == (3, 0)
+
+    try:
+        _serve(dp, client)
+    finally:
+        release.set()
