@@ -111,6 +111,8 @@ def cmd_volume_list(args: argparse.Namespace, c: Client) -> None:
 def cmd_volume_show(args: argparse.Namespace, c: Client) -> None:
     v = c.get(f"/api/v1/volumes/{args.name}")
     rows = [[k, v[k]] for k in ("name", "size", "compression", "readonly", "uri", "tcp", "device")]
+    state = v.get("state", "ready")
+    rows.append(["state", state if state == "ready" else f"{state} {100 * v['progress']:.0f}%"])
     rows += [[k, x] for k, x in v["stats"].items()]
     _emit(args, v, table(rows, ["VOLUME", v["name"]]))
 
@@ -152,9 +154,31 @@ def _snapref(ref: str, snap: str | None = None) -> tuple[str, str]:
     return ref, snap
 
 
+def _follow_copy(args: argparse.Namespace, c: Client, name: str, what: str) -> dict:
+    """Poll a volume until its background restore or fill is done (progress on a tty)."""
+    import time
+
+    tty = not args.json and sys.stderr.isatty()
+    v = c.get(f"/api/v1/volumes/{name}")
+    while v["state"] != "ready":
+        if tty:
+            print(f"\r{what} {name}: {100 * v['progress']:.0f}%", end="", file=sys.stderr,
+                  flush=True)
+        time.sleep(0.5)
+        v = c.get(f"/api/v1/volumes/{name}")
+    if tty:
+        print(f"\r{what} {name}: done", file=sys.stderr)
+    return v
+
+
 def cmd_volume_clone(args: argparse.Namespace, c: Client) -> None:
     vol, snap = _snapref(args.snapshot)
-    v = c.post(f"/api/v1/volumes/{vol}/snapshots/{snap}/clone", {"name": args.new})
+    v = c.post(f"/api/v1/volumes/{vol}/snapshots/{snap}/clone?wait=false", {"name": args.new})
+    if args.no_wait:
+        _emit(args, v, f"creating volume {v['name']} from {vol}@{snap}: it is being filled "
+              f"in the background; 'pstorage volume show {v['name']}' shows the progress")
+        return
+    v = _follow_copy(args, c, v["name"], "filling")
     _emit(args, v, f"created volume {v['name']} from {vol}@{snap} "
           f"({human_bytes(v['logical_bytes'])} shared, nothing copied)")
 
@@ -213,8 +237,15 @@ def cmd_snapshot_recover(args: argparse.Namespace, c: Client) -> None:
 
 def cmd_snapshot_restore(args: argparse.Namespace, c: Client) -> None:
     vol, snap = _snapref(args.ref, args.snap)
-    q = "?force=true" if args.force else ""
+    q = "?wait=false" + ("&force=true" if args.force else "")
     r = c.post(f"/api/v1/volumes/{vol}/snapshots/{snap}/restore{q}")
+    if args.no_wait:
+        _emit(args, r, f"restoring {vol} from {vol}@{snap} in the background; "
+              f"'pstorage volume show {vol}' shows the progress")
+        return
+    if r["state"] != "ready":
+        _follow_copy(args, c, vol, "restoring")
+        r = c.get(f"/api/v1/volumes/{vol}/snapshots/{snap}/restore")
     _emit(args, r, f"restored {vol} from {vol}@{snap} ({r['blocks_changed']} blocks changed)")
 
 
@@ -528,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl = vol.add_parser("clone", help="a new volume from a snapshot, sharing all its data")
     cl.add_argument("snapshot", help="VOLUME@SNAPSHOT")
     cl.add_argument("new", help="name of the new volume")
+    cl.add_argument("--no-wait", action="store_true",
+                    help="return at once; the clone refuses I/O until it is filled")
     cl.set_defaults(fn=cmd_volume_clone)
 
     sn = sub.add_parser("snapshot", help="snapshots").add_subparsers(dest="sub", required=True)
@@ -550,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("snap", nargs="?", help="SNAPSHOT when VOLUME is given alone")
         if name == "restore":
             x.add_argument("--force", action="store_true", help="even while exported/attached")
+            x.add_argument("--no-wait", action="store_true",
+                           help="return at once; the volume refuses I/O until it is restored")
         if name == "lock":
             x.add_argument("--until", required=True, help="2027-01-31, 30d, ...")
         x.set_defaults(fn=fn)

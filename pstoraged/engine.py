@@ -164,6 +164,15 @@ class Engine:
         # released snapshot generations whose entries are still being dropped:
         # [volume id, generation, next lba]
         self.dropping: list[list[int]] = self.meta.get_json("dropping", [])
+        # map copies running in the background (restore_step, fill_step); the
+        # volume refuses I/O until its copy is done:
+        # restores: volume id -> [generation, size, next lba, blocks changed]
+        self.restoring: dict[int, list[int]] = {
+            int(k): v for k, v in self.meta.get_json("restoring", {}).items()}
+        # clones being filled: new volume id -> [source id, generation, next lba, blocks shared]
+        self.filling: dict[int, list[int]] = {
+            int(k): v for k, v in self.meta.get_json("filling", {}).items()}
+        self.finished_copies: dict[int, dict[str, Any]] = {}  # since start: id -> result
         self.jobs: list[Callable[[int], int]] = []  # background jobs (background_step)
         # the dedupe index; its merge is the first always-on background service
         sb = pool.sb
@@ -202,7 +211,7 @@ class Engine:
                            f"recover it: pstorage volume recover {name}")
         return vol
 
-    def create_volume(self, name: str, size: int, compression: str = "lz4") -> Volume:
+    def _new_volume(self, name: str, size: int, compression: str) -> Volume:
         validate_name(name)
         validate_volume_size(size)
         codecs.codec_id(compression)
@@ -213,11 +222,16 @@ class Engine:
         self.volumes[name] = vol
         self.by_id[vol.id] = vol
         self._persist_volume(vol)
+        return vol
+
+    def create_volume(self, name: str, size: int, compression: str = "lz4") -> Volume:
+        vol = self._new_volume(name, size, compression)
         self.flush()
         return vol
 
     def resize_volume(self, name: str, size: int, shrink: bool = False) -> Volume:
         vol = self.volume(name)
+        self._not_busy(vol)
         validate_volume_size(size)
         if size < vol.size:
             if not shrink:
@@ -251,6 +265,10 @@ class Engine:
         vol = self.volumes.get(name)
         if vol is None:
             raise NotFound(f"no volume named {name!r}", "see 'pstorage volume list'")
+        self.check_not_copied_from(vol)
+        for copies in (self.restoring, self.filling):  # a copy into it stops
+            copies.pop(vol.id, None)
+        self._save_copies()
         self.meta.txn.delete(name.encode(), db=self.meta.vols)
         self.meta.delete(f"vstats:{vol.id}")
         del self.volumes[name]
@@ -524,7 +542,8 @@ class Engine:
 
     # ------------------------------------------------------------------ background work
     def has_background_work(self) -> bool:
-        return (bool(self.reclaiming or self.dropping or self.jobs) or self._prune_wanted(busy=False)
+        return (bool(self.reclaiming or self.dropping or self.restoring or self.filling or self.jobs)
+                or self._prune_wanted(busy=False)
                 or any(svc.wanted(False) for svc in self.services))
 
     def background_step(self, budget: int, busy: bool) -> int:
@@ -541,6 +560,10 @@ class Engine:
             return self.reclaim_step(budget)
         if self.dropping:
             return self.drop_step(budget)
+        if self.restoring:
+            return self.restore_step(budget)
+        if self.filling:
+            return self.fill_step(budget)
         for svc in self.services:
             if svc.wanted(busy):
                 done = svc.step(budget, busy)
@@ -661,6 +684,7 @@ class Engine:
 
     def freeze(self, vol: Volume) -> int:
         """Freeze the live generation for a snapshot; returns it. O(1)."""
+        self._not_busy(vol)
         g = vol.gen
         vol.frozen.append(g)
         vol.gen += 1
@@ -676,6 +700,7 @@ class Engine:
 
     def release(self, vol: Volume, gen: int) -> None:
         """A snapshot is gone: drop (in the background) the entries only it could see."""
+        self.check_not_copied_from(vol, gen)
         vol.frozen.remove(gen)
         self._persist_volume(vol)
         self.dropping.append([vol.id, gen, 0])
@@ -738,63 +763,153 @@ class Engine:
         self._maybe_commit()
         return max(done, 1)
 
-    def restore(self, vol: Volume, gen: int, size: int) -> int:
-        """Make the live generation read as frozen generation `gen`; returns blocks changed.
+    # ------------------------------------------------------------------ map copies
+    # A restore (the live generation made to read as a frozen one) and a
+    # clone's fill (a new volume given a snapshot's blocks) walk the whole
+    # map: minutes on a large volume, which must not stall every volume's I/O.
+    # Both run as background work, a slice at a time between client requests,
+    # with their progress saved in the same transaction as each slice, so a
+    # crash resumes them where the last commit left off. Until its copy is
+    # done the volume refuses I/O and snapshots (Conflict): half a restore
+    # or half a clone is never served. References only: no data is copied.
 
-        Cost is O(map entries of the volume) with writes only where the two differ.
-        """
+    def copy_state(self, vol: Volume) -> tuple[str, float, int]:
+        """("restoring" | "filling" | "ready", fraction done, blocks so far)."""
+        for state, copies in (("restoring", self.restoring), ("filling", self.filling)):
+            job = copies.get(vol.id)
+            if job is not None:
+                blocks = max(1, vol.size // BLOCK_SIZE)
+                return state, min(1.0, job[-2] / blocks), job[-1]
+        return "ready", 1.0, 0
+
+    def _not_busy(self, vol: Volume) -> None:
+        if not (self.restoring or self.filling) or vol.base is not None:
+            return  # (a snapshot's view reads a frozen generation: copies never change it)
+        state, done, _ = self.copy_state(vol)
+        if state != "ready":
+            what = "restored from a snapshot" if state == "restoring" else "filled from a snapshot"
+            raise Conflict(f"volume {vol.name!r} is being {what} ({100 * done:.0f}% done)",
+                           f"wait until 'pstorage volume show {vol.name}' says ready")
+
+    def check_not_copied_from(self, vol: Volume, gen: int | None = None) -> None:
+        """Refuse to release generation `gen` of a volume that it is being restored
+        from, or to delete a volume (or release `gen`) that a clone is still being
+        filled from."""
+        job = self.restoring.get(vol.id)
+        if gen is not None and job is not None and job[0] == gen:
+            raise Conflict(f"volume {vol.name!r} is being restored from that snapshot",
+                           f"wait until 'pstorage volume show {vol.name}' says ready")
+        for dst_id, (src_id, g, _, _) in self.filling.items():
+            if src_id == vol.id and gen in (None, g):
+                dst = self.by_id.get(dst_id)
+                raise Conflict(f"clone {dst.name if dst else dst_id!r} is still being filled "
+                               f"from {vol.name!r}",
+                               "wait until the clone is ready (or delete the clone)")
+
+    def _save_copies(self) -> None:
+        self.meta.put_json("restoring", {str(k): v for k, v in self.restoring.items()})
+        self.meta.put_json("filling", {str(k): v for k, v in self.filling.items()})
+        self.dirty = True
+
+    def start_restore(self, vol: Volume, gen: int, size: int) -> None:
+        """Make the live generation read as frozen generation `gen` (and the volume
+        `size` bytes long): in the background, see restore_step."""
         if gen not in vol.frozen:
             raise NotFound(f"generation {gen} of {vol.name!r} is not frozen")
-        changed = 0
-        first: int | None = 0
-        while first is not None:
-            groups, first = self._blocks_entries(vol.id, first, UNMAP_SLICE)
-            todo = []
-            for lba, entries in groups:
-                live = entries[0][1] if entries[0][0] <= vol.gen else NO_CHUNK
-                old = next((c for g, c, _ in entries if g <= gen), NO_CHUNK)
-                if live != old and not (lba * BLOCK_SIZE >= size and live == NO_CHUNK):
-                    todo.append((lba, old))
-            for lba, cid in todo:
-                if cid != NO_CHUNK:
-                    self._incref(cid)
-                self._map(vol, lba, cid)
-                self._maybe_commit()
-            changed += len(todo)
-        vol.size = size
-        self._persist_volume(vol)
-        self.dirty = True
-        return changed
+        self._not_busy(vol)
+        self.restoring[vol.id] = [gen, size, 0, 0]
+        self._save_copies()
 
-    def copy_generation(self, src: Volume, gen: int, dst: Volume) -> int:
-        """Fill the new, empty volume `dst` with src's blocks at `gen`: map entries
-        and references only, no data is copied. Returns blocks shared."""
-        txn, db = self.meta.txn, self.meta.l2p
-        n = 0
-        first = 0
-        end = dst.size // BLOCK_SIZE
-        while True:
-            # a slice first, then the writes: no cursor walks keys that are changing
-            rows = list(itertools.islice(
-                ((lba, cid) for lba, cid in self._visible(src, first, end, gen) if cid != NO_CHUNK),
-                UNMAP_SLICE))
-            for lba, cid in rows:
+    def restore_step(self, budget: int = RECLAIM_SLICE, vid: int | None = None) -> int:
+        """Restore up to ~budget map entries of a volume (the oldest, or `vid`);
+        writes only where the two generations differ."""
+        if vid is None:
+            vid = min(self.restoring)
+        gen, size, first, changed = self.restoring[vid]
+        vol = self.by_id[vid]  # (delete_volume drops its restore)
+        groups, resume = self._blocks_entries(vid, first, budget)
+        todo = []
+        for lba, entries in groups:
+            live = entries[0][1] if entries[0][0] <= vol.gen else NO_CHUNK
+            old = next((c for g, c, _ in entries if g <= gen), NO_CHUNK)
+            if live != old and not (lba * BLOCK_SIZE >= size and live == NO_CHUNK):
+                todo.append((lba, old))
+        for lba, cid in todo:
+            if cid != NO_CHUNK:
                 self._incref(cid)
-                txn.put(l2p_key(dst.id, lba, dst.gen), U64.pack(cid), db=db)
-                self.heat.mapped(dst.id, lba, 1)
-            dst.stats.mapped_blocks += len(rows)
-            self.meta.pending_ops += len(rows)
-            n += len(rows)
-            self._maybe_commit()
-            if len(rows) < UNMAP_SLICE:
+            self._map(vol, lba, cid)
+        changed += len(todo)
+        if resume is None:
+            del self.restoring[vid]
+            vol.size = size
+            self._persist_volume(vol)
+            self.finished_copies[vid] = {"kind": "restore", "blocks_changed": changed}
+            log.info("volume %s: restore from generation %d done (%d blocks changed)",
+                     vol.name, gen, changed)
+        else:
+            self.restoring[vid] = [gen, size, resume, changed]
+        self._save_copies()
+        self._maybe_commit()
+        return max(1, sum(len(e) for _, e in groups))
+
+    def start_clone(self, src: Volume, gen: int, name: str) -> Volume:
+        """A new volume that will read as `src` at frozen generation `gen`, filled
+        in the background (fill_step). Created and registered in one commit,
+        so that no crash leaves an empty clone that looks complete."""
+        if gen not in src.frozen:
+            raise NotFound(f"generation {gen} of {src.name!r} is not frozen")
+        dst = self._new_volume(name, src.size, src.compression)
+        self.filling[dst.id] = [src.id, gen, 0, 0]
+        self._save_copies()
+        self.flush()
+        return dst
+
+    def finish_copy(self, vol: Volume) -> None:
+        """Run the copy into `vol` to its end now (tests, and callers that would
+        rather stall than wait), then commit."""
+        while True:
+            if vol.id in self.restoring:
+                self.restore_step(RECLAIM_SLICE, vol.id)
+            elif vol.id in self.filling:
+                self.fill_step(RECLAIM_SLICE, vol.id)
+            else:
                 break
-            first = rows[-1][0] + 1
-        self.dirty = True
-        return n
+        self.flush()
+
+    def fill_step(self, budget: int = RECLAIM_SLICE, dst_id: int | None = None) -> int:
+        """Give a clone being filled (the oldest, or `dst_id`) its next `budget`
+        blocks: map entries and references."""
+        if dst_id is None:
+            dst_id = min(self.filling)
+        src_id, gen, first, shared = self.filling[dst_id]
+        dst, src = self.by_id[dst_id], self.by_id[src_id]  # (both kept, see delete_volume)
+        txn, db = self.meta.txn, self.meta.l2p
+        # a slice first, then the writes: no cursor walks keys that are changing
+        rows = list(itertools.islice(
+            ((lba, cid) for lba, cid in self._visible(src, first, dst.size // BLOCK_SIZE, gen)
+             if cid != NO_CHUNK), budget))
+        for lba, cid in rows:
+            self._incref(cid)
+            txn.put(l2p_key(dst.id, lba, dst.gen), U64.pack(cid), db=db)
+            self.heat.mapped(dst.id, lba, 1)
+        dst.stats.mapped_blocks += len(rows)
+        self.meta.pending_ops += len(rows)
+        shared += len(rows)
+        if len(rows) < budget:
+            del self.filling[dst_id]
+            self.finished_copies[dst_id] = {"kind": "fill", "blocks_shared": shared}
+            log.info("clone %s filled from %s (%d blocks shared)", dst.name, src.name, shared)
+        else:
+            self.filling[dst_id] = [src_id, gen, rows[-1][0] + 1, shared]
+        self._save_copies()
+        self._maybe_commit()
+        return max(1, len(rows))
 
     # ------------------------------------------------------------------ I/O
     def _check_range(self, vol: Volume, offset: int, length: int) -> None:
         live = vol.base or vol
+        if self.restoring or self.filling:
+            self._not_busy(vol)
         if (self.by_id.get(vol.id) is not live or live.destroyed_ns
                 or (vol.base and vol.gen not in live.frozen)):
             raise NotFound(f"volume {vol.name!r} was deleted")

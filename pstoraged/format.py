@@ -21,8 +21,11 @@ SUPPORTED_VERSIONS = (1,)
 # 2: the `fp` index is a hint (entries of freed chunks stay until pruned), and
 #    the `heat` and `hist` tables exist. A version-1 store is upgraded on open
 #    (it has no stale entries); a daemon that only knows 1 refuses a 2.
-METADATA_VERSION = 3
-SUPPORTED_METADATA_VERSIONS = (1, 2, 3)
+# 3: new `fp` entries wait in memory, merged in the background (`fp_upto`).
+# 4: restores and clone fills run in the background (`restoring`, `filling`);
+#    a daemon that only knows 3 would serve a half-copied volume, so it refuses.
+METADATA_VERSION = 4
+SUPPORTED_METADATA_VERSIONS = (1, 2, 3, 4)
 
 BLOCK_SIZE = 4096  # logical block of every volume
 ALIGN = 4096  # device I/O alignment (O_DIRECT, and padding at each flush)

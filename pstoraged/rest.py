@@ -211,8 +211,25 @@ class Context:
         validate_name(name)
         return self.engine.volume(name)
 
+    def ready_volume(self, name: str) -> Volume:
+        """The volume, if no restore or clone fill is running into it (those refuse I/O)."""
+        vol = self.volume(name)
+        self.engine._not_busy(vol)
+        return vol
+
+    async def wait_copy(self, vol: Volume) -> None:
+        """Until the background restore or fill into `vol` is done (the engine serves
+        I/O meanwhile: this only polls)."""
+        # (the engine thread makes the change between client batches: polling
+        # costs less than waking trio from there after every slice)
+        while True:
+            if self.engine.copy_state(vol)[0] == "ready" or self.engine.by_id.get(vol.id) is not vol:
+                return
+            await trio.sleep(0.05)
+
     def describe(self, v: Volume) -> dict[str, Any]:
         ex = self.exports.get(v.name)
+        state, progress, _ = self.engine.copy_state(v)
         return {
             "name": v.name, "size": v.size, "compression": v.compression,
             "created": v.created_ns / 1e9, "readonly": v.readonly,
@@ -223,6 +240,9 @@ class Context:
             "device_link": ex.link if ex else None,
             "logical_bytes": v.stats.mapped_blocks * BLOCK_SIZE,
             "snapshots": len(v.frozen),
+            # "restoring" / "filling" (a clone): a background map copy runs; the
+            # volume refuses I/O, snapshots and exports until it is "ready"
+            "state": state, "progress": round(progress, 4),
             "destroyed": bool(v.destroyed_ns),
             "destroyed_at": v.destroyed_ns / 1e9 if v.destroyed_ns else None,
             "stats": asdict(v.stats),
@@ -504,20 +524,38 @@ def build_app(ctx: Context) -> FastAPI:
     @app.post("/api/v1/volumes/{name}/snapshots/{snap}/restore", tags=["snapshots"],
               responses=ERRORS, summary="Roll the volume back to the snapshot")
     async def restore_snapshot(name: VolumeName, snap: SnapName,
-                               force: bool = Query(False, description="even while exported")
+                               force: bool = Query(False, description="even while exported"),
+                               wait: bool = Query(True, description=(
+                                   "answer when done; false: at once, with state 'restoring' "
+                                   "(poll the volume's state and progress)"))
                                ) -> dict[str, Any]:
-        ctx.volume(name)
+        vol = ctx.volume(name)
         if ctx.exports.get(name) and not force:
             raise Conflict(f"volume {name!r} is exported or attached; restoring under a "
                            "client corrupts what it has cached",
                            "detach/unexport it first, or pass force (--force)")
-        return await call(ctx.catalog.restore, name, snap, flush=True)
+        r = await call(ctx.catalog.restore, name, snap, False, flush=True)
+        if wait and r["state"] != "ready":
+            await ctx.wait_copy(vol)
+            r = await call(ctx.catalog.restore_result, name, snap)
+        return r
+
+    @app.get("/api/v1/volumes/{name}/snapshots/{snap}/restore", tags=["snapshots"],
+             responses=ERRORS, summary="Where the volume's restore is (state, progress, blocks)")
+    async def restore_progress(name: VolumeName, snap: SnapName) -> dict[str, Any]:
+        return await call(ctx.catalog.restore_result, name, snap)
 
     @app.post("/api/v1/volumes/{name}/snapshots/{snap}/clone", tags=["snapshots"], status_code=201,
               responses=ERRORS, summary="A new writable volume sharing every chunk of the snapshot")
-    async def clone_snapshot(name: VolumeName, snap: SnapName, req: CloneRequest) -> dict[str, Any]:
+    async def clone_snapshot(name: VolumeName, snap: SnapName, req: CloneRequest,
+                             wait: bool = Query(True, description=(
+                                 "answer when filled; false: at once, with state 'filling'"))
+                             ) -> dict[str, Any]:
         validate_name(req.name)
-        return ctx.describe(await call(ctx.catalog.clone, name, snap, req.name, flush=True))
+        vol = await call(ctx.catalog.clone, name, snap, req.name, False, flush=True)
+        if wait:
+            await ctx.wait_copy(vol)
+        return ctx.describe(vol)
 
     @app.post("/api/v1/volumes/{name}/snapshots/{snap}/export", tags=["snapshots"],
               responses=ERRORS, summary="Serve a snapshot read-only over NBD (export VOL@SNAP)")
@@ -556,7 +594,7 @@ def build_app(ctx: Context) -> FastAPI:
               summary="Serve a volume over NBD (unix socket, optionally TCP)")
     async def export(name: VolumeName,
                      req: Annotated[ExportRequest | None, Body()] = None) -> dict[str, Any]:
-        vol = ctx.volume(name)
+        vol = ctx.ready_volume(name)
         req = req or ExportRequest(tcp=None, tls_psk_file=None, tls_certificates=None, allow=None)
         st = await trio.to_thread.run_sync(lambda: ctx.exports.export(
             name, readonly=req.readonly or vol.readonly, tcp=req.tcp,
@@ -575,7 +613,7 @@ def build_app(ctx: Context) -> FastAPI:
     @app.post("/api/v1/volumes/{name}/attach", tags=["exports"], responses=ERRORS,
               summary="Make a volume a local block device")
     async def attach(name: VolumeName) -> dict[str, Any]:
-        vol = ctx.volume(name)
+        vol = ctx.ready_volume(name)
         await trio.to_thread.run_sync(lambda: ctx.exports.attach(name))
         return ctx.describe(vol)
 

@@ -3,7 +3,8 @@ map generations.
 
 A snapshot is a name for a frozen generation of one volume (Engine.freeze:
 O(1), the map is never copied). Restores and clones work through the map
-(Engine.restore, Engine.copy_generation: references only, no data copied).
+(references only, no data copied), in the background: the volume refuses I/O
+until its copy is done (Engine.start_restore, Engine.start_clone).
 
 SafeMode: a snapshot may carry a retention lock (`lock_until`); until then
 nothing alters or deletes it (not even --force), and the volume it belongs
@@ -170,6 +171,7 @@ class Catalog:
 
     def delete(self, vol_name: str, snap: str) -> Snapshot:
         s = self.get(vol_name, snap)
+        self.engine.check_not_copied_from(self._volume(vol_name), s.gen)
         if self._locked(s):
             raise Conflict(f"snapshot {vol_name}@{snap} is locked until "
                            f"{datetime.fromtimestamp(s.lock_until, UTC).isoformat()}",
@@ -200,6 +202,7 @@ class Catalog:
     # ------------------------------------------------------------ volumes
     def destroy_volume(self, name: str) -> Volume:
         vol = self._volume(name)
+        self.engine.check_not_copied_from(vol)
         locked = [s for s in self._all(vol.id) if self._locked(s)]
         if locked:
             s = locked[0]
@@ -253,22 +256,36 @@ class Catalog:
         return n
 
     # ------------------------------------------------------------ restore, clone, views
-    def restore(self, vol_name: str, snap: str) -> dict[str, Any]:
+    def restore(self, vol_name: str, snap: str, wait: bool = True) -> dict[str, Any]:
+        """Roll the volume back to the snapshot. The map walk runs in the background
+        (the volume refuses I/O meanwhile); wait=True runs it to the end here."""
         vol = self._volume(vol_name)
         s = self.get(vol_name, snap)
-        changed = self.engine.restore(vol, s.gen, s.size)
+        self.engine.start_restore(vol, s.gen, s.size)
         self.engine.flush()
-        log.info("volume %s restored from snapshot %s (%d blocks changed)", vol_name, snap, changed)
-        return {"volume": vol_name, "snapshot": snap, "blocks_changed": changed}
+        log.info("volume %s: restore from snapshot %s started", vol_name, snap)
+        if wait:
+            self.engine.finish_copy(vol)
+        return self.restore_result(vol_name, snap)
 
-    def clone(self, vol_name: str, snap: str, new_name: str) -> Volume:
+    def restore_result(self, vol_name: str, snap: str) -> dict[str, Any]:
+        """Where the volume's restore is: its state, progress and blocks changed so far."""
+        vol = self._volume(vol_name)
+        state, done, blocks = self.engine.copy_state(vol)
+        if state == "ready":
+            blocks = self.engine.finished_copies.get(vol.id, {}).get("blocks_changed", 0)
+        return {"volume": vol_name, "snapshot": snap, "state": state,
+                "progress": round(done, 4), "blocks_changed": blocks}
+
+    def clone(self, vol_name: str, snap: str, new_name: str, wait: bool = True) -> Volume:
+        """A new volume sharing every block of the snapshot, filled in the background
+        (it refuses I/O until then); wait=True runs the fill to the end here."""
         s = self.get(vol_name, snap)
         src = self._volume(vol_name)
-        dst = self.engine.create_volume(new_name, s.size, src.compression)
-        shared = self.engine.copy_generation(src, s.gen, dst)
-        self.engine._persist_volume(dst)
-        self.engine.flush()
-        log.info("volume %s cloned from %s@%s (%d blocks shared)", new_name, vol_name, snap, shared)
+        dst = self.engine.start_clone(src, s.gen, new_name)
+        log.info("volume %s: clone from %s@%s started", new_name, vol_name, snap)
+        if wait:
+            self.engine.finish_copy(dst)
         return dst
 
     def view(self, export_name: str) -> Volume:

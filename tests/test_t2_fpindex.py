@@ -10,7 +10,7 @@ import pytest
 
 from pstoraged import codecs, fpindex, reducer
 from pstoraged.engine import Engine
-from pstoraged.format import BLOCK_SIZE
+from pstoraged.format import BLOCK_SIZE, METADATA_VERSION
 from pstoraged.metadata import MetaStore
 from pstoraged.pool import open_pool
 
@@ -191,7 +191,7 @@ def test_version_2_store_is_upgraded_and_keeps_deduping(pool_dir):
     meta.close()
     eng = Engine(open_pool(pool_dir))
     try:
-        assert eng.meta.get_json("format_version") == 3
+        assert eng.meta.get_json("format_version") == METADATA_VERSION
         eng.write(eng.volume("v"), 1 << 20, b"".join(blocks))
         assert eng.live_chunks == 20
     finally:

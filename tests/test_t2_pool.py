@@ -64,7 +64,7 @@ def test_unknown_versions_and_foreign_devices_are_refused(tmp_path):
     meta.close()
     open_pool(a).close()
     meta = MetaStore(os.path.join(a, "meta"))
-    assert meta.get_json("format_version") == METADATA_VERSION == 3
+    assert meta.get_json("format_version") == METADATA_VERSION == 4
     meta.close()
     b = make_pool(str(tmp_path / "b"))
     c = make_pool(str(tmp_path / "c"))

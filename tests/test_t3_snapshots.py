@@ -59,6 +59,17 @@ def test_snapshot_export_clone_restore_diff_through_nbd(daemon):
     assert nbd_read(curi, 0, 4 * MiB) == v1
     nbd_write(curi, 0, b"\xff" * 4096)
     assert nbd_read(suri, 0, 4096) == v1[:4096]
+    # --no-wait: the clone fills in the background; its state says how far
+    bg = json.loads(d.cli("volume", "clone", "db@monday", "db-bg", "--no-wait", "--json").stdout)
+    assert bg["state"] in ("filling", "ready")
+    for _ in range(200):
+        shown = json.loads(d.cli("volume", "show", "db-bg", "--json").stdout)
+        if shown["state"] == "ready":
+            break
+        time.sleep(0.05)
+    assert shown["state"] == "ready" and shown["logical_bytes"] == 4 * MiB
+    assert "state" in d.cli("volume", "show", "db-bg").stdout
+    d.cli("volume", "delete", "db-bg")
     # snapshot listing with space; per-volume space accounting
     lst = json.loads(d.cli("snapshot", "list", "db", "--json").stdout)
     assert lst[0]["space"]["unique_bytes"] == 0  # the clone shares those chunks now
