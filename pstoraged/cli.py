@@ -27,15 +27,21 @@ def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
     print(json.dumps(data, indent=2) if args.json else human)
 
 
+def _state(v: dict) -> str:
+    """ready, or the background copy running into it: "restoring 45%", "filling 3%"."""
+    state = v.get("state", "ready")
+    return state if state == "ready" else f"{state} {100 * v['progress']:.0f}%"
+
+
 def _vol_rows(vols: list[dict]) -> list[list[str]]:
     return [[
         v["name"], human_bytes(v["size"]), human_bytes(v["logical_bytes"]), v["compression"],
-        v["device"] or ("exported" if v["uri"] else "-"),
+        _state(v), v["device"] or ("exported" if v["uri"] else "-"),
         datetime.fromtimestamp(v["created"]).strftime("%Y-%m-%d %H:%M"),
     ] for v in vols]
 
 
-VOL_HEADER = ["NAME", "SIZE", "USED", "COMPRESSION", "ATTACHED", "CREATED"]
+VOL_HEADER = ["NAME", "SIZE", "USED", "COMPRESSION", "STATE", "ATTACHED", "CREATED"]
 
 
 def cmd_pool_create(args: argparse.Namespace) -> None:
@@ -111,8 +117,7 @@ def cmd_volume_list(args: argparse.Namespace, c: Client) -> None:
 def cmd_volume_show(args: argparse.Namespace, c: Client) -> None:
     v = c.get(f"/api/v1/volumes/{args.name}")
     rows = [[k, v[k]] for k in ("name", "size", "compression", "readonly", "uri", "tcp", "device")]
-    state = v.get("state", "ready")
-    rows.append(["state", state if state == "ready" else f"{state} {100 * v['progress']:.0f}%"])
+    rows.append(["state", _state(v)])
     rows += [[k, x] for k, x in v["stats"].items()]
     _emit(args, v, table(rows, ["VOLUME", v["name"]]))
 

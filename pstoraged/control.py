@@ -29,6 +29,14 @@ from .errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
+
+class _NoBanner(logging.Filter):
+    """Drops hypercorn's "Running on http://unix:... (CTRL + C to quit)": wrong
+    under systemd, and the daemon logs its sockets itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Running on ")
+
 CONTROL_GROUP = "pstorage"
 
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
@@ -129,6 +137,8 @@ class ControlServer:
         config = Config()
         config.accesslog = None
         config.errorlog = logging.getLogger("pstoraged.http")
+        if not any(isinstance(f, _NoBanner) for f in config.errorlog.filters):
+            config.errorlog.addFilter(_NoBanner())
         config.graceful_timeout = 5
         config.include_server_header = False
         socks = [self._unix_socket()]

@@ -264,7 +264,9 @@ def test_volume_cli_errors_and_delete_protection(daemon):
     assert p.returncode == Conflict.exit_code and "--force" in p.stderr
     lst = json.loads(daemon.cli("--json", "volume", "list").stdout)
     assert [v["name"] for v in lst] == ["v"] and lst[0]["uri"].startswith("nbd+unix:///v?socket=")
-    assert "NAME" in daemon.cli("volume", "list").stdout
+    out = daemon.cli("volume", "list").stdout
+    assert "NAME" in out and "STATE" in out and " ready " in out
+    assert "CTRL + C" not in daemon.log()  # hypercorn's banner is dropped
     p = daemon.cli("volume", "resize", "v", "512M", check=False)
     assert p.returncode == InvalidArgument.exit_code and "--shrink" in p.stderr
     daemon.cli("volume", "resize", "v", "2G")
