@@ -560,15 +560,17 @@ class Engine:
             return self.reclaim_step(budget)
         if self.dropping:
             return self.drop_step(budget)
-        if self.restoring:
-            return self.restore_step(budget)
-        if self.filling:
-            return self.fill_step(budget)
         for svc in self.services:
             if svc.wanted(busy):
                 done = svc.step(budget, busy)
                 if done:
                     return done
+        # after the services: a copy of a huge volume runs for minutes, and
+        # must not hold up the cleaner (ENOSPC) or the index merge meanwhile
+        if self.restoring:
+            return self.restore_step(budget)
+        if self.filling:
+            return self.fill_step(budget)
         while self.jobs:
             done = self.jobs[0](budget)
             if done:
@@ -852,13 +854,14 @@ class Engine:
         self._maybe_commit()
         return max(1, sum(len(e) for _, e in groups))
 
-    def start_clone(self, src: Volume, gen: int, name: str) -> Volume:
-        """A new volume that will read as `src` at frozen generation `gen`, filled
+    def start_clone(self, src: Volume, gen: int, size: int, name: str) -> Volume:
+        """A new volume of `size` bytes (the snapshot's: the source may have been
+        resized since) that will read as `src` at frozen generation `gen`, filled
         in the background (fill_step). Created and registered in one commit,
         so that no crash leaves an empty clone that looks complete."""
         if gen not in src.frozen:
             raise NotFound(f"generation {gen} of {src.name!r} is not frozen")
-        dst = self._new_volume(name, src.size, src.compression)
+        dst = self._new_volume(name, size, src.compression)
         self.filling[dst.id] = [src.id, gen, 0, 0]
         self._save_copies()
         self.flush()

@@ -406,10 +406,11 @@ def build_app(ctx: Context) -> FastAPI:
     async def delete_volume(name: VolumeName, force: bool = Query(
             False, description="unexport/detach first")) -> dict[str, Any]:
         ctx.volume(name)
+        if ctx.exports.get(name) and not force:
+            raise Conflict(f"volume {name!r} is exported or attached",
+                           "detach/unexport it first, or pass force (--force)")
+        await call(ctx.catalog.check_destroyable, name)  # before cutting any client off
         if ctx.exports.get(name):
-            if not force:
-                raise Conflict(f"volume {name!r} is exported or attached",
-                               "detach/unexport it first, or pass force (--force)")
             await trio.to_thread.run_sync(lambda: ctx.exports.unexport(name, force=True))
         await unexport_snapshots(name)
         vol = await call(ctx.catalog.destroy_volume, name)

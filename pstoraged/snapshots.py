@@ -194,13 +194,17 @@ class Catalog:
 
     def _eradicate_snapshot(self, s: Snapshot) -> None:
         vol = self.engine.by_id.get(s.vol_id)
+        if vol is not None:  # checked before anything changes
+            self.engine.check_not_copied_from(vol, s.gen)
         self.meta.txn.delete(self._key(s.vol_id, s.name), db=self.meta.snaps)
         if vol is not None and s.gen in vol.frozen:
             self.engine.release(vol, s.gen)
         log.info("snapshot %s@%s eradicated", s.volume, s.name)
 
     # ------------------------------------------------------------ volumes
-    def destroy_volume(self, name: str) -> Volume:
+    def check_destroyable(self, name: str) -> Volume:
+        """Conflict if the volume may not be deleted (a locked snapshot, or a clone
+        still being filled from it); callers check before undoing anything."""
         vol = self._volume(name)
         self.engine.check_not_copied_from(vol)
         locked = [s for s in self._all(vol.id) if self._locked(s)]
@@ -209,6 +213,10 @@ class Catalog:
             raise Conflict(f"volume {name!r} has snapshot {s.name!r} locked until "
                            f"{datetime.fromtimestamp(s.lock_until, UTC).isoformat()}",
                            "a volume with locked snapshots cannot be deleted")
+        return vol
+
+    def destroy_volume(self, name: str) -> Volume:
+        vol = self.check_destroyable(name)
         vol.destroyed_ns = int(self.engine.clock() * 1e9)
         self.engine._persist_volume(vol)
         if self.grace_s <= 0:
@@ -234,6 +242,7 @@ class Catalog:
         self.engine.flush()
 
     def _eradicate_volume(self, vol: Volume) -> None:
+        self.engine.check_not_copied_from(vol)  # before anything changes
         for s in self._all(vol.id):
             self.meta.txn.delete(self._key(vol.id, s.name), db=self.meta.snaps)
         self.engine.delete_volume(vol.name)
@@ -282,7 +291,7 @@ class Catalog:
         (it refuses I/O until then); wait=True runs the fill to the end here."""
         s = self.get(vol_name, snap)
         src = self._volume(vol_name)
-        dst = self.engine.start_clone(src, s.gen, new_name)
+        dst = self.engine.start_clone(src, s.gen, s.size, new_name)
         log.info("volume %s: clone from %s@%s started", new_name, vol_name, snap)
         if wait:
             self.engine.finish_copy(dst)

@@ -499,3 +499,39 @@ def test_deleting_a_clone_while_it_fills_stops_the_fill(engine):
         pass
     assert engine.live_chunks == chunks
     check_references(engine)
+
+
+@pytest.mark.parametrize("new_size", [1 << 20, 4 << 20])
+def test_clone_has_the_snapshots_size_after_the_volume_was_resized(engine, new_size):
+    cat = Catalog(engine)
+    v = engine.create_volume("v", 2 << 20)
+    data = os.urandom(2 << 20)
+    engine.write(v, 0, data)
+    cat.create("v", "s")
+    engine.resize_volume("v", new_size, shrink=True)
+    c = cat.clone("v", "s", "c")
+    assert c.size == 2 << 20 and engine.read(c, 0, 2 << 20) == data
+
+
+def test_copies_do_not_hold_up_the_background_services(engine):
+    cat = Catalog(engine)
+    _written_volume(engine, cat, 1200)
+    cat.clone("v", "s", "c", wait=False)
+
+    class Urgent:  # e.g. the cleaner below its free-segment watermark
+        steps = 0
+
+        def wanted(self, busy):
+            return self.steps < 3
+
+        def step(self, budget, busy):
+            self.steps += 1
+            return 1
+
+    svc = Urgent()
+    engine.services.append(svc)
+    for _ in range(3):
+        engine.background_step(100, busy=True)
+    assert svc.steps == 3 and engine.filling[engine.volume("c").id][2] == 0
+    engine.background_step(100, busy=True)  # then the fill goes on
+    assert engine.filling[engine.volume("c").id][2] > 0
