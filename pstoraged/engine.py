@@ -231,7 +231,7 @@ class Engine:
 
     def resize_volume(self, name: str, size: int, shrink: bool = False) -> Volume:
         vol = self.volume(name)
-        self._not_busy(vol)
+        self.check_ready(vol)
         validate_volume_size(size)
         if size < vol.size:
             if not shrink:
@@ -686,7 +686,7 @@ class Engine:
 
     def freeze(self, vol: Volume) -> int:
         """Freeze the live generation for a snapshot; returns it. O(1)."""
-        self._not_busy(vol)
+        self.check_ready(vol)
         g = vol.gen
         vol.frozen.append(g)
         vol.gen += 1
@@ -784,7 +784,8 @@ class Engine:
                 return state, min(1.0, job[-2] / blocks), job[-1]
         return "ready", 1.0, 0
 
-    def _not_busy(self, vol: Volume) -> None:
+    def check_ready(self, vol: Volume) -> None:
+        """Conflict while a restore or a clone's fill runs into the volume."""
         if not (self.restoring or self.filling) or vol.base is not None:
             return  # (a snapshot's view reads a frozen generation: copies never change it)
         state, done, _ = self.copy_state(vol)
@@ -818,7 +819,7 @@ class Engine:
         `size` bytes long): in the background, see restore_step."""
         if gen not in vol.frozen:
             raise NotFound(f"generation {gen} of {vol.name!r} is not frozen")
-        self._not_busy(vol)
+        self.check_ready(vol)
         self.restoring[vol.id] = [gen, size, 0, 0]
         self._save_copies()
 
@@ -912,7 +913,7 @@ class Engine:
     def _check_range(self, vol: Volume, offset: int, length: int) -> None:
         live = vol.base or vol
         if self.restoring or self.filling:
-            self._not_busy(vol)
+            self.check_ready(vol)
         if (self.by_id.get(vol.id) is not live or live.destroyed_ns
                 or (vol.base and vol.gen not in live.frozen)):
             raise NotFound(f"volume {vol.name!r} was deleted")

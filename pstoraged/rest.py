@@ -214,7 +214,7 @@ class Context:
     def ready_volume(self, name: str) -> Volume:
         """The volume, if no restore or clone fill is running into it (those refuse I/O)."""
         vol = self.volume(name)
-        self.engine._not_busy(vol)
+        self.engine.check_ready(vol)
         return vol
 
     async def wait_copy(self, vol: Volume) -> None:
