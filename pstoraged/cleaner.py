@@ -2,7 +2,8 @@
 
 A log-structured pool gets space back only by emptying segments. Overwrites,
 trims and deletes leave dead records scattered over sealed segments; the
-cleaner picks a victim, moves its live chunks to the open segment with
+cleaner picks a victim, moves its live chunks to the relocated stream's open
+segment (colder data, kept apart from client writes: segments.py) with
 `Engine.rewrite_chunk` (crash-safe: the old record stays in use until the
 commit that repoints the chunk) and the emptied segment is freed and
 discarded after the next commit (segments.py).
@@ -58,6 +59,7 @@ from .format import (
     crc32,
     record_size,
 )
+from .segments import RELOCATED
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +235,7 @@ class SegmentCleaner:
         sealed = segs.state.count(SEG_SEALED) - len(segs.pending_free)
         if sealed <= 0:
             return 0.0
-        open_seg = segs.open_seg
-        live = eng.live_stored - (segs.live[open_seg] if open_seg >= 0 else 0)
+        live = eng.live_stored - sum(segs.live[o] for o in segs.open if o >= 0)
         return max(0.0, 1.0 - live / (sealed * self.capacity))
 
     def _wear(self) -> tuple[int, int]:
@@ -313,8 +314,9 @@ class SegmentCleaner:
         free = segs.free_count() - (0 if reserve_ok else segs.reserve)
         # per segment: a record that does not fit at the end, one flush's padding
         room = max(free, 0) * (self.capacity - MAX_RECORD - ALIGN)
-        if segs.open_seg >= 0:
-            room += max(0, segs.size - segs.write_ptr[segs.open_seg] - MAX_RECORD)
+        moving = segs.open[RELOCATED]  # where moved chunks go
+        if moving >= 0:
+            room += max(0, segs.size - segs.write_ptr[moving] - MAX_RECORD)
         return room
 
     def choose_victim(self, mode: Mode = "space") -> tuple[int, Kind] | None:

@@ -44,7 +44,7 @@ from .format import (
 from .fpindex import FingerprintIndex
 from .pool import Pool
 from .reducer import KIND_ZERO, Pending
-from .segments import SegmentLog
+from .segments import RELOCATED, SegmentLog
 from .temperature import HeatMap
 from .units import validate_name, validate_volume_size
 
@@ -390,7 +390,9 @@ class Engine:
         rc, s, off, slen, _old_codec, slot, res, fp = _unpack_chunk(raw)
         hdr = pack_chunk_header(KIND_CHUNK, codec, cid, BLOCK_SIZE, len(payload), fp, crc32(payload))
         try:
-            ns, noff, size = self.segs.append(hdr, bytes(payload), reserve_ok=reserve_ok)
+            # (to the relocated stream: data that outlived a segment is colder than new writes)
+            ns, noff, size = self.segs.append(hdr, bytes(payload), reserve_ok=reserve_ok,
+                                              stream=RELOCATED)
         except DeviceIOError as e:
             self._fail(e)
             raise

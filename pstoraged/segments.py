@@ -1,8 +1,13 @@
 """The segment log: the flash translation layer's append-only store.
 
-The device is cut into fixed-size segments. One segment is open at a time;
-chunk records are appended to its in-memory image and written out in aligned
-blocks. A block that reached the device is never rewritten: at each flush
+The device is cut into fixed-size segments. Records are appended to the
+in-memory image of an open segment and written out in aligned blocks. There
+is one open segment per stream: client writes go to USER; chunks the
+segment cleaner (or tiering) moves go to RELOCATED. Moved chunks survived
+at least one segment's worth of overwrites, so they are colder than new
+writes; keeping them apart makes segments that die (or stay) together,
+which is what lets the cleaner find nearly empty ones (hot/cold separation,
+as in LFS and F2FS). A block that reached the device is never rewritten: at each flush
 the tail is padded to the next 4 KiB boundary. A sealed segment is immutable
 until every chunk in it is dead; then, once the metadata saying so is
 committed, it is discarded and becomes free again. Discards run on their
@@ -43,6 +48,8 @@ from .format import (
 log = logging.getLogger(__name__)
 
 WRITE_BEHIND = 1 << 20  # write full blocks out once this much is buffered
+USER, RELOCATED = 0, 1  # streams: client writes; chunks moved by the cleaner or tiering
+STREAMS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,7 @@ class SegmentLog:
         self.live = array("I", bytes(4 * n))
         self.erase = array("I", bytes(4 * n))
         self.sealed_ns = array("Q", bytes(8 * n))
+        self.stream = bytearray(n)  # the stream each segment was opened for
         self.dirty: set[int] = set()
         self.pending_free: set[int] = set()  # dead, waiting for the commit that says so
         self.discarding: set[int] = set()  # free, but the discard is still in flight
@@ -78,44 +86,50 @@ class SegmentLog:
         self._discard_q: queue.Queue[int | None] = queue.Queue()
         self._discard_thread: threading.Thread | None = None
         self.next_seq = 1
-        self.open_seg = -1
-        self.flushed = 0  # bytes of the open segment already on the device
-        self.buf = mmap.mmap(-1, self.size)
+        self.open = [-1] * STREAMS  # the open segment of each stream, or -1
+        self.flushed = [0] * STREAMS  # bytes of it already on the device
+        self.bufs = [mmap.mmap(-1, self.size) for _ in range(STREAMS)]  # its image
 
     # persistence -------------------------------------------------------------
     def load(self, items: Iterator[tuple[bytes, bytes]]) -> None:
+        opened = []
         for k, v in items:
             (s,) = SEG_KEY.unpack(k)
             if s >= self.count:
                 continue
-            st, _, _, seq, wp, live, erase, sealed = SEG_META.unpack(v)
+            st, stream, _, seq, wp, live, erase, sealed = SEG_META.unpack(v)
             self.state[s], self.seq[s], self.write_ptr[s] = st, seq, wp
             self.live[s], self.erase[s], self.sealed_ns[s] = live, erase, sealed
+            self.stream[s] = stream if stream < STREAMS else USER
             self.next_seq = max(self.next_seq, seq + 1)
             if st == SEG_OPEN:
-                self._reopen(s)
+                opened.append(s)
             elif st == SEG_SEALED and live == 0:
                 self.pending_free.add(s)  # freed by a commit, then a crash
+        for s in sorted(opened, key=lambda x: self.seq[x]):
+            self._reopen(s)
 
     def _reopen(self, s: int) -> None:
-        """Continue the open segment after its last committed record.
+        """Continue an open segment after its last committed record.
 
         Anything past write_ptr on the device was never committed, so it is
         overwritten. The image is rebuilt from the device up to write_ptr.
         """
-        if self.open_seg >= 0:  # two open segments: keep the newer
-            self._seal(self.open_seg)
-        self.open_seg = s
+        stream = self.stream[s]
+        if self.open[stream] >= 0:  # two open in one stream: keep the newer
+            self._seal(self.open[stream])
+        self.open[stream] = s
         wp = self.write_ptr[s]
-        self.buf[:] = bytes(self.size)
+        buf = self.bufs[stream]
+        buf[:] = bytes(self.size)
         if wp:
-            self.buf[:wp] = self.backing.pread(self.offset(s), wp)
-        self.flushed = wp
+            buf[:wp] = self.backing.pread(self.offset(s), wp)
+        self.flushed[stream] = wp
 
     def dirty_records(self) -> Iterator[tuple[bytes, bytes]]:
         for s in sorted(self.dirty):
             yield SEG_KEY.pack(s), SEG_META.pack(
-                self.state[s], 0, 0, self.seq[s], self.write_ptr[s], self.live[s],
+                self.state[s], self.stream[s], 0, self.seq[s], self.write_ptr[s], self.live[s],
                 self.erase[s], self.sealed_ns[s],
             )
         self.dirty.clear()
@@ -160,9 +174,9 @@ class SegmentLog:
         self._reap_discards()
 
     # allocation --------------------------------------------------------------
-    def _allocate(self, reserve_ok: bool = False) -> int:
-        """Open a free segment. Client writes leave `reserve` segments free so
-        that the segment cleaner (reserve_ok=True) can always make progress."""
+    def _allocate(self, stream: int, reserve_ok: bool = False) -> int:
+        """Open a free segment for `stream`. Client writes leave `reserve` segments
+        free so that the segment cleaner (reserve_ok=True) can always make progress."""
         floor = 0 if reserve_ok else self.reserve
         if self._allocatable() <= floor and self.discarding:
             self.wait_discards()
@@ -172,14 +186,23 @@ class SegmentLog:
                 "free space: trim data, delete snapshots or volumes and eradicate them "
                 "(destroyed ones keep their space until eradicated), or grow the pool",
             )
-        # Wear leveling: the least-erased free segment, ties by position.
-        best, best_erase = -1, 1 << 32
-        for s in range(self.count):
-            if (self.state[s] == SEG_FREE and self.erase[s] < best_erase
-                    and s not in self.discarding):
-                best, best_erase = s, self.erase[s]
-                if best_erase == 0 and self.seq[s] == 0:
-                    break  # never used: cannot do better
+        # Wear leveling: client writes (hot) get the least-erased free segment;
+        # moved chunks (cold, rarely rewritten) park on the most-erased one, so
+        # that worn segments rest and fresh ones take the churn. Ties by position.
+        if stream == RELOCATED:
+            best, best_erase = -1, -1
+            for s in range(self.count):
+                if (self.state[s] == SEG_FREE and self.erase[s] > best_erase
+                        and s not in self.discarding):
+                    best, best_erase = s, self.erase[s]
+        else:
+            best, best_erase = -1, 1 << 32
+            for s in range(self.count):
+                if (self.state[s] == SEG_FREE and self.erase[s] < best_erase
+                        and s not in self.discarding):
+                    best, best_erase = s, self.erase[s]
+                    if best_erase == 0 and self.seq[s] == 0:
+                        break  # never used: cannot do better
         s = best
         if self.seq[s]:
             self.erase[s] += 1  # reuse after a discard = one program/erase cycle
@@ -187,69 +210,75 @@ class SegmentLog:
         self.seq[s] = self.next_seq
         self.next_seq += 1
         self.live[s] = 0
-        self.buf[:] = bytes(self.size)
+        self.stream[s] = stream
+        buf = self.bufs[stream]
+        buf[:] = bytes(self.size)
         hdr = SegmentHeader(s, self.seq[s], self.sb.uuid, time.time_ns()).to_bytes()
-        self.buf[: len(hdr)] = hdr
+        buf[: len(hdr)] = hdr
         self.write_ptr[s] = len(hdr)
-        self.flushed = 0
-        self.open_seg = s
+        self.flushed[stream] = 0
+        self.open[stream] = s
         self.dirty.add(s)
         return s
 
     def _seal(self, s: int) -> None:
-        self._write_out(full=True)
+        stream = self.stream[s]
+        self._write_out(stream, full=True)
         self.state[s] = SEG_SEALED
         self.sealed_ns[s] = time.time_ns()
         self.dirty.add(s)
-        self.open_seg = -1
+        self.open[stream] = -1
         if self.live[s] == 0:
             self.pending_free.add(s)
 
-    def append(self, header: bytes, payload: bytes, *, reserve_ok: bool = False
-               ) -> tuple[int, int, int]:
-        """Append one record; return (segment, offset, bytes it occupies).
+    def append(self, header: bytes, payload: bytes, *, reserve_ok: bool = False,
+               stream: int = USER) -> tuple[int, int, int]:
+        """Append one record to `stream`; return (segment, offset, bytes it occupies).
 
         reserve_ok: the segment cleaner may open a segment from the reserve.
         """
         need = align_up(len(header) + len(payload), RECORD_ALIGN)
-        if self.open_seg < 0 or self.write_ptr[self.open_seg] + need > self.size:
-            if self.open_seg >= 0:
-                self._seal(self.open_seg)
-            self._allocate(reserve_ok)
-        s = self.open_seg
+        s = self.open[stream]
+        if s < 0 or self.write_ptr[s] + need > self.size:
+            if s >= 0:
+                self._seal(s)
+            s = self._allocate(stream, reserve_ok)
+        buf = self.bufs[stream]
         off = self.write_ptr[s]
-        self.buf[off : off + len(header)] = header
-        self.buf[off + len(header) : off + len(header) + len(payload)] = payload
+        buf[off : off + len(header)] = header
+        buf[off + len(header) : off + len(header) + len(payload)] = payload
         self.write_ptr[s] = off + need
         self.live[s] += need
         self.dirty.add(s)
-        if self.write_ptr[s] - self.flushed >= WRITE_BEHIND:
-            self._write_out(full=False)
+        if self.write_ptr[s] - self.flushed[stream] >= WRITE_BEHIND:
+            self._write_out(stream, full=False)
         return s, off, need
 
-    def _write_out(self, full: bool) -> None:
-        """Write buffered bytes of the open segment to the device.
+    def _write_out(self, stream: int, full: bool) -> None:
+        """Write buffered bytes of the stream's open segment to the device.
 
         full=False writes only complete blocks; full=True pads the tail to the
         block boundary (wasting < 4 KiB) so no written block is ever rewritten.
         """
-        s = self.open_seg
+        s = self.open[stream]
         if s < 0:
             return
         wp = self.write_ptr[s]
+        flushed = self.flushed[stream]
         end = align_up(wp) if full else wp // ALIGN * ALIGN
-        if end > self.flushed:
-            start = self.offset(s) + self.flushed
-            self.backing.pwrite(start, memoryview(self.buf)[self.flushed : end])
-            self.backing.start_writeback(start, end - self.flushed)
-            self.flushed = end
+        if end > flushed:
+            start = self.offset(s) + flushed
+            self.backing.pwrite(start, memoryview(self.bufs[stream])[flushed:end])
+            self.backing.start_writeback(start, end - flushed)
+            self.flushed[stream] = end
         if full and wp != end:
             self.write_ptr[s] = end
             self.dirty.add(s)
 
     def flush_data(self) -> None:
         """Make every appended record durable (before the metadata that points at it)."""
-        self._write_out(full=True)
+        for stream in range(STREAMS):
+            self._write_out(stream, full=True)
         self.backing.sync()
 
     def after_commit(self) -> list[int]:
@@ -269,8 +298,9 @@ class SegmentLog:
     def read(self, s: int, off: int, length: int) -> bytes:
         if not (0 <= s < self.count) or off + length > self.size:
             raise CorruptData(f"chunk location {s}:{off}+{length} outside the pool")
-        if s == self.open_seg:  # its image in memory is complete
-            return self.buf[off : off + length]
+        for stream, o in enumerate(self.open):
+            if s == o:  # its image in memory is complete
+                return self.bufs[stream][off : off + length]
         return self.backing.pread(self.offset(s) + off, length)
 
     def release(self, s: int, size: int) -> None:
@@ -295,4 +325,5 @@ class SegmentLog:
             self._discard_q.put(None)
             self._discard_thread.join()
             self._discard_thread = None
-        self.buf.close()
+        for buf in self.bufs:
+            buf.close()

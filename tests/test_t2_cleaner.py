@@ -331,10 +331,16 @@ def test_idle_compaction_of_a_fragmented_pool(tmp_path):
     eng.close()
 
 
-def test_dead_copy_of_a_live_chunk_in_the_same_segment_stays_behind(engine):
+def test_dead_copy_of_a_live_chunk_in_the_same_segment_stays_behind(engine, monkeypatch):
     """A chunk rewritten while its segment was open (recompression) has two
-    records there; only the one the chunk index points at is moved."""
+    records there; only the one the chunk index points at is moved. (Rewrites
+    now go to the relocated stream's segment; pools written before streams
+    existed have this layout, reproduced here by rewriting into the user stream.)"""
     from pstoraged import codecs
+    from pstoraged import engine as engine_module
+    from pstoraged.segments import USER
+
+    monkeypatch.setattr(engine_module, "RELOCATED", USER)
 
     c = SegmentCleaner(engine)
     vol = engine.create_volume("v", 64 * BLOCK_SIZE, "lz4")
@@ -710,3 +716,53 @@ TestCleanerModel.settings = settings(
     stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_moved_chunks_get_their_own_open_segment_and_both_resume_after_a_crash(tmp_path):
+    """Hot/cold separation: the cleaner appends to the relocated stream's open
+    segment, never to the one client writes fill; both open segments (and which
+    stream each is) survive a crash."""
+    from pstoraged.segments import RELOCATED, USER
+
+    d = str(tmp_path)
+    eng, c, vol, model = fragmented_pool(d)
+    segs = eng.segs
+    s, _ = victim_with_live_data(c)
+    moved = [cid for cid in range(1, eng.next_chunk) if eng.meta.txn.get(CHUNK_KEY.pack(cid),
+             db=eng.meta.chunks) is not None and chunk_home(eng, cid)[0] == s]
+    r = c.clean_segment(s)
+    assert r.complete and r.chunks_moved == len(moved) > 0
+    user, relocated = segs.open[USER], segs.open[RELOCATED]
+    assert relocated >= 0 and relocated != user
+    assert segs.stream[relocated] == RELOCATED and segs.stream[s] == USER
+    homes = {chunk_home(eng, cid)[0] for cid in moved}
+    assert user not in homes and homes <= {x for x in range(segs.count) if segs.stream[x] == RELOCATED}
+    eng.write(vol, 0, os.urandom(2 * BLOCK_SIZE))  # client writes stay in the user stream
+    assert block_home(eng, vol, 0)[0] == segs.open[USER] != segs.open[RELOCATED]
+    model[: 2 * BLOCK_SIZE] = eng.read(vol, 0, 2 * BLOCK_SIZE)
+    eng.flush()
+    opened = list(segs.open)
+    crash(eng)
+    eng, c = open_engine(d)
+    assert eng.segs.open == opened and eng.segs.stream[opened[RELOCATED]] == RELOCATED
+    assert eng.read(eng.volume("v"), 0, len(model)) == bytes(model)
+    s2, _ = victim_with_live_data(c)
+    assert c.clean_segment(s2).complete  # appends after the committed records
+    assert eng.read(eng.volume("v"), 0, len(model)) == bytes(model)
+    check_consistency(eng)
+    eng.close()
+
+
+def test_moved_data_parks_on_the_most_worn_free_segment(engine):
+    from pstoraged.segments import RELOCATED, USER
+
+    segs = engine.segs
+    free = [s for s in range(segs.count) if segs.state[s] == SEG_FREE]
+    for i, s in enumerate(free):
+        segs.erase[s] = 10 + (i * 7) % len(free)  # distinct counts, in no particular order
+    worn = max(free, key=lambda s: segs.erase[s])
+    fresh = min(free, key=lambda s: segs.erase[s])
+    if segs.open[USER] >= 0:
+        segs._seal(segs.open[USER])
+    assert segs._allocate(RELOCATED, reserve_ok=True) == worn
+    assert segs._allocate(USER) == fresh

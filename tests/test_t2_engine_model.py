@@ -290,7 +290,7 @@ def test_corruption_is_detected_on_read(engine, caplog):
 
     cid = engine._lookup(v, 0, v.gen)
     _, s, off, *_ = CHUNK_META.unpack(engine.meta.txn.get(CHUNK_KEY.pack(cid), db=engine.meta.chunks))
-    assert s != engine.segs.open_seg
+    assert s not in engine.segs.open
     with open(engine.pool.backing.path, "r+b") as f:
         f.seek(engine.segs.offset(s) + off + 64 + 100)
         f.write(b"\x00\xff\x00")
