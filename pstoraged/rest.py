@@ -203,6 +203,10 @@ class Context:
         self.ready = False
         self.analytics: Any = None  # analytics.Analytics, set by the daemon
         self.catalog: Catalog = Catalog(self.engine)  # snapshots and SafeMode
+        # per volume, held from check to change by export, attach and the start
+        # of a restore: otherwise an export could pass its "not being restored"
+        # check while a restore passes its "not exported" one
+        self._serving: dict[str, trio.Lock] = {}
 
     def cleaner(self) -> SegmentCleaner | None:
         return SegmentCleaner.of(self.engine)
@@ -210,6 +214,9 @@ class Context:
     def volume(self, name: str) -> Volume:
         validate_name(name)
         return self.engine.volume(name)
+
+    def serving(self, name: str) -> trio.Lock:
+        return self._serving.setdefault(name, trio.Lock())
 
     def ready_volume(self, name: str) -> Volume:
         """The volume, if no restore or clone fill is running into it (those refuse I/O)."""
@@ -531,11 +538,12 @@ def build_app(ctx: Context) -> FastAPI:
                                    "(poll the volume's state and progress)"))
                                ) -> dict[str, Any]:
         vol = ctx.volume(name)
-        if ctx.exports.get(name) and not force:
-            raise Conflict(f"volume {name!r} is exported or attached; restoring under a "
-                           "client corrupts what it has cached",
-                           "detach/unexport it first, or pass force (--force)")
-        r = await call(ctx.catalog.restore, name, snap, False, flush=True)
+        async with ctx.serving(name):
+            if ctx.exports.get(name) and not force:
+                raise Conflict(f"volume {name!r} is exported or attached; restoring under a "
+                               "client corrupts what it has cached",
+                               "detach/unexport it first, or pass force (--force)")
+            r = await call(ctx.catalog.restore, name, snap, False, flush=True)
         if wait and r["state"] != "ready":
             await ctx.wait_copy(vol)
             r = await call(ctx.catalog.restore_result, name, snap)
@@ -595,11 +603,12 @@ def build_app(ctx: Context) -> FastAPI:
               summary="Serve a volume over NBD (unix socket, optionally TCP)")
     async def export(name: VolumeName,
                      req: Annotated[ExportRequest | None, Body()] = None) -> dict[str, Any]:
-        vol = ctx.ready_volume(name)
         req = req or ExportRequest(tcp=None, tls_psk_file=None, tls_certificates=None, allow=None)
-        st = await trio.to_thread.run_sync(lambda: ctx.exports.export(
-            name, readonly=req.readonly or vol.readonly, tcp=req.tcp,
-            tls_psk=req.tls_psk_file, tls_certificates=req.tls_certificates, allow=req.allow))
+        async with ctx.serving(name):
+            vol = ctx.ready_volume(name)
+            st = await trio.to_thread.run_sync(lambda: ctx.exports.export(
+                name, readonly=req.readonly or vol.readonly, tcp=req.tcp,
+                tls_psk=req.tls_psk_file, tls_certificates=req.tls_certificates, allow=req.allow))
         if st.by_attach:
             st.by_attach = False  # explicitly exported now: detach leaves it running
         return ctx.describe(vol)
@@ -614,8 +623,9 @@ def build_app(ctx: Context) -> FastAPI:
     @app.post("/api/v1/volumes/{name}/attach", tags=["exports"], responses=ERRORS,
               summary="Make a volume a local block device")
     async def attach(name: VolumeName) -> dict[str, Any]:
-        vol = ctx.ready_volume(name)
-        await trio.to_thread.run_sync(lambda: ctx.exports.attach(name))
+        async with ctx.serving(name):
+            vol = ctx.ready_volume(name)
+            await trio.to_thread.run_sync(lambda: ctx.exports.attach(name))
         return ctx.describe(vol)
 
     @app.delete("/api/v1/volumes/{name}/attach", tags=["exports"], responses=ERRORS,
