@@ -114,15 +114,19 @@ class FingerprintIndex:
         if cid is None:
             cid = self.merging.get(fp)
             if cid is None:
-                flt = self.filter
-                if flt is not None and not flt.maybe(fp):
-                    self.filter_skips += 1
-                    return None
-                hit = self.meta.txn.get(fp, db=self.meta.fp)
+                hit = self._btree_get(fp)
                 if hit is None:
                     return None
                 cid = U64.unpack(hit)[0]
         return cid
+
+    def _btree_get(self, fp: bytes) -> bytes | memoryview | None:
+        """The B-tree's entry for fp; a ready filter answers most misses without it."""
+        flt = self.filter
+        if flt is not None and not flt.maybe(fp):
+            self.filter_skips += 1
+            return None
+        return self.meta.txn.get(fp, db=self.meta.fp)
 
     def pending(self, fp: bytes) -> bool:
         """An entry for fp waits in memory (and will replace the B-tree's)."""
@@ -141,10 +145,7 @@ class FingerprintIndex:
             if held != cid:  # superseded by a newer chunk with the same content
                 return False
             del table[fp]
-            flt = self.filter
-            if flt is not None and not flt.maybe(fp):
-                return False
-            return self.meta.txn.get(fp, db=self.meta.fp) is not None
+            return self._btree_get(fp) is not None
         return True
 
     def entries(self) -> dict[bytes, int]:
