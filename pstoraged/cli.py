@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -159,21 +160,32 @@ def _snapref(ref: str, snap: str | None = None) -> tuple[str, str]:
     return ref, snap
 
 
-def _follow_copy(args: argparse.Namespace, c: Client, name: str, what: str) -> dict:
-    """Poll a volume until its background restore or fill is done (progress on a tty)."""
+def _poll(args: argparse.Namespace, item: dict, fetch: Callable[[], dict],
+          running: Callable[[dict], bool], line: Callable[[dict], str],
+          last: Callable[[dict], str] = lambda _: "") -> dict:
+    """Fetch `item` again every 0.5 s while running(item); on a tty, line(item)
+    shows the progress on stderr and last(item) ends it."""
     import time
 
     tty = not args.json and sys.stderr.isatty()
-    v = c.get(f"/api/v1/volumes/{name}")
-    while v["state"] != "ready":
+    while running(item):
         if tty:
-            print(f"\r{what} {name}: {100 * v['progress']:.0f}%", end="", file=sys.stderr,
-                  flush=True)
+            print("\r" + line(item), end="", file=sys.stderr, flush=True)
         time.sleep(0.5)
-        v = c.get(f"/api/v1/volumes/{name}")
+        item = fetch()
     if tty:
-        print(f"\r{what} {name}: done", file=sys.stderr)
-    return v
+        print(last(item), file=sys.stderr)
+    return item
+
+
+def _follow_copy(args: argparse.Namespace, c: Client, name: str, what: str) -> dict:
+    """Poll a volume until its background restore or fill is done."""
+    def fetch() -> dict:
+        return c.get(f"/api/v1/volumes/{name}")
+
+    return _poll(args, fetch(), fetch, lambda v: v["state"] != "ready",
+                 lambda v: f"{what} {name}: {100 * v['progress']:.0f}%",
+                 lambda v: f"\r{what} {name}: done")
 
 
 def cmd_volume_clone(args: argparse.Namespace, c: Client) -> None:
@@ -448,17 +460,8 @@ def cmd_tiering_apply(args: argparse.Namespace, c: Client) -> None:
 
 
 def _follow(args: argparse.Namespace, c: Client, job: dict) -> dict:
-    import time
-
-    tty = not args.json and sys.stderr.isatty()
-    while job["state"] == "running":
-        if tty:
-            print("\r" + _job_line(job), end="", file=sys.stderr, flush=True)
-        time.sleep(0.5)
-        job = c.get(f"/api/v1/jobs/{job['id']}")
-    if tty:
-        print(file=sys.stderr)
-    return job
+    return _poll(args, job, lambda: c.get(f"/api/v1/jobs/{job['id']}"),
+                 lambda j: j["state"] == "running", _job_line)
 
 
 def cmd_scrub(args: argparse.Namespace, c: Client) -> None:
