@@ -325,28 +325,74 @@ def cmd_detach(args: argparse.Namespace, c: Client) -> None:
     _emit(args, out, f"detached {args.name}")
 
 
+STATS_HELP = """\
+Two tables. The first shows the data held now, with the same definitions
+for the pool row and the volume rows (a volume's UNIQUE and STORED are its
+share of the pool's: each chunk split evenly over the references to it, so
+the rows below the pool add up to it):
+
+  LOGICAL    data held: non-zero 4 KiB blocks the volumes (or the volume) read
+  UNIQUE     LOGICAL after dedupe: one copy of each distinct block
+  STORED     what UNIQUE takes in segments after compression (headers included)
+  EXCLUSIVE  stored bytes only this volume's live data references (trimming it
+             all frees them)
+  SHARED     stored bytes of chunks it references that other volumes, clones or
+             its snapshots reference too (each counted whole)
+  DEDUPE     LOGICAL / UNIQUE
+  COMPRESS   UNIQUE / STORED
+  REDUCTION  LOGICAL / STORED (zeros are not data: they take no space at all)
+
+  (snapshots)  stored bytes held only by snapshots (data since overwritten)
+  (destroyed)  stored bytes of destroyed volumes, until they are eradicated
+  (released)   map entries being released in the background (eradicated
+               volumes, deleted snapshots)
+
+The second table shows the ingest counters: what was written since each
+volume was created. They only grow (overwrites, trims and restores do not
+lower them):
+
+  WRITTEN    bytes written (read-modify-write edges, zeros and overwrites included)
+  ZEROS      all-zero blocks written: stored as nothing
+  DEDUPED    blocks written that were already in the pool
+  NEW        blocks written that became new chunks
+  NEW STORED what the new chunks took in segments
+  RATIO      WRITTEN / NEW STORED
+
+The volume rows come from a walk of the volumes' maps (in the daemon, off
+its I/O thread), reused for up to --max-age seconds while data changes.
+docs/analytics.md explains every figure."""
+
+
 def cmd_stats(args: argparse.Namespace, c: Client) -> None:
-    r = c.get("/api/v1/metrics/reduction")
+    r = c.get(f"/api/v1/metrics/reduction?max_age={args.max_age:g}")
     p = r["pool"]
-    rows = [[
-        "(pool)", human_bytes(p["written_bytes"]), human_bytes(p["logical_bytes"]),
-        human_bytes(p["zero_removed_bytes"]), human_bytes(p["dedupe_removed_bytes"]),
-        human_bytes(p["stored_bytes"]), _ratio(p["dedupe_ratio"]), _ratio(p["compression_ratio"]),
-        _ratio(p["data_reduction_ratio"]),
-    ]]
-    for name, v in r["volumes"].items():
-        rows.append([
-            name, human_bytes(v["written_bytes"]), human_bytes(v["logical_bytes"]),
-            human_bytes(v["zero_removed_bytes"]), human_bytes(v["dedupe_removed_bytes"]),
-            human_bytes(v["stored_bytes"]), _ratio(v["dedupe_ratio"]),
-            _ratio(v["compression_ratio"]), _ratio(v["ingest_reduction_ratio"]),
-        ])
-    human = table(rows, ["VOLUME", "WRITTEN", "LOGICAL", "ZEROS", "DEDUPED", "STORED",
+
+    def row(name: str, x: dict) -> list[str]:
+        return [name, *(human_bytes(x[k]) for k in ("logical_bytes", "unique_bytes", "stored_bytes")),
+                *(human_bytes(x[k]) if k in x else "-" for k in ("exclusive_bytes", "shared_bytes")),
+                _ratio(x["dedupe_ratio"]), _ratio(x["compression_ratio"]),
+                _ratio(x["data_reduction_ratio"])]
+
+    rows = [row("(pool)", p)] + [row(n, v) for n, v in r["volumes"].items()]
+    for k in ("snapshots", "destroyed", "released"):
+        held = p["stored_by"]["destroyed_volumes" if k == "destroyed" else k]
+        if held:
+            rows.append([f"({k})", "-", "-", human_bytes(held), "-", "-", "-", "-", "-"])
+    human = table(rows, ["VOLUME", "LOGICAL", "UNIQUE", "STORED", "EXCLUSIVE", "SHARED",
                          "DEDUPE", "COMPRESS", "REDUCTION"])
     human += (f"\n\npool: {human_bytes(p['logical_bytes'])} logical in "
               f"{human_bytes(p['stored_bytes'])} stored, data reduction "
               f"{_ratio(p['data_reduction_ratio'])}, total efficiency {_ratio(p['total_efficiency'])}"
               f" (with thin provisioning of {human_bytes(p['provisioned_bytes'])})")
+    ing = [[n, *(human_bytes(v["ingest"][k]) for k in ("written_bytes", "zero_bytes", "dedupe_bytes",
+                                                        "new_chunk_bytes", "new_chunk_stored_bytes")),
+            _ratio(v["ingest"]["reduction_ratio"])] for n, v in r["volumes"].items()]
+    if ing:
+        human += "\n\ningest since each volume was created (cumulative, never goes down):\n"
+        human += table(ing, ["VOLUME", "WRITTEN", "ZEROS", "DEDUPED", "NEW", "NEW STORED", "RATIO"])
+    human += (f"\n\nvolume rows as of {datetime.fromtimestamp(r['as_of']).strftime('%H:%M:%S')}"
+              + ("" if r["exact"] else "; EXCLUSIVE is a lower bound (too many shared chunks "
+                 "to count exactly)") + "; 'pstorage stats --help' explains each column")
     _emit(args, r, human)
 
 
@@ -620,7 +666,13 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("name")
     dt.add_argument("--force", action="store_true", help="even if mounted (lazy)")
     dt.set_defaults(fn=cmd_detach)
-    sub.add_parser("stats", help="data reduction per volume and pool").set_defaults(fn=cmd_stats)
+    x = sub.add_parser("stats", help="data reduction per volume and pool",
+                       description="Data reduction of the pool and of each volume.",
+                       epilog=STATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("--max-age", type=float, default=60.0, metavar="SECONDS",
+                   help="reuse the daemon's last walk of the volumes' maps up to this old "
+                        "(0: walk now; default 60)")
+    x.set_defaults(fn=cmd_stats)
 
     f = sub.add_parser("forecast", help="capacity history and forecast, as a chart")
     f.add_argument("--horizons", default="7,30,90", help="days, comma-separated")
