@@ -101,7 +101,20 @@ def cmd_pool_show(args: argparse.Namespace, c: Client) -> None:
         ["segments", f"{p['segments']['total']} x {human_bytes(p['segment_size'])}"],
         ["checksum errors", s["checksum_errors"]],
     ]
-    _emit(args, p, table(rows, ["POOL", ""]))
+    gone = p["destroyed"]
+    objs = [[x["name"], "volume", human_bytes(x["reclaimable_bytes"]), _time(x["eradicate_after"])]
+            for x in gone["volumes"]]
+    objs += [[f"{x['volume']}@{x['name']}", "snapshot", human_bytes(x["reclaimable_bytes"]),
+              _time(x["eradicate_after"])] for x in gone["snapshots"]]
+    rows.append(["destroyed", f"{len(gone['volumes'])} volumes, {len(gone['snapshots'])} snapshots"
+                 + (f", holding {human_bytes(gone['reclaimable_bytes'])} until eradicated"
+                    if objs else "")])
+    human = table(rows, ["POOL", ""])
+    if objs:
+        human += ("\n\n" + table(objs, ["DESTROYED", "KIND", "FREED ON ERADICATE", "ERADICATED AT"])
+                  + "\n\nrecoverable until eradicated; 'pstorage volume eradicate NAME' frees a "
+                  "volume now")
+    _emit(args, p, human)
 
 
 def cmd_volume_create(args: argparse.Namespace, c: Client) -> None:
@@ -133,8 +146,14 @@ def cmd_volume_delete(args: argparse.Namespace, c: Client) -> None:
     q = "?force=1" if args.force else ""
     out = c.request("DELETE", f"/api/v1/volumes/{args.name}{q}")
     when = out.get("eradicate_after")
-    _emit(args, out, f"destroyed volume {args.name}" + (
-        f"; recoverable until {_time(when)} (pstorage volume recover {args.name})" if when else ""))
+    if when is None:  # no grace period configured
+        human = (f"deleted volume {args.name}: eradicated at once, its space comes back in the "
+                 "background")
+    else:
+        human = (f"destroyed volume {args.name}: recoverable for {out['recoverable_hours']:g} h, "
+                 f"until {_time(when)} (pstorage volume recover {args.name}); it keeps its space "
+                 f"until then, when it is eradicated (or now: pstorage volume eradicate {args.name})")
+    _emit(args, out, human)
 
 
 def _time(t: float | None) -> str:
@@ -147,7 +166,8 @@ def cmd_volume_recover(args: argparse.Namespace, c: Client) -> None:
 
 
 def cmd_volume_eradicate(args: argparse.Namespace, c: Client) -> None:
-    _emit(args, c.post(f"/api/v1/volumes/{args.name}/eradicate"), f"eradicated volume {args.name}")
+    _emit(args, c.post(f"/api/v1/volumes/{args.name}/eradicate"),
+          f"eradicated volume {args.name}: its space comes back in the background")
 
 
 def _snapref(ref: str, snap: str | None = None) -> tuple[str, str]:
@@ -202,11 +222,24 @@ def cmd_volume_clone(args: argparse.Namespace, c: Client) -> None:
 
 def cmd_volume_space(args: argparse.Namespace, c: Client) -> None:
     r = c.get(f"/api/v1/volumes/{args.name}/space")
-    rows = [[f"{args.name} (live)", *(_b(r["volume"][k]) for k in ("logical_bytes", "unique_bytes",
-                                                                      "shared_bytes"))]]
-    rows += [[f"{args.name}@{n}", *(_b(x[k]) for k in ("logical_bytes", "unique_bytes", "shared_bytes"))]
-             for n, x in sorted(r["snapshots"].items())]
-    _emit(args, r, table(rows, ["", "LOGICAL", "UNIQUE", "SHARED"]))
+
+    def row(name: str, x: dict) -> list[str]:
+        return [name, *(_b(x[k]) for k in ("logical_bytes", "unique_bytes", "shared_bytes")),
+                x["state"], _time(x["eradicate_after"]) if x["eradicate_after"] else "-"]
+
+    v = r["volume"]
+    rows = [row(f"{args.name} ({'live' if v['state'] == 'live' else 'volume'})", v)]
+    rows += [row(f"{args.name}@{n}", x) for n, x in sorted(r["snapshots"].items())]
+    human = table(rows, ["", "LOGICAL", "UNIQUE", "SHARED", "STATE", "ERADICATED AT"])
+    gone = r["destroyed_snapshots"]
+    if v["state"] == "destroyed":
+        human += (f"\n\n{args.name} is destroyed: eradicating it frees "
+                  f"{_b(v['reclaimable_bytes'])} (pstorage volume eradicate {args.name})")
+    elif gone["count"]:
+        human += (f"\n\n{gone['count']} destroyed snapshots hold {_b(gone['reclaimable_bytes'])} "
+                  "that comes back when they are eradicated")
+    human += "\nUNIQUE: physical bytes only it holds (freed if it went); SHARED: held with others"
+    _emit(args, r, human)
 
 
 def _b(n: int) -> str:
@@ -474,7 +507,10 @@ def cmd_temperature(args: argparse.Namespace, c: Client) -> None:
 
 def cmd_tiering_list(args: argparse.Namespace, c: Client) -> None:
     r = c.get("/api/v1/analytics/tiering/recommendations")
-    rows = [[x["id"], human_bytes(x["estimated_savings_bytes"]),
+    def saves(n: int) -> str:  # a negative saving is a cost (no-reduction)
+        return human_bytes(n) if n >= 0 else f"costs ~{human_bytes(-n)}"
+
+    rows = [[x["id"], saves(x["estimated_savings_bytes"]),
              "yes" if x["applicable"] else "no", x["summary"]] for x in r["recommendations"]]
     human = table(rows, ["ID", "SAVES", "APPLY", "WHAT"]) if rows else "no recommendations"
     for x in r["recommendations"]:
@@ -524,28 +560,46 @@ def cmd_scrub(args: argparse.Namespace, c: Client) -> None:
                             "from a snapshot, a replica or a backup")
 
 
-def _gc_line(x: dict) -> str:
+GC_COUNTERS = ("segments_cleaned", "chunks_moved", "bytes_moved", "wear_segments_cleaned",
+               "wear_chunks_moved", "wear_bytes_moved", "user_bytes")
+
+
+def _gc_line(x: dict, before: dict | None = None) -> str:
+    """The cleaner's state; with `before`, the work done since then rather than
+    its lifetime totals (which the API reports)."""
+    now = (f"{x['free_segments']} free segments, {100 * x['dead_fraction']:.0f}% of sealed "
+           "space dead")
+    if before is not None:
+        d = {k: x[k] - before[k] for k in GC_COUNTERS}
+        wear = (f", wear leveling {d['wear_segments_cleaned']} segments "
+                f"({human_bytes(d['wear_bytes_moved'])})" if d["wear_segments_cleaned"] else "")
+        return (f"cleaner, since this request: {d['segments_cleaned']} segments cleaned, "
+                f"{human_bytes(d['bytes_moved'])} moved ({d['chunks_moved']} chunks){wear}; "
+                f"now {now}" + (", pass pending" if x["requested"] else ""))
     wa = x["write_amplification"]
-    return (f"cleaner: {x['segments_cleaned']} segments cleaned, {human_bytes(x['bytes_moved'])} "
-            f"moved, {x['free_segments']} free segments, {100 * x['dead_fraction']:.0f}% of sealed "
-            f"space dead, write amplification {f'{wa:.2f}' if wa else '-'}"
-            + (", pass pending" if x["requested"] else ""))
+    return (f"cleaner (totals over the pool's life): {x['segments_cleaned']} segments cleaned, "
+            f"{human_bytes(x['bytes_moved'])} moved, write amplification "
+            f"{f'{wa:.2f}' if wa else '-'}; now {now}"
+            + (", pass requested" if x["requested"] else ""))
 
 
 def cmd_gc(args: argparse.Namespace, c: Client) -> None:
     import time
 
     x = c.post("/api/v1/gc")["cleaner"]
-    if args.wait:
-        tty = not args.json and sys.stderr.isatty()
-        while x["requested"] or x["victim"] is not None:
-            if tty:
-                print("\r" + _gc_line(x), end="", file=sys.stderr, flush=True)
-            time.sleep(0.5)
-            x = c.get("/api/v1/pool")["cleaner"]
+    if not args.wait:
+        return _emit(args, x, _gc_line(x))
+    before = x
+    tty = not args.json and sys.stderr.isatty()
+    while x["requested"] or x["victim"] is not None:
         if tty:
-            print(file=sys.stderr)
-    _emit(args, x, _gc_line(x))
+            print("\r" + _gc_line(x, before), end="", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+        x = c.get("/api/v1/pool")["cleaner"]
+    if tty:
+        print(file=sys.stderr)
+    run = {k: x[k] - before[k] for k in GC_COUNTERS}
+    _emit(args, {"this_run": run, "cleaner": x}, _gc_line(x, before))
 
 
 def cmd_jobs(args: argparse.Namespace, c: Client) -> None:

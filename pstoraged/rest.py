@@ -446,8 +446,9 @@ def build_app(ctx: Context) -> FastAPI:
         vols, snaps, sp, version = await call(find)
         walks: dict[int, VolumeWalk] = {}
         as_of = time.time()
-        if sp:  # (commit first: the walk reads committed state)
-            await call(ctx.engine.flush, flush=True)
+        if sp:
+            if not ctx.usage.current(sp, version, max_age):  # the walk reads committed state
+                await call(ctx.engine.flush, flush=True)
             walks, as_of = await ctx.usage.walks(sp, version, max_age)
         out_v = [{"name": v.name, "destroyed_at": v.destroyed_ns / 1e9,
                   "eradicate_after": v.destroyed_ns / 1e9 + grace,
@@ -513,7 +514,8 @@ def build_app(ctx: Context) -> FastAPI:
         return ctx.describe(vol)
 
     @app.delete("/api/v1/volumes/{name}", tags=["volumes"], responses=ERRORS,
-                summary="Delete a volume (space comes back in the background)")
+                summary="Delete a volume: destroyed, recoverable for the grace period; its space "
+                        "comes back when it is eradicated")
     async def delete_volume(name: VolumeName, force: bool = Query(
             False, description="unexport/detach first")) -> dict[str, Any]:
         ctx.volume(name)
@@ -527,9 +529,10 @@ def build_app(ctx: Context) -> FastAPI:
         vol = await call(ctx.catalog.destroy_volume, name)
         await call(ctx.dataplane.io.forget, name)  # on the thread that writes the counters
         log.info("volume %s destroyed (recoverable for %g h)", name, ctx.catalog.grace_s / 3600)
-        return {"deleted": name, "destroyed": True,
-                "eradicate_after": vol.destroyed_ns / 1e9 + ctx.catalog.grace_s
-                if vol.destroyed_ns else None}
+        grace = ctx.catalog.grace_s
+        return {"deleted": name, "destroyed": True, "eradicated": grace <= 0,
+                "recoverable_hours": max(0.0, grace / 3600),
+                "eradicate_after": vol.destroyed_ns / 1e9 + grace if grace > 0 else None}
 
     async def unexport_snapshots(name: str) -> None:
         for ex in [e for e in list(ctx.exports.states) if e.startswith(name + "@")]:

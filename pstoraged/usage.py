@@ -183,8 +183,7 @@ class UsageCache:
         """The walks of `specs` by volume id, and the time of the oldest."""
         async with self._lock:
             now = time.time()
-            todo = [s for s in specs if (c := self._done.get(s.vid)) is None or c[0] != s
-                    or (c[1] != version and now - c[2] >= max_age)]
+            todo = self._stale(specs, version, max_age, now)
             if todo:
                 def run() -> dict[WalkSpec, VolumeWalk]:
                     out = {}
@@ -197,6 +196,19 @@ class UsageCache:
                     self._done[s.vid] = (s, version, now, w)
             got = [self._done[s.vid] for s in specs]
         return {s.vid: w for s, _, _, w in got}, min((t for _, _, t, _ in got), default=now)
+
+    def _stale(self, specs: list[WalkSpec], version: int, max_age: float,
+               now: float) -> list[WalkSpec]:
+        return [s for s in specs if (c := self._done.get(s.vid)) is None or c[0] != s
+                or (c[1] != version and now - c[2] >= max_age)]
+
+    def current(self, specs: list[WalkSpec], version: int, max_age: float) -> bool:
+        """walks() would reuse what it has (callers can skip their commit)."""
+        return not self._stale(specs, version, max_age, time.time())
+
+    def last(self) -> dict[int, VolumeWalk]:
+        """The latest walk of each volume, however old (for the Prometheus scrape)."""
+        return {vid: w for vid, (_, _, _, w) in list(self._done.items())}
 
     def forget(self, keep: set[int]) -> None:
         """Drop the walks of volumes not in `keep` (gone for good)."""

@@ -372,3 +372,31 @@ def test_snapshots_restores_and_destroyed_volumes_hold_their_part(eng):
     assert r["pool"]["stored_by"]["destroyed_volumes"] == 0
     assert r["pool"]["stored_by"]["released"] == 8 * rec  # until reclaim_step gives it back
     assert held(r) == r["pool"]["stored_bytes"]
+
+
+def test_no_reduction_is_shown_as_a_cost(eng, capsys):
+    import argparse
+
+    from pstoraged import cli
+    from pstoraged.format import record_size
+
+    rnd = random.Random(6)
+    v = eng.create_volume("mostly-random", 80 * MiB)
+    for i in range(0, 64 * MiB + MiB, MiB):  # one block in 16 compresses: ~6% saved
+        eng.write(v, i, b"".join(text_block(i + j) if j % 16 == 0 else rnd.randbytes(BLOCK_SIZE)
+                                 for j in range(MiB // BLOCK_SIZE)))
+    st = v.stats
+    recs = {r["id"]: r for r in Tiering(eng).recommendations()["recommendations"]}
+    rec = recs["no-reduction:mostly-random"]
+    cost = st.unique_bytes // BLOCK_SIZE * record_size(BLOCK_SIZE) - st.stored_bytes
+    assert cost > 0 and rec["estimated_savings_bytes"] == -cost  # turning compression off loses it
+    assert "cost" in rec["estimate"] and "costs" in rec["action"]
+
+    class Client:
+        def get(self, path: str) -> dict:
+            return {"recommendations": list(recs.values()), "notes": []}
+
+    cli.cmd_tiering_list(argparse.Namespace(json=False), Client())
+    line = next(x for x in capsys.readouterr().out.splitlines()
+                if x.startswith("no-reduction:mostly-random "))
+    assert f"costs ~{cli.human_bytes(cost)}" in line
