@@ -236,8 +236,8 @@ def cmd_volume_space(args: argparse.Namespace, c: Client) -> None:
         human += (f"\n\n{args.name} is destroyed: eradicating it frees "
                   f"{_b(v['reclaimable_bytes'])} (pstorage volume eradicate {args.name})")
     elif gone["count"]:
-        human += (f"\n\n{gone['count']} destroyed snapshots hold {_b(gone['reclaimable_bytes'])} "
-                  "that comes back when they are eradicated")
+        human += (f"\n\ndestroyed snapshots: {gone['count']}; eradicating them frees "
+                  f"{_b(gone['reclaimable_bytes'])} (they are eradicated at the time shown)")
     human += "\nUNIQUE: physical bytes only it holds (freed if it went); SHARED: held with others"
     _emit(args, r, human)
 
