@@ -101,7 +101,20 @@ def cmd_pool_show(args: argparse.Namespace, c: Client) -> None:
         ["segments", f"{p['segments']['total']} x {human_bytes(p['segment_size'])}"],
         ["checksum errors", s["checksum_errors"]],
     ]
-    _emit(args, p, table(rows, ["POOL", ""]))
+    gone = p["destroyed"]
+    objs = [[x["name"], "volume", human_bytes(x["reclaimable_bytes"]), _time(x["eradicate_after"])]
+            for x in gone["volumes"]]
+    objs += [[f"{x['volume']}@{x['name']}", "snapshot", human_bytes(x["reclaimable_bytes"]),
+              _time(x["eradicate_after"])] for x in gone["snapshots"]]
+    rows.append(["destroyed", f"{len(gone['volumes'])} volumes, {len(gone['snapshots'])} snapshots"
+                 + (f", holding {human_bytes(gone['reclaimable_bytes'])} until eradicated"
+                    if objs else "")])
+    human = table(rows, ["POOL", ""])
+    if objs:
+        human += ("\n\n" + table(objs, ["DESTROYED", "KIND", "FREED ON ERADICATE", "ERADICATED AT"])
+                  + "\n\nrecoverable until eradicated; 'pstorage volume eradicate NAME' frees a "
+                  "volume now")
+    _emit(args, p, human)
 
 
 def cmd_volume_create(args: argparse.Namespace, c: Client) -> None:
@@ -133,8 +146,14 @@ def cmd_volume_delete(args: argparse.Namespace, c: Client) -> None:
     q = "?force=1" if args.force else ""
     out = c.request("DELETE", f"/api/v1/volumes/{args.name}{q}")
     when = out.get("eradicate_after")
-    _emit(args, out, f"destroyed volume {args.name}" + (
-        f"; recoverable until {_time(when)} (pstorage volume recover {args.name})" if when else ""))
+    if when is None:  # no grace period configured
+        human = (f"deleted volume {args.name}: eradicated at once, its space comes back in the "
+                 "background")
+    else:
+        human = (f"destroyed volume {args.name}: recoverable for {out['recoverable_hours']:g} h, "
+                 f"until {_time(when)} (pstorage volume recover {args.name}); it keeps its space "
+                 f"until then, when it is eradicated (or now: pstorage volume eradicate {args.name})")
+    _emit(args, out, human)
 
 
 def _time(t: float | None) -> str:
@@ -147,7 +166,8 @@ def cmd_volume_recover(args: argparse.Namespace, c: Client) -> None:
 
 
 def cmd_volume_eradicate(args: argparse.Namespace, c: Client) -> None:
-    _emit(args, c.post(f"/api/v1/volumes/{args.name}/eradicate"), f"eradicated volume {args.name}")
+    _emit(args, c.post(f"/api/v1/volumes/{args.name}/eradicate"),
+          f"eradicated volume {args.name}: its space comes back in the background")
 
 
 def _snapref(ref: str, snap: str | None = None) -> tuple[str, str]:
@@ -202,11 +222,24 @@ def cmd_volume_clone(args: argparse.Namespace, c: Client) -> None:
 
 def cmd_volume_space(args: argparse.Namespace, c: Client) -> None:
     r = c.get(f"/api/v1/volumes/{args.name}/space")
-    rows = [[f"{args.name} (live)", *(_b(r["volume"][k]) for k in ("logical_bytes", "unique_bytes",
-                                                                      "shared_bytes"))]]
-    rows += [[f"{args.name}@{n}", *(_b(x[k]) for k in ("logical_bytes", "unique_bytes", "shared_bytes"))]
-             for n, x in sorted(r["snapshots"].items())]
-    _emit(args, r, table(rows, ["", "LOGICAL", "UNIQUE", "SHARED"]))
+
+    def row(name: str, x: dict) -> list[str]:
+        return [name, *(_b(x[k]) for k in ("logical_bytes", "unique_bytes", "shared_bytes")),
+                x["state"], _time(x["eradicate_after"]) if x["eradicate_after"] else "-"]
+
+    v = r["volume"]
+    rows = [row(f"{args.name} ({'live' if v['state'] == 'live' else 'volume'})", v)]
+    rows += [row(f"{args.name}@{n}", x) for n, x in sorted(r["snapshots"].items())]
+    human = table(rows, ["", "LOGICAL", "UNIQUE", "SHARED", "STATE", "ERADICATED AT"])
+    gone = r["destroyed_snapshots"]
+    if v["state"] == "destroyed":
+        human += (f"\n\n{args.name} is destroyed: eradicating it frees "
+                  f"{_b(v['reclaimable_bytes'])} (pstorage volume eradicate {args.name})")
+    elif gone["count"]:
+        human += (f"\n\ndestroyed snapshots: {gone['count']}; eradicating them frees "
+                  f"{_b(gone['reclaimable_bytes'])} (they are eradicated at the time shown)")
+    human += "\nUNIQUE: physical bytes only it holds (freed if it went); SHARED: held with others"
+    _emit(args, r, human)
 
 
 def _b(n: int) -> str:
@@ -325,28 +358,74 @@ def cmd_detach(args: argparse.Namespace, c: Client) -> None:
     _emit(args, out, f"detached {args.name}")
 
 
+STATS_HELP = """\
+Two tables. The first shows the data held now, with the same definitions
+for the pool row and the volume rows (a volume's UNIQUE and STORED are its
+share of the pool's: each chunk split evenly over the references to it, so
+the rows below the pool add up to it):
+
+  LOGICAL    data held: non-zero 4 KiB blocks the volumes (or the volume) read
+  UNIQUE     LOGICAL after dedupe: one copy of each distinct block
+  STORED     what UNIQUE takes in segments after compression (headers included)
+  EXCLUSIVE  stored bytes only this volume's live data references (trimming it
+             all frees them)
+  SHARED     stored bytes of chunks it references that other volumes, clones or
+             its snapshots reference too (each counted whole)
+  DEDUPE     LOGICAL / UNIQUE
+  COMPRESS   UNIQUE / STORED
+  REDUCTION  LOGICAL / STORED (zeros are not data: they take no space at all)
+
+  (snapshots)  stored bytes held only by snapshots (data since overwritten)
+  (destroyed)  stored bytes of destroyed volumes, until they are eradicated
+  (released)   map entries being released in the background (eradicated
+               volumes, deleted snapshots)
+
+The second table shows the ingest counters: what was written since each
+volume was created. They only grow (overwrites, trims and restores do not
+lower them):
+
+  WRITTEN    bytes written (read-modify-write edges, zeros and overwrites included)
+  ZEROS      all-zero blocks written: stored as nothing
+  DEDUPED    blocks written that were already in the pool
+  NEW        blocks written that became new chunks
+  NEW STORED what the new chunks took in segments
+  RATIO      WRITTEN / NEW STORED
+
+The volume rows come from a walk of the volumes' maps (in the daemon, off
+its I/O thread), reused for up to --max-age seconds while data changes.
+docs/analytics.md explains every figure."""
+
+
 def cmd_stats(args: argparse.Namespace, c: Client) -> None:
-    r = c.get("/api/v1/metrics/reduction")
+    r = c.get(f"/api/v1/metrics/reduction?max_age={args.max_age:g}")
     p = r["pool"]
-    rows = [[
-        "(pool)", human_bytes(p["written_bytes"]), human_bytes(p["logical_bytes"]),
-        human_bytes(p["zero_removed_bytes"]), human_bytes(p["dedupe_removed_bytes"]),
-        human_bytes(p["stored_bytes"]), _ratio(p["dedupe_ratio"]), _ratio(p["compression_ratio"]),
-        _ratio(p["data_reduction_ratio"]),
-    ]]
-    for name, v in r["volumes"].items():
-        rows.append([
-            name, human_bytes(v["written_bytes"]), human_bytes(v["logical_bytes"]),
-            human_bytes(v["zero_removed_bytes"]), human_bytes(v["dedupe_removed_bytes"]),
-            human_bytes(v["stored_bytes"]), _ratio(v["dedupe_ratio"]),
-            _ratio(v["compression_ratio"]), _ratio(v["ingest_reduction_ratio"]),
-        ])
-    human = table(rows, ["VOLUME", "WRITTEN", "LOGICAL", "ZEROS", "DEDUPED", "STORED",
+
+    def row(name: str, x: dict) -> list[str]:
+        return [name, *(human_bytes(x[k]) for k in ("logical_bytes", "unique_bytes", "stored_bytes")),
+                *(human_bytes(x[k]) if k in x else "-" for k in ("exclusive_bytes", "shared_bytes")),
+                _ratio(x["dedupe_ratio"]), _ratio(x["compression_ratio"]),
+                _ratio(x["data_reduction_ratio"])]
+
+    rows = [row("(pool)", p)] + [row(n, v) for n, v in r["volumes"].items()]
+    for k in ("snapshots", "destroyed", "released"):
+        held = p["stored_by"]["destroyed_volumes" if k == "destroyed" else k]
+        if held:
+            rows.append([f"({k})", "-", "-", human_bytes(held), "-", "-", "-", "-", "-"])
+    human = table(rows, ["VOLUME", "LOGICAL", "UNIQUE", "STORED", "EXCLUSIVE", "SHARED",
                          "DEDUPE", "COMPRESS", "REDUCTION"])
     human += (f"\n\npool: {human_bytes(p['logical_bytes'])} logical in "
               f"{human_bytes(p['stored_bytes'])} stored, data reduction "
               f"{_ratio(p['data_reduction_ratio'])}, total efficiency {_ratio(p['total_efficiency'])}"
               f" (with thin provisioning of {human_bytes(p['provisioned_bytes'])})")
+    ing = [[n, *(human_bytes(v["ingest"][k]) for k in ("written_bytes", "zero_bytes", "dedupe_bytes",
+                                                        "new_chunk_bytes", "new_chunk_stored_bytes")),
+            _ratio(v["ingest"]["reduction_ratio"])] for n, v in r["volumes"].items()]
+    if ing:
+        human += "\n\ningest since each volume was created (cumulative, never goes down):\n"
+        human += table(ing, ["VOLUME", "WRITTEN", "ZEROS", "DEDUPED", "NEW", "NEW STORED", "RATIO"])
+    human += (f"\n\nvolume rows as of {datetime.fromtimestamp(r['as_of']).strftime('%H:%M:%S')}"
+              + ("" if r["exact"] else "; EXCLUSIVE is a lower bound (too many shared chunks "
+                 "to count exactly)") + "; 'pstorage stats --help' explains each column")
     _emit(args, r, human)
 
 
@@ -428,7 +507,10 @@ def cmd_temperature(args: argparse.Namespace, c: Client) -> None:
 
 def cmd_tiering_list(args: argparse.Namespace, c: Client) -> None:
     r = c.get("/api/v1/analytics/tiering/recommendations")
-    rows = [[x["id"], human_bytes(x["estimated_savings_bytes"]),
+    def saves(n: int) -> str:  # a negative saving is a cost (no-reduction)
+        return human_bytes(n) if n >= 0 else f"costs ~{human_bytes(-n)}"
+
+    rows = [[x["id"], saves(x["estimated_savings_bytes"]),
              "yes" if x["applicable"] else "no", x["summary"]] for x in r["recommendations"]]
     human = table(rows, ["ID", "SAVES", "APPLY", "WHAT"]) if rows else "no recommendations"
     for x in r["recommendations"]:
@@ -478,28 +560,46 @@ def cmd_scrub(args: argparse.Namespace, c: Client) -> None:
                             "from a snapshot, a replica or a backup")
 
 
-def _gc_line(x: dict) -> str:
+GC_COUNTERS = ("segments_cleaned", "chunks_moved", "bytes_moved", "wear_segments_cleaned",
+               "wear_chunks_moved", "wear_bytes_moved", "user_bytes")
+
+
+def _gc_line(x: dict, before: dict | None = None) -> str:
+    """The cleaner's state; with `before`, the work done since then rather than
+    its lifetime totals (which the API reports)."""
+    now = (f"{x['free_segments']} free segments, {100 * x['dead_fraction']:.0f}% of sealed "
+           "space dead")
+    if before is not None:
+        d = {k: x[k] - before[k] for k in GC_COUNTERS}
+        wear = (f", wear leveling {d['wear_segments_cleaned']} segments "
+                f"({human_bytes(d['wear_bytes_moved'])})" if d["wear_segments_cleaned"] else "")
+        return (f"cleaner, since this request: {d['segments_cleaned']} segments cleaned, "
+                f"{human_bytes(d['bytes_moved'])} moved ({d['chunks_moved']} chunks){wear}; "
+                f"now {now}" + (", pass pending" if x["requested"] else ""))
     wa = x["write_amplification"]
-    return (f"cleaner: {x['segments_cleaned']} segments cleaned, {human_bytes(x['bytes_moved'])} "
-            f"moved, {x['free_segments']} free segments, {100 * x['dead_fraction']:.0f}% of sealed "
-            f"space dead, write amplification {f'{wa:.2f}' if wa else '-'}"
-            + (", pass pending" if x["requested"] else ""))
+    return (f"cleaner (totals over the pool's life): {x['segments_cleaned']} segments cleaned, "
+            f"{human_bytes(x['bytes_moved'])} moved, write amplification "
+            f"{f'{wa:.2f}' if wa else '-'}; now {now}"
+            + (", pass requested" if x["requested"] else ""))
 
 
 def cmd_gc(args: argparse.Namespace, c: Client) -> None:
     import time
 
     x = c.post("/api/v1/gc")["cleaner"]
-    if args.wait:
-        tty = not args.json and sys.stderr.isatty()
-        while x["requested"] or x["victim"] is not None:
-            if tty:
-                print("\r" + _gc_line(x), end="", file=sys.stderr, flush=True)
-            time.sleep(0.5)
-            x = c.get("/api/v1/pool")["cleaner"]
+    if not args.wait:
+        return _emit(args, x, _gc_line(x))
+    before = x
+    tty = not args.json and sys.stderr.isatty()
+    while x["requested"] or x["victim"] is not None:
         if tty:
-            print(file=sys.stderr)
-    _emit(args, x, _gc_line(x))
+            print("\r" + _gc_line(x, before), end="", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+        x = c.get("/api/v1/pool")["cleaner"]
+    if tty:
+        print(file=sys.stderr)
+    run = {k: x[k] - before[k] for k in GC_COUNTERS}
+    _emit(args, {"this_run": run, "cleaner": x}, _gc_line(x, before))
 
 
 def cmd_jobs(args: argparse.Namespace, c: Client) -> None:
@@ -620,7 +720,13 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("name")
     dt.add_argument("--force", action="store_true", help="even if mounted (lazy)")
     dt.set_defaults(fn=cmd_detach)
-    sub.add_parser("stats", help="data reduction per volume and pool").set_defaults(fn=cmd_stats)
+    x = sub.add_parser("stats", help="data reduction per volume and pool",
+                       description="Data reduction of the pool and of each volume.",
+                       epilog=STATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("--max-age", type=float, default=60.0, metavar="SECONDS",
+                   help="reuse the daemon's last walk of the volumes' maps up to this old "
+                        "(0: walk now; default 60)")
+    x.set_defaults(fn=cmd_stats)
 
     f = sub.add_parser("forecast", help="capacity history and forecast, as a chart")
     f.add_argument("--horizons", default="7,30,90", help="days, comma-separated")

@@ -180,6 +180,9 @@ class Engine:
                                     capacity_blocks=sb.segment_count * sb.segment_size // BLOCK_SIZE)
         self.services: list[BackgroundService] = [self.fps]
         self.commits = 0
+        # bumped by every change of a map entry, a reference count or a record's
+        # size: a cached walk of the maps (usage.py) is current while it stays
+        self.map_changes = 0
         # Set by the data plane: writes leave the periodic group commit to it,
         # so that it can send the batch's replies and hand new requests to the
         # reducer first, and the commit's fsync overlaps with that work.
@@ -304,6 +307,7 @@ class Engine:
             assert raw is not None, f"reference to missing chunk {cid}"
         rc, s, off, slen, codec, slot, res, fp = _unpack_chunk(raw)
         txn.put(key, _pack_chunk(rc + 1, s, off, slen, codec, slot, res, fp), db=self.meta.chunks)
+        self.map_changes += 1
 
     def _decref(self, cid: int) -> None:
         txn, key = self.meta.txn, _ckey(cid)
@@ -311,6 +315,7 @@ class Engine:
         if raw is None:
             log.error("refcount underflow: chunk %d is not in the index", cid)
             return
+        self.map_changes += 1
         rc, s, off, slen, codec, slot, res, fp = _unpack_chunk(raw)
         if rc > 1:
             txn.put(key, _pack_chunk(rc - 1, s, off, slen, codec, slot, res, fp), db=self.meta.chunks)
@@ -400,6 +405,7 @@ class Engine:
         old = record_size(slen)
         self.segs.release(s, old)
         self.live_stored += size - old
+        self.map_changes += 1
         self.meta.pending_ops += 1
         self.dirty = True
         return old, size
@@ -482,6 +488,7 @@ class Engine:
         if delta:
             vol.stats.mapped_blocks += delta
             self.heat.mapped(vol.id, lba, delta)
+        self.map_changes += 1
         self.meta.pending_ops += 1
 
     def _unmap_range(self, vol: Volume, first: int, end: int) -> int:

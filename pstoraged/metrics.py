@@ -104,12 +104,24 @@ class _Collector(Collector):
                                     labels=["volume"])
         prov = GaugeMetricFamily("pstorage_volume_provisioned_bytes", "volume size",
                                  labels=["volume"])
-        stored = CounterMetricFamily("pstorage_volume_stored_bytes",
-                                     "segment bytes taken by the volume's new chunks", labels=["volume"])
-        written = CounterMetricFamily("pstorage_volume_written_bytes", "blocks written",
+        # ingest counters: what was written since the volume was created (never go down)
+        written = CounterMetricFamily("pstorage_volume_ingest_written_bytes",
+                                      "blocks written, zeros and overwrites included",
                                       labels=["volume"])
-        ratio = GaugeMetricFamily("pstorage_volume_reduction_ratio",
-                                  "bytes written / bytes its new chunks took", labels=["volume"])
+        new_stored = CounterMetricFamily("pstorage_volume_ingest_new_chunk_stored_bytes",
+                                         "segment bytes the volume's new chunks took when written",
+                                         labels=["volume"])
+        ingest_ratio = GaugeMetricFamily("pstorage_volume_ingest_reduction_ratio",
+                                         "ingest: bytes written / bytes its new chunks took",
+                                         labels=["volume"])
+        # current figures from the last walk of the maps (`pstorage stats` makes
+        # one; a scrape never does): the volume's share of the pool's figures
+        share = GaugeMetricFamily("pstorage_volume_stored_share_bytes",
+                                  "its share of the pool's stored bytes (last stats walk)",
+                                  labels=["volume"])
+        ratio = GaugeMetricFamily("pstorage_volume_data_reduction_ratio",
+                                  "logical / its share of stored (last stats walk)", labels=["volume"])
+        walks = ctx.usage.last() if getattr(ctx, "usage", None) is not None else {}
         for name in names:
             vol = eng.volumes.get(name)
             if vol is None:
@@ -117,11 +129,16 @@ class _Collector(Collector):
             s = vol.stats
             logical.add_metric([name], s.mapped_blocks * 4096)
             prov.add_metric([name], vol.size)
-            stored.add_metric([name], s.stored_bytes)
             written.add_metric([name], s.written_bytes)
+            new_stored.add_metric([name], s.stored_bytes)
             if s.stored_bytes:
-                ratio.add_metric([name], s.written_bytes / s.stored_bytes)
-        yield from (logical, prov, stored, written, ratio)
+                ingest_ratio.add_metric([name], s.written_bytes / s.stored_bytes)
+            w = walks.get(vol.id)
+            if w is not None:
+                share.add_metric([name], round(w.stored_share))
+                if w.stored_share:
+                    ratio.add_metric([name], w.logical_bytes / round(w.stored_share))
+        yield from (logical, prov, written, new_stored, ingest_ratio, share, ratio)
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)

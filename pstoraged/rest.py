@@ -35,6 +35,7 @@ from .exports import ExportManager
 from .format import BLOCK_SIZE
 from .snapshots import Catalog, Snapshot, parse_until
 from .units import MAX_VOLUME_SIZE, NAME_RE, parse_size, validate_name
+from .usage import UsageCache, VolumeWalk, WalkSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ NAME_PATTERN = "^" + NAME_RE.pattern + "$"
 VolumeName = Annotated[str, Path(description="volume name", pattern=NAME_PATTERN)]
 SnapName = Annotated[str, Path(description="snapshot name", pattern=NAME_PATTERN)]
 Compression = Literal["lz4", "zstd", "none"]
+MaxAge = Annotated[float, Query(ge=0, le=86400, description=(
+    "reuse a walk of the volumes' maps up to this many seconds old (0: walk now); a walk "
+    "is always reused while nothing changed since"))]
 SizeValue = Annotated[int | str, Field(
     description='bytes (4096) or with a binary suffix ("10G", "512M"); a multiple of 4096')]
 
@@ -127,30 +131,54 @@ def _size_from(size: int | str | None, size_gb: float | None) -> int | None:
     return n
 
 
-def reduction_report(vols: list[Volume], st: Any) -> dict[str, Any]:
-    """Data-reduction figures, each explained, for the pool and per volume."""
+def reduction_report(vols: list[Volume], st: Any, walks: dict[int, VolumeWalk],
+                     reclaiming: list[int], as_of: float) -> dict[str, Any]:
+    """Data-reduction figures, each explained, for the pool and per volume.
+
+    The pool row and the volume rows have the same definitions (current
+    data: logical, unique, stored); a volume's unique and stored bytes are
+    its share of the pool's (usage.py). The ingest counters (cumulative:
+    what was written, not what is held) are reported apart, under `ingest`.
+    """
     per_volume = {}
+    by = {"volumes": 0.0, "snapshots": 0.0, "destroyed_volumes": 0.0, "released": 0.0}
+    exact = True
     for v in vols:
+        w = walks[v.id]
+        exact &= w.exact
+        if v.destroyed_ns:
+            by["destroyed_volumes"] += w.total_stored_share
+            continue
+        by["volumes"] += w.stored_share
+        by["snapshots"] += w.snapshot_stored_share
+        by["released"] += w.released_stored_share
         s = v.stats
-        nonzero = s.written_bytes - s.zero_bytes
-        logical = s.mapped_blocks * BLOCK_SIZE
+        logical, unique, stored = w.logical_bytes, round(w.unique_share), round(w.stored_share)
         per_volume[v.name] = {
             "provisioned_bytes": v.size,
             "logical_bytes": logical,
-            "written_bytes": s.written_bytes,
-            "zero_removed_bytes": s.zero_bytes,
-            "dedupe_removed_bytes": s.dedupe_bytes,
-            "unique_bytes": s.unique_bytes,
-            "stored_bytes": s.stored_bytes,
-            "compression_saved_bytes": s.unique_bytes - s.stored_bytes,
-            "ingest_reduction_ratio": _ratio(s.written_bytes, s.stored_bytes),
-            "dedupe_ratio": _ratio(nonzero, s.unique_bytes),
-            "compression_ratio": _ratio(s.unique_bytes, s.stored_bytes),
+            "unique_bytes": unique,
+            "stored_bytes": stored,
+            "exclusive_bytes": w.exclusive_bytes,
+            "shared_bytes": w.shared_bytes,
+            "snapshot_stored_bytes": round(w.snapshot_stored_share),
+            "dedupe_saved_bytes": logical - unique,
+            "compression_saved_bytes": unique - stored,
+            "dedupe_ratio": _ratio(logical, unique),
+            "compression_ratio": _ratio(unique, stored),
+            "data_reduction_ratio": _ratio(logical, stored),
             "thin_provisioning_ratio": _ratio(v.size, logical),
+            "ingest": {
+                "written_bytes": s.written_bytes,
+                "zero_bytes": s.zero_bytes,
+                "dedupe_bytes": s.dedupe_bytes,
+                "new_chunk_bytes": s.unique_bytes,
+                "new_chunk_stored_bytes": s.stored_bytes,
+                "reduction_ratio": _ratio(s.written_bytes, s.stored_bytes),
+            },
         }
-    written = sum(v.stats.written_bytes for v in vols)
-    zero = sum(v.stats.zero_bytes for v in vols)
-    dedupe = sum(v.stats.dedupe_bytes for v in vols)
+    by["released"] += sum(walks[vid].total_stored_share for vid in reclaiming)
+    live = [v for v in vols if not v.destroyed_ns]
     return {
         "pool": {
             "provisioned_bytes": st.provisioned_bytes,
@@ -158,34 +186,60 @@ def reduction_report(vols: list[Volume], st: Any) -> dict[str, Any]:
             "unique_bytes": st.unique_bytes,
             "stored_bytes": st.stored_bytes,
             "allocated_bytes": st.allocated_bytes,
-            "written_bytes": written,
-            "zero_removed_bytes": zero,
-            "dedupe_removed_bytes": dedupe,
             "dedupe_saved_bytes": st.logical_bytes - st.unique_bytes,
             "compression_saved_bytes": st.unique_bytes - st.stored_bytes,
             "dedupe_ratio": _ratio(st.logical_bytes, st.unique_bytes),
             "compression_ratio": _ratio(st.unique_bytes, st.stored_bytes),
             "data_reduction_ratio": _ratio(st.logical_bytes, st.stored_bytes),
             "total_efficiency": _ratio(st.provisioned_bytes, st.stored_bytes),
+            "stored_by": {k: round(x) for k, x in by.items()},
+            "ingest": {
+                "written_bytes": sum(v.stats.written_bytes for v in live),
+                "zero_bytes": sum(v.stats.zero_bytes for v in live),
+                "dedupe_bytes": sum(v.stats.dedupe_bytes for v in live),
+                "new_chunk_bytes": sum(v.stats.unique_bytes for v in live),
+                "new_chunk_stored_bytes": sum(v.stats.stored_bytes for v in live),
+            },
         },
         "volumes": per_volume,
-        "explanation": {
-            "logical_bytes": "data currently held by volumes (mapped, non-zero 4 KiB blocks)",
-            "unique_bytes": "logical data after dedupe: one copy of each distinct block",
-            "stored_bytes": "what the unique blocks take in segments after compression, record headers included",
-            "allocated_bytes": "segments in use, including space not yet reclaimed",
-            "zero_removed_bytes": "all-zero blocks written, stored as nothing (cumulative)",
-            "dedupe_removed_bytes": "blocks written that were already in the pool (cumulative)",
-            "dedupe_saved_bytes": "logical - unique: space dedupe saves now",
-            "compression_saved_bytes": "unique - stored: space compression saves now",
-            "dedupe_ratio": "logical / unique",
-            "compression_ratio": "unique / stored",
-            "data_reduction_ratio": "logical / stored (zero removal not counted: zeros are not data)",
-            "total_efficiency": "provisioned / stored: data reduction plus thin provisioning",
-            "ingest_reduction_ratio": "per volume: bytes written (zeros included) / bytes its new chunks took",
-            "thin_provisioning_ratio": "per volume: provisioned / logical",
-        },
+        "as_of": as_of,
+        "exact": exact,
+        "explanation": REDUCTION_EXPLANATION,
     }
+
+
+REDUCTION_EXPLANATION = {
+    "logical_bytes": "data currently held (mapped, non-zero 4 KiB blocks): by all volumes in the "
+                     "pool row, by the live volume in a volume row",
+    "unique_bytes": "logical data after dedupe: one copy of each distinct block; a volume's is its "
+                    "share (each chunk's 4 KiB split evenly over its references)",
+    "stored_bytes": "what the unique blocks take in segments after compression, record headers "
+                    "included; a volume's is its share (each chunk's record split evenly over its "
+                    "references), so the shares add up to the pool's (see stored_by)",
+    "allocated_bytes": "segments in use, including space not yet reclaimed",
+    "exclusive_bytes": "per volume: stored bytes of chunks only its live data references (trimming "
+                       "all of it frees them)",
+    "shared_bytes": "per volume: stored bytes of chunks its live data references that other "
+                    "volumes, clones or its snapshots reference too, each counted whole",
+    "snapshot_stored_bytes": "per volume: share of stored held by map entries only its snapshots see",
+    "stored_by": "the pool's stored bytes by holder: live volumes, snapshots, destroyed (not yet "
+                 "eradicated) volumes, and map entries being released in the background",
+    "dedupe_saved_bytes": "logical - unique: space dedupe saves now",
+    "compression_saved_bytes": "unique - stored: space compression saves now",
+    "dedupe_ratio": "logical / unique",
+    "compression_ratio": "unique / stored",
+    "data_reduction_ratio": "logical / stored (zero removal not counted: zeros are not data)",
+    "total_efficiency": "provisioned / stored: data reduction plus thin provisioning",
+    "thin_provisioning_ratio": "per volume: provisioned / logical",
+    "ingest": "cumulative counters since the volume was created (they never go down): "
+              "written_bytes (blocks written, zeros and overwrites included), zero_bytes (all-zero "
+              "blocks among them, stored as nothing), dedupe_bytes (blocks already in the pool), "
+              "new_chunk_bytes (blocks that became new chunks), new_chunk_stored_bytes (what those "
+              "took in segments), reduction_ratio (written / new_chunk_stored)",
+    "as_of": "when the walk of the volumes' maps behind the volume rows and stored_by was made",
+    "exact": "false when a volume shares more chunks than a walk counts exactly: exclusive_bytes "
+             "is then a lower bound",
+}
 
 
 def error_response(status: int, code: str, message: str, hint: str = "") -> JSONResponse:
@@ -203,6 +257,7 @@ class Context:
         self.ready = False
         self.analytics: Any = None  # analytics.Analytics, set by the daemon
         self.catalog: Catalog = Catalog(self.engine)  # snapshots and SafeMode
+        self.usage = UsageCache(self.engine.meta)  # cached walks of the volumes' maps
         # per volume, held from check to change by export, attach and the start
         # of a restore: otherwise an export could pass its "not being restored"
         # check while a restore passes its "not exported" one
@@ -333,8 +388,9 @@ def build_app(ctx: Context) -> FastAPI:
 
     # ------------------------------------------------------------ pool
     @app.get("/api/v1/pool", tags=["pool"], summary="Pool geometry, capacity and state")
-    async def pool() -> dict[str, Any]:
+    async def pool(max_age: MaxAge = 60.0) -> dict[str, Any]:
         st = await call(ctx.engine.statistics)
+        destroyed = await destroyed_space(max_age)
         cleaner = ctx.cleaner()
         cstats = asdict(await call(cleaner.statistics)) if cleaner is not None else None
         ss = ctx.engine.segs.statistics()
@@ -350,6 +406,7 @@ def build_app(ctx: Context) -> FastAPI:
             "background_work": await call(ctx.engine.has_background_work),
             "cleaner": cstats,
             "dataplane": asdict(ctx.dataplane.statistics()),
+            "destroyed": destroyed,
         }
 
     @app.post("/api/v1/flush", tags=["pool"], summary="Commit everything to stable storage")
@@ -358,11 +415,59 @@ def build_app(ctx: Context) -> FastAPI:
         return {"flushed": True}
 
     @app.get("/api/v1/metrics/reduction", tags=["pool"],
-             summary="Data reduction: zero removal, dedupe, compression, thin provisioning")
-    async def reduction() -> dict[str, Any]:
-        st = await call(ctx.engine.statistics)
-        vols = sorted(ctx.engine.volumes.values(), key=lambda v: v.name)
-        return reduction_report(vols, st)
+             summary="Data reduction now (pool and per volume) and the ingest counters")
+    async def reduction(max_age: MaxAge = 60.0) -> dict[str, Any]:
+        def specs() -> tuple[Any, list[Volume], list[int], list[WalkSpec], int]:
+            eng = ctx.engine
+            vols = sorted(eng.volumes.values(), key=lambda v: v.name)
+            sp = [WalkSpec(v.id, v.gen, tuple(v.frozen)) for v in vols]
+            sp += [WalkSpec(vid, None, ()) for vid in eng.reclaiming]
+            return eng.statistics(), vols, list(eng.reclaiming), sp, eng.map_changes
+
+        st, vols, reclaiming, sp, version = await call(specs, flush=True)
+        ctx.usage.forget({x.vid for x in sp})
+        walks, as_of = await ctx.usage.walks(sp, version, max_age)
+        return reduction_report(vols, st, walks, reclaiming, as_of)
+
+    async def destroyed_space(max_age: float) -> dict[str, Any]:
+        """Destroyed volumes and snapshots: what they hold, what eradicating frees."""
+        grace = ctx.catalog.grace_s
+
+        def find() -> tuple[list[Volume], list[Snapshot], list[WalkSpec], int]:
+            eng = ctx.engine
+            vols = sorted((v for v in eng.volumes.values() if v.destroyed_ns), key=lambda v: v.name)
+            snaps = [x for x in ctx.catalog.list(None, True)
+                     if x.destroyed_ns and x.vol_id in eng.by_id
+                     and not eng.by_id[x.vol_id].destroyed_ns]
+            ids = {v.id for v in vols} | {x.vol_id for x in snaps}
+            sp = [WalkSpec(i, eng.by_id[i].gen, tuple(eng.by_id[i].frozen)) for i in sorted(ids)]
+            return vols, snaps, sp, eng.map_changes
+
+        vols, snaps, sp, version = await call(find)
+        walks: dict[int, VolumeWalk] = {}
+        as_of = time.time()
+        if sp:
+            if not ctx.usage.current(sp, version, max_age):  # the walk reads committed state
+                await call(ctx.engine.flush, flush=True)
+            walks, as_of = await ctx.usage.walks(sp, version, max_age)
+        out_v = [{"name": v.name, "destroyed_at": v.destroyed_ns / 1e9,
+                  "eradicate_after": v.destroyed_ns / 1e9 + grace,
+                  "logical_bytes": walks[v.id].logical_bytes,
+                  "stored_bytes": round(walks[v.id].total_stored_share),
+                  "reclaimable_bytes": walks[v.id].reclaimable_bytes,
+                  "snapshots": len(v.frozen)} for v in vols]
+        out_s = [{"volume": x.volume, "name": x.name, "destroyed_at": x.destroyed_ns / 1e9,
+                  "eradicate_after": x.destroyed_ns / 1e9 + grace,
+                  "logical_bytes": walks[x.vol_id].gens[x.gen]["logical_bytes"],
+                  "reclaimable_bytes": walks[x.vol_id].gens[x.gen]["unique_bytes"]}
+                 for x in snaps]
+        return {"volumes": out_v, "snapshots": out_s,
+                "reclaimable_bytes": sum(x["reclaimable_bytes"] for x in out_v + out_s),
+                "as_of": as_of,
+                "explanation": "destroyed objects stay recoverable until eradicate_after; their "
+                               "space comes back when they are eradicated (then, or now with "
+                               "'pstorage volume eradicate'). reclaimable_bytes: stored bytes only "
+                               "the object holds, which eradicating it frees (at least that much)"}
 
     # ------------------------------------------------------------ volumes
     @app.get("/api/v1/volumes", tags=["volumes"], summary="List volumes")
@@ -409,7 +514,8 @@ def build_app(ctx: Context) -> FastAPI:
         return ctx.describe(vol)
 
     @app.delete("/api/v1/volumes/{name}", tags=["volumes"], responses=ERRORS,
-                summary="Delete a volume (space comes back in the background)")
+                summary="Delete a volume: destroyed, recoverable for the grace period; its space "
+                        "comes back when it is eradicated")
     async def delete_volume(name: VolumeName, force: bool = Query(
             False, description="unexport/detach first")) -> dict[str, Any]:
         ctx.volume(name)
@@ -423,9 +529,10 @@ def build_app(ctx: Context) -> FastAPI:
         vol = await call(ctx.catalog.destroy_volume, name)
         await call(ctx.dataplane.io.forget, name)  # on the thread that writes the counters
         log.info("volume %s destroyed (recoverable for %g h)", name, ctx.catalog.grace_s / 3600)
-        return {"deleted": name, "destroyed": True,
-                "eradicate_after": vol.destroyed_ns / 1e9 + ctx.catalog.grace_s
-                if vol.destroyed_ns else None}
+        grace = ctx.catalog.grace_s
+        return {"deleted": name, "destroyed": True, "eradicated": grace <= 0,
+                "recoverable_hours": max(0.0, grace / 3600),
+                "eradicate_after": vol.destroyed_ns / 1e9 + grace if grace > 0 else None}
 
     async def unexport_snapshots(name: str) -> None:
         for ex in [e for e in list(ctx.exports.states) if e.startswith(name + "@")]:
@@ -477,20 +584,40 @@ def build_app(ctx: Context) -> FastAPI:
         return await trio.to_thread.run_sync(run)
 
     async def volume_space(name: str) -> dict[str, Any]:
-        from .snapshots import space as walk_space
+        from .usage import walk_volume
 
-        def gens() -> tuple[int, list[tuple[str, int]], int]:
-            vol = ctx.engine.volume(name)
-            return vol.id, [(x.name, x.gen) for x in ctx.catalog.list(name, True)], vol.gen
+        grace = ctx.catalog.grace_s
 
-        vid, snaps, live = await call(gens, flush=True)
-        acct = await read_committed(
-            lambda txn: walk_space(txn, ctx.engine.meta, vid, [g for _, g in snaps] + [live]))
-        return {"volume": acct[live], "snapshots": {n: acct[g] for n, g in snaps},
+        def state(destroyed_ns: int) -> dict[str, Any]:
+            if not destroyed_ns:
+                return {"state": "live", "destroyed_at": None, "eradicate_after": None}
+            return {"state": "destroyed", "destroyed_at": destroyed_ns / 1e9,
+                    "eradicate_after": destroyed_ns / 1e9 + grace}
+
+        def gens() -> tuple[int, list[tuple[str, int, int]], int, list[int], int]:
+            vol = ctx.catalog._volume(name, destroyed=True)
+            return (vol.id, [(x.name, x.gen, x.destroyed_ns) for x in ctx.catalog.list(name, True)],
+                    vol.gen, list(vol.frozen), vol.destroyed_ns)
+
+        vid, snaps, live, frozen, vol_destroyed = await call(gens, flush=True)
+        w = await read_committed(lambda txn: walk_volume(txn, ctx.engine.meta, vid, live, frozen))
+        out_snaps = {n: {**w.gens[g], **state(d)} for n, g, d in snaps}
+        gone = [x for x in out_snaps.values() if x["state"] == "destroyed"]
+        return {"volume": {**w.gens[live], **state(vol_destroyed),
+                           "reclaimable_bytes": w.reclaimable_bytes},
+                "snapshots": out_snaps,
+                "destroyed_snapshots": {"count": len(gone), "reclaimable_bytes": sum(
+                    x["unique_bytes"] for x in gone)},
                 "explanation": {
                     "logical_bytes": "data the volume or snapshot reads (4 KiB blocks)",
                     "unique_bytes": "physical bytes only it holds: freed if it were eradicated",
-                    "shared_bytes": "physical bytes of its data that others hold too"}}
+                    "shared_bytes": "physical bytes of its data that others hold too",
+                    "state": "live, or destroyed: hidden and recoverable until eradicate_after, "
+                             "when it is eradicated and its unique bytes come back ('pstorage "
+                             "volume eradicate' frees a destroyed volume now)",
+                    "reclaimable_bytes": "volume: physical bytes only it and its snapshots hold: "
+                                         "freed when it is eradicated; destroyed_snapshots: "
+                                         "what eradicating the destroyed snapshots frees"}}
 
     @app.get("/api/v1/volumes/{name}/space", tags=["snapshots"], responses=ERRORS,
              summary="Logical, unique physical and shared space of a volume and its snapshots")

@@ -24,7 +24,6 @@ import logging
 import re
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -34,8 +33,9 @@ import trio
 
 from .engine import NO_CHUNK, Engine, Volume
 from .errors import Conflict, InvalidArgument, NotFound
-from .format import BLOCK_SIZE, CHUNK_KEY, CHUNK_META, L2P_KEY, U64, l2p_unpack, record_size
+from .format import BLOCK_SIZE
 from .units import validate_name
+from .usage import _groups, walk_volume
 
 log = logging.getLogger(__name__)
 
@@ -335,26 +335,6 @@ class Eradicator:
 
 
 # ---------------------------------------------------------------- read-only walks
-def _groups(txn: lmdb.Transaction, db: Any, vid: int
-            ) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-    """(lba, [(gen, chunk), newest first]) for every block of the volume with entries."""
-    cur = txn.cursor(db=db)
-    ok = cur.set_range(L2P_KEY.pack(vid, 0, 0))
-    lba_cur, entries = -1, list[tuple[int, int]]()
-    while ok:
-        v, lba, g = l2p_unpack(cur.key())
-        if v != vid:
-            break
-        if lba != lba_cur:
-            if entries:
-                yield lba_cur, entries
-            lba_cur, entries = lba, []
-        entries.append((g, U64.unpack(cur.value())[0]))
-        ok = cur.next()
-    if entries:
-        yield lba_cur, entries
-
-
 def _at(entries: list[tuple[int, int]], gen: int) -> int:
     return next((c for g, c in entries if g <= gen), NO_CHUNK)
 
@@ -385,26 +365,7 @@ def diff(txn: lmdb.Transaction, db: Any, vid: int, ga: int, gb: int,
 
 
 def space(txn: lmdb.Transaction, meta: Any, vid: int, gens: list[int]) -> dict[int, dict[str, int]]:
-    """Per generation (snapshots' and the live one): logical bytes it sees, physical
-    bytes only it holds (freed if it went), and shared physical bytes."""
-    gens = sorted(gens)
-    out = {g: {"logical_bytes": 0, "unique_bytes": 0, "shared_bytes": 0} for g in gens}
-    for _lba, entries in _groups(txn, meta.l2p, vid):
-        newer = 1 << 62
-        for g, cid in entries:
-            seen = [x for x in gens if g <= x < newer]
-            newer = g
-            if cid == NO_CHUNK or not seen:
-                continue
-            raw = txn.get(CHUNK_KEY.pack(cid), db=meta.chunks)
-            if raw is None:
-                continue
-            rc, _s, _o, slen, *_ = CHUNK_META.unpack(raw)
-            size = record_size(slen)
-            for x in seen:
-                out[x]["logical_bytes"] += BLOCK_SIZE
-                if len(seen) == 1 and rc == 1:
-                    out[x]["unique_bytes"] += size
-                else:
-                    out[x]["shared_bytes"] += size
-    return out
+    """Per generation (snapshots' and the live one, the newest): logical bytes it
+    sees, physical bytes only it holds (freed if it went), and shared physical
+    bytes. (usage.walk_volume, which also finds the volume's figures.)"""
+    return walk_volume(txn, meta, vid, max(gens), gens).gens

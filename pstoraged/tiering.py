@@ -13,7 +13,8 @@ own data:
 * overprovisioned: provisioned size far beyond use (thin provisioning makes
   this free, but it is a promise the pool may not be able to keep).
 * no-reduction: a volume whose data does not compress or dedupe; turning
-  compression off saves the CPU it spends for nothing. Applying sets
+  compression off saves the CPU it spends for little. It costs the little
+  compression still saved: its estimated saving is negative. Applying sets
   compression "none".
 
 Everything here that reads the pool runs on the engine thread (via
@@ -202,6 +203,8 @@ class Tiering:
         st = vol.stats
         if st.written_bytes >= NO_REDUCTION_MIN and vol.compression != NAMES[CODEC_NONE]:
             ratio = st.written_bytes / max(st.stored_bytes, 1)
+            new_chunks = st.unique_bytes // BLOCK_SIZE
+            cost = max(0, new_chunks * record_size(BLOCK_SIZE) - st.stored_bytes)
             if ratio < NO_REDUCTION_RATIO:
                 out.append(Recommendation(
                     id=f"no-reduction:{vol.name}", kind="no-reduction", volume=vol.name,
@@ -210,9 +213,14 @@ class Tiering:
                            f"{human_bytes(st.stored_bytes)}: "
                            f"compression ({vol.compression}) and dedupe save under "
                            f"{100 * (NO_REDUCTION_RATIO - 1):.0f}%",
-                    estimated_savings_bytes=max(0, st.written_bytes - st.stored_bytes),
-                    estimate="bytes written minus bytes stored so far (what reduction saved)",
-                    action="set the volume's compression to none (saves CPU; dedupe stays)"))
+                    # a cost, not a saving: uncompressed, the same chunks take more space
+                    estimated_savings_bytes=-cost,
+                    estimate=f"negative: a cost. Compression saved {human_bytes(cost)} on the "
+                             f"{new_chunks} new chunks written so far (stored uncompressed they "
+                             f"would take {human_bytes(new_chunks * record_size(BLOCK_SIZE))}); "
+                             "new writes would lose about as much",
+                    action=f"set the volume's compression to none: saves the CPU it spends, "
+                           f"costs ~{human_bytes(cost)} of space; dedupe stays"))
         return out
 
     # ------------------------------------------------------------ apply

@@ -247,3 +247,156 @@ def test_scrub_reads_every_chunk_and_reports_the_bad_one(eng, caplog):
     assert job.state == "done" and job.chunks_checked == 512 == job.chunks_total
     assert job.bad_chunks == 1 and job.bad[0]["chunk"] == cid and job.bad[0]["segment"] == s
     assert eng.checksum_errors == 1
+
+
+# ---------------------------------------------------------------- reduction report
+def reduction(eng: Engine) -> dict:
+    """GET /api/v1/metrics/reduction's report, on the committed state."""
+    from pstoraged.rest import reduction_report
+    from pstoraged.usage import walk_volume
+
+    eng.flush()
+    with eng.meta.env.begin(write=False) as txn:
+        walks = {v.id: walk_volume(txn, eng.meta, v.id, v.gen, v.frozen)
+                 for v in eng.volumes.values()}
+        walks.update({vid: walk_volume(txn, eng.meta, vid, None, []) for vid in eng.reclaiming})
+    vols = sorted(eng.volumes.values(), key=lambda v: v.name)
+    return reduction_report(vols, eng.statistics(), walks, list(eng.reclaiming), 0.0)
+
+
+def mixed(n: int, seed: int = 0) -> bytes:
+    """Blocks that compress (text), repeat (dedupe), are zero, or are random."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = i % 4
+        out.append(text_block(seed * 10_000 + i) if k == 0 else text_block(7) if k == 1
+                   else bytes(BLOCK_SIZE) if k == 2 else rnd.randbytes(BLOCK_SIZE))
+    return b"".join(out)
+
+
+def held(r: dict) -> int:
+    return sum(r["pool"]["stored_by"].values())
+
+
+def test_one_volume_reduction_equals_the_pools_and_goes_down(eng):
+    v = eng.create_volume("v", 4 * MiB)
+    eng.write(v, 0, mixed(256))
+    eng.write(v, 0, mixed(64, seed=1))  # overwrites: the ingest counters count them again
+    r = reduction(eng)
+    p, x = r["pool"], r["volumes"]["v"]
+    # one volume holding all data: the same figures as the pool, the same ratios
+    for k in ("logical_bytes", "unique_bytes", "stored_bytes", "dedupe_ratio",
+              "compression_ratio", "data_reduction_ratio"):
+        assert x[k] == p[k], k
+    assert x["exclusive_bytes"] == p["stored_bytes"] and x["shared_bytes"] == 0
+    assert held(r) == p["stored_bytes"]
+    ingest = x["ingest"]
+    assert ingest["written_bytes"] == 320 * BLOCK_SIZE and ingest["zero_bytes"] == 80 * BLOCK_SIZE
+    before = x
+    # zeros over data, a trim, then overwriting with duplicates: the current figures go down
+    eng.zero(v, 0, 32 * BLOCK_SIZE)
+    eng.trim(v, 64 * BLOCK_SIZE, 64 * BLOCK_SIZE)
+    eng.write(v, 128 * BLOCK_SIZE, text_block(7) * 64)
+    r = reduction(eng)
+    x = r["volumes"]["v"]
+    for k in ("logical_bytes", "unique_bytes", "stored_bytes"):
+        assert x[k] < before[k], k
+        assert x[k] == r["pool"][k], k
+    assert x["data_reduction_ratio"] == r["pool"]["data_reduction_ratio"]
+    # ... while the ingest counters never do
+    assert x["ingest"]["written_bytes"] > ingest["written_bytes"]
+    assert x["ingest"]["new_chunk_stored_bytes"] == ingest["new_chunk_stored_bytes"]
+    assert "share" in r["explanation"]["stored_bytes"] and "ingest" in r["explanation"]
+
+
+def test_volume_shares_add_up_to_the_pool(eng):
+    a = eng.create_volume("a", 4 * MiB)
+    b = eng.create_volume("b", 4 * MiB)
+    shared = os.urandom(32 * BLOCK_SIZE)
+    eng.write(a, 0, shared + mixed(64, seed=2))
+    eng.write(a, MiB, shared[:BLOCK_SIZE] * 4)  # duplicates within a: still a's alone
+    eng.write(b, 0, shared)
+    eng.write(b, MiB, os.urandom(16 * BLOCK_SIZE))
+    r = reduction(eng)
+    p, xa, xb = r["pool"], r["volumes"]["a"], r["volumes"]["b"]
+    assert abs(xa["stored_bytes"] + xb["stored_bytes"] - p["stored_bytes"]) <= 2
+    assert abs(xa["unique_bytes"] + xb["unique_bytes"] - p["unique_bytes"]) <= 2
+    assert xa["logical_bytes"] + xb["logical_bytes"] == p["logical_bytes"]
+    rec = BLOCK_SIZE + 64  # a random block's record
+    # the 32 random blocks both hold are shared (block 0 has a's 4 duplicates too)
+    assert xb["shared_bytes"] == xa["shared_bytes"] == 32 * rec
+    assert xb["exclusive_bytes"] == 16 * rec
+    assert xa["exclusive_bytes"] + xa["shared_bytes"] + xb["exclusive_bytes"] == p["stored_bytes"]
+    # the share of a shared chunk is split by references: b holds 32 of a's 37 + 32 references
+    assert xb["stored_bytes"] == round(16 * rec + 31 * rec / 2 + rec / 6)
+    assert held(r) == p["stored_bytes"]
+
+
+def test_snapshots_restores_and_destroyed_volumes_hold_their_part(eng):
+    from pstoraged.snapshots import Catalog
+
+    cat = Catalog(eng)
+    v = eng.create_volume("v", 4 * MiB)
+    w = eng.create_volume("w", 4 * MiB)
+    eng.write(v, 0, os.urandom(64 * BLOCK_SIZE))
+    eng.write(w, 0, os.urandom(8 * BLOCK_SIZE))
+    cat.create("v", "s")
+    eng.write(v, 64 * BLOCK_SIZE, os.urandom(64 * BLOCK_SIZE))
+    eng.write(v, 0, os.urandom(16 * BLOCK_SIZE))  # the snapshot alone holds the old 16
+    r = reduction(eng)
+    rec = BLOCK_SIZE + 64
+    x = r["volumes"]["v"]
+    assert x["logical_bytes"] == 128 * BLOCK_SIZE and x["stored_bytes"] == 128 * rec
+    assert x["snapshot_stored_bytes"] == r["pool"]["stored_by"]["snapshots"] == 16 * rec
+    assert held(r) == r["pool"]["stored_by"]["volumes"] + 16 * rec == r["pool"]["stored_bytes"]
+    written = x["ingest"]["written_bytes"]
+    # a restore brings the volume back to 64 blocks: its figures go down, ingest does not
+    cat.restore("v", "s")
+    r = reduction(eng)
+    x = r["volumes"]["v"]
+    assert x["logical_bytes"] == 64 * BLOCK_SIZE
+    # the 16 restored blocks are new references to the snapshot's chunks: half theirs
+    assert x["stored_bytes"] == 48 * rec + 16 * rec // 2 == 128 * rec - 72 * rec
+    assert x["snapshot_stored_bytes"] == 16 * rec // 2
+    assert x["ingest"]["written_bytes"] == written
+    assert held(r) == r["pool"]["stored_bytes"]
+    # a destroyed volume is out of the volume rows; the pool says what it still holds
+    cat.destroy_volume("w")
+    r = reduction(eng)
+    assert set(r["volumes"]) == {"v"}
+    assert r["pool"]["stored_by"]["destroyed_volumes"] == 8 * rec
+    assert held(r) == r["pool"]["stored_bytes"]
+    cat.eradicate_volume("w")
+    r = reduction(eng)
+    assert r["pool"]["stored_by"]["destroyed_volumes"] == 0
+    assert r["pool"]["stored_by"]["released"] == 8 * rec  # until reclaim_step gives it back
+    assert held(r) == r["pool"]["stored_bytes"]
+
+
+def test_no_reduction_is_shown_as_a_cost(eng, capsys):
+    import argparse
+
+    from pstoraged import cli
+    from pstoraged.format import record_size
+
+    rnd = random.Random(6)
+    v = eng.create_volume("mostly-random", 80 * MiB)
+    for i in range(0, 64 * MiB + MiB, MiB):  # one block in 16 compresses: ~6% saved
+        eng.write(v, i, b"".join(text_block(i + j) if j % 16 == 0 else rnd.randbytes(BLOCK_SIZE)
+                                 for j in range(MiB // BLOCK_SIZE)))
+    st = v.stats
+    recs = {r["id"]: r for r in Tiering(eng).recommendations()["recommendations"]}
+    rec = recs["no-reduction:mostly-random"]
+    cost = st.unique_bytes // BLOCK_SIZE * record_size(BLOCK_SIZE) - st.stored_bytes
+    assert cost > 0 and rec["estimated_savings_bytes"] == -cost  # turning compression off loses it
+    assert "cost" in rec["estimate"] and "costs" in rec["action"]
+
+    class Client:
+        def get(self, path: str) -> dict:
+            return {"recommendations": list(recs.values()), "notes": []}
+
+    cli.cmd_tiering_list(argparse.Namespace(json=False), Client())
+    line = next(x for x in capsys.readouterr().out.splitlines()
+                if x.startswith("no-reduction:mostly-random "))
+    assert f"costs ~{cli.human_bytes(cost)}" in line

@@ -7,6 +7,8 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from pstoraged.errors import Conflict
 
 NBDSH = ["/usr/bin/python3", "-m", "nbd"]
@@ -119,3 +121,42 @@ def test_locked_snapshot_refuses_deletion_and_destroyed_ones_recover(daemon):
     d.start()
     p = d.cli("snapshot", "delete", "v@keep", check=False)
     assert p.returncode == Conflict.exit_code
+
+
+def test_destroyed_objects_show_the_space_they_keep(daemon):
+    d = daemon
+    d.cli("volume", "create", "a", "--size", "16M")
+    d.cli("volume", "create", "b", "--size", "16M")
+    ua, ub = d.cli("export", "a").stdout.strip(), d.cli("export", "b").stdout.strip()
+    nbd_write(ua, 0, os.urandom(MiB))
+    nbd_write(ub, 0, os.urandom(MiB // 2))
+    d.cli("snapshot", "create", "a", "s")
+    nbd_write(ua, 0, os.urandom(MiB // 4))  # the snapshot alone holds the old 256 KiB
+    d.cli("snapshot", "delete", "a@s")
+    rec = 4096 + 64
+    # volume space marks the destroyed snapshot and says when it goes
+    sp = json.loads(d.cli("volume", "space", "a", "--json").stdout)
+    s = sp["snapshots"]["s"]
+    assert s["state"] == "destroyed" and s["unique_bytes"] == 64 * rec
+    assert s["eradicate_after"] == pytest.approx(s["destroyed_at"] + 24 * 3600)
+    assert sp["volume"]["state"] == "live"
+    assert sp["destroyed_snapshots"] == {"count": 1, "reclaimable_bytes": 64 * rec}
+    out = d.cli("volume", "space", "a").stdout
+    assert [ln for ln in out.splitlines() if ln.startswith("a@s ")][0].split()[-3] == "destroyed"
+    # delete says what happens: destroyed, recoverable until a time, space kept until then
+    d.cli("unexport", "b")
+    msg = d.cli("volume", "delete", "b").stdout
+    assert "recoverable for 24 h, until" in msg and "keeps its space" in msg
+    assert "volume eradicate b" in msg and "instant" not in msg
+    pool = d.client.get("/api/v1/pool")["destroyed"]
+    assert [(x["name"], x["reclaimable_bytes"]) for x in pool["volumes"]] == [("b", 128 * rec)]
+    assert [(x["volume"], x["name"], x["reclaimable_bytes"]) for x in pool["snapshots"]] == [
+        ("a", "s", 64 * rec)]
+    assert pool["reclaimable_bytes"] == 192 * rec
+    shown = d.cli("pool", "show").stdout
+    assert "1 volumes, 1 snapshots" in shown and "FREED ON ERADICATE" in shown
+    assert json.loads(d.cli("volume", "space", "b", "--json").stdout)["volume"][
+        "reclaimable_bytes"] == 128 * rec
+    # eradicated: the pool no longer lists it, and the space comes back
+    d.cli("volume", "eradicate", "b")
+    assert d.client.get("/api/v1/pool")["destroyed"]["volumes"] == []
