@@ -81,6 +81,9 @@ class Supervisor:
         st = self._failing.get(name)
         return st is None or self.clock() >= st.next_try
 
+    def is_failing(self, name: str) -> bool:
+        return name in self._failing
+
     def run(self, name: str, fn: Callable[..., T], *args: Any, default: T) -> T:
         """fn(*args); a failure is recorded (and `default` returned), a success clears one."""
         try:

@@ -553,8 +553,12 @@ class Engine:
     # ------------------------------------------------------------------ background work
     def has_background_work(self) -> bool:
         sup = self.supervisor
+        # a failed service is tried again when due even if it wants nothing now:
+        # that run is what shows it works again
         return (any(sup.due(name) for name in self._pending_work())
-                or any(sup.due(_name(svc)) and self._service_wanted(svc) for svc in self.services))
+                or any(sup.due(_name(svc)) and (sup.is_failing(_name(svc))
+                                                or self._service_wanted(svc))
+                       for svc in self.services))
 
     def _service_wanted(self, svc: BackgroundService) -> bool:
         try:

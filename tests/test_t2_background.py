@@ -102,7 +102,9 @@ def test_failing_cleaner_backs_off_shows_everywhere_and_recovers(engine, caplog,
 
     # fixed: the next try succeeds and everything says healthy again
     monkeypatch.undo()
+    assert not cleaner.wanted(False)  # nothing to clean: only the retry makes it run
     clock.now += 60
+    assert engine.has_background_work()  # the data plane calls background_step only then
     engine.background_step(100, busy=False)
     assert engine.supervisor.failing() == ()
     assert _health(engine).status == "healthy"
