@@ -164,7 +164,7 @@ class EngineHealthCounters:
     erase_count_min: int | None = None  # over all segments; None while there are none
     erase_count_max: int | None = None
     erase_count_mean: float | None = None
-    gc_write_amplification: float | None = None  # None: no segment cleaner has run yet
+    gc_write_amplification: float | None = None  # None: no data written yet (or no cleaner)
 
     @classmethod
     def from_erase_counts(cls, erase_counts: Iterable[int], **kw: Any) -> EngineHealthCounters:
@@ -185,7 +185,8 @@ class EngineHealthCounters:
         if self.wear_spread is None:
             out["wear_spread"] = "the pool has no segments yet"
         if self.gc_write_amplification is None:
-            out["gc_write_amplification"] = "no segment cleaner has run yet"
+            out["gc_write_amplification"] = ("no data written yet: it is (user + moved) / user "
+                                              "record bytes")
         return out
 
     def to_dict(self) -> dict[str, Any]:
