@@ -47,7 +47,9 @@ class Analytics:
             try:
                 await self.dataplane.call(self._sample)
             except Exception as e:  # a failed pool must not stop the daemon's sampler
-                log.warning("capacity sample failed: %s", e)
+                self.engine.supervisor.failed("capacity sampler", e, retry_in=self.sample_interval)
+            else:
+                self.engine.supervisor.succeeded("capacity sampler")
             with trio.move_on_after(self.sample_interval):
                 await self._stop.wait()
 
@@ -71,7 +73,7 @@ class Analytics:
 
             raise Conflict("a scrub is already running", "follow it: pstorage jobs")
         job = self.jobs.add(lambda i: ScrubJob(i))
-        self.engine.start_job(ScrubRun(self.engine, job).step)
+        self.engine.start_job(ScrubRun(self.engine, job).step, name=f"scrub job {job.id}")
         return job.to_dict()
 
     # ------------------------------------------------------------ reports
@@ -95,23 +97,10 @@ class Analytics:
     async def health(self) -> dict[str, Any]:
         eng = self.engine
         ss = eng.segs.statistics()
-        erase = eng.segs.erase
-        used = [erase[i] for i in range(len(erase))]
         cleaner = SegmentCleaner.of(eng)
         wa = (await self.dataplane.call(cleaner.statistics)).write_amplification \
             if cleaner is not None else None
-        # free = what is not live data: the cleaner keeps only a few segments
-        # free on purpose and turns dead space into free segments on demand
-        usable = ss.total * (ss.segment_size - 4096)
-        counters = health.EngineHealthCounters(
-            free_fraction=max(0.0, 1 - eng.live_stored / usable) if usable else 0.0,
-            checksum_errors=eng.checksum_errors, io_errors=eng.io_errors,
-            pool_failed=eng.failed,
-            erase_count_min=min(used) if used else None,
-            erase_count_max=max(used) if used else None,
-            erase_count_mean=sum(used) / len(used) if used else None,
-            gc_write_amplification=wa,
-        )
+        counters = engine_health_counters(eng, wa)
         path = eng.pool.backing.path
         dev = await trio.to_thread.run_sync(health.device_health, path)
         report = health.assess(dev, counters)
@@ -138,3 +127,26 @@ class Analytics:
                                    "written before access tracking existed"}
 
         return await self.dataplane.call(run)
+
+
+def engine_health_counters(eng: Engine, gc_write_amplification: float | None
+                           ) -> health.EngineHealthCounters:
+    """What the engine knows about its own health (health.assess adds the device's)."""
+    erase = eng.segs.erase
+    used = [erase[i] for i in range(len(erase))]
+    ss = eng.segs.statistics()
+    backing = eng.pool.backing
+    # free = what is not live data: the cleaner keeps only a few segments
+    # free on purpose and turns dead space into free segments on demand
+    usable = ss.total * (ss.segment_size - 4096)
+    return health.EngineHealthCounters(
+        free_fraction=max(0.0, 1 - eng.live_stored / usable) if usable else 0.0,
+        checksum_errors=eng.checksum_errors, io_errors=eng.io_errors,
+        read_errors=backing.read_errors, last_read_error=backing.last_read_error,
+        background_failures=tuple(f.reason() for f in eng.supervisor.failing()),
+        pool_failed=eng.failed,
+        erase_count_min=min(used) if used else None,
+        erase_count_max=max(used) if used else None,
+        erase_count_mean=sum(used) / len(used) if used else None,
+        gc_write_amplification=gc_write_amplification,
+    )

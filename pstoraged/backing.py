@@ -67,6 +67,11 @@ class Backing:
         else:
             self.size = st.st_size
         self._scratch = mmap.mmap(-1, 1 << 20)
+        # Failed reads since open: a write error fails the pool (the engine
+        # counts those), a read error only fails its request, so without this
+        # count a dying device would look healthy (health.py reads it).
+        self.read_errors = 0
+        self.last_read_error: str | None = None  # e.g. "EIO at offset 4096"
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -92,10 +97,16 @@ class Backing:
                 n = os.preadv(self.fd, [memoryview(buf)[: end - start]], start)
                 data = buf[offset - start : min(n, offset - start + length)]
         except OSError as e:
+            self._read_failed(f"{errno.errorcode.get(e.errno or 0, e.errno)} at offset {offset}")
             raise DeviceIOError(f"{self.path}: read at {offset} failed: {e.strerror}") from e
         if len(data) != length:
+            self._read_failed(f"short read at offset {offset} ({len(data)} of {length} bytes)")
             raise DeviceIOError(f"{self.path}: short read at {offset} ({len(data)}/{length})")
         return data
+
+    def _read_failed(self, what: str) -> None:
+        self.read_errors += 1
+        self.last_read_error = what
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write an aligned range (offset and length multiples of ALIGN)."""

@@ -180,6 +180,8 @@ class SegmentCleaner:
     (tests, `pstorage gc`).
     """
 
+    name = "cleaner"
+
     @classmethod
     def of(cls, engine: Engine) -> SegmentCleaner | None:
         """The cleaner registered with `engine`, if any."""

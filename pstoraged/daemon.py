@@ -17,7 +17,7 @@ from .cleaner import SegmentCleaner
 from .control import ControlServer
 from .dataplane import DataPlane
 from .engine import Engine
-from .errors import PStorageError
+from .errors import DeviceIOError, PStorageError
 from .exports import ExportManager
 from .format import DEFAULT_SEGMENT_SIZE
 from .fusefs import FuseFrontEnd, loop_devices_on
@@ -150,7 +150,12 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
         sdnotify.stopping()  # also when serve() fails; a repeat is harmless
         with trio.CancelScope(shield=True):
             await dataplane.stop()  # drains queued I/O, commits, marks the pool clean
-        log.info("pstoraged stopped cleanly")
+        if engine.closed_clean:
+            log.info("pstoraged stopped cleanly")
+        else:
+            why = (engine.failed or dataplane.close_error
+                   or "the data plane ended before it could close the pool")
+            log.error("pstoraged stopped; the pool was not closed cleanly: %s", why)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     except PStorageError as e:
         print(f"pstoraged: {e}", file=sys.stderr)
         return e.exit_code
+    if not engine.closed_clean:  # logged by serve(); the next start replays from the last commit
+        return DeviceIOError.exit_code
     return 0
 
 

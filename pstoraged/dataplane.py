@@ -96,6 +96,7 @@ class DataPlane:
         self._last_io = 0.0  # monotonic time of the last request batch
         self._background_progress = False
         self._stopping = False
+        self.close_error: str | None = None  # why closing the engine raised, if it did
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._listener: socket.socket | None = None
@@ -170,6 +171,10 @@ class DataPlane:
                 timeout = IDLE_COMMIT_SECONDS
                 if background:
                     timeout = 0 if self._background_progress else QUIET_SECONDS
+                else:  # a failed service's retry may come sooner than that
+                    retry = self.engine.supervisor.next_due_in()
+                    if retry is not None:
+                        timeout = min(timeout, retry)
                 events = self._ep.poll(0 if self._ahead else timeout)
                 done = 0
                 if background:
@@ -225,7 +230,11 @@ class DataPlane:
                 self._close(conn)
             if self._listener is not None:
                 self._listener.close()
-            self._guard(self.engine.close)
+            try:
+                self.engine.close()
+            except Exception as e:
+                self.close_error = f"{type(e).__name__}: {e}"
+                log.exception("closing the pool failed")
             if self._reducer is not None:
                 self._reducer.stop()
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn, Protocol
 
 from . import codecs
+from .background import Supervisor
 from .errors import Conflict, CorruptData, DeviceIOError, InvalidArgument, NotFound, ReadOnly
 from .format import (
     BLOCK_SIZE,
@@ -69,7 +70,10 @@ _ckey = CHUNK_KEY.pack
 
 
 class BackgroundService(Protocol):
-    """Always-on engine background work (see Engine.background_step)."""
+    """Always-on engine background work (see Engine.background_step).
+
+    A `name` attribute names it in logs, health and metrics (else its class name).
+    """
 
     def wanted(self, busy: bool) -> bool: ...
 
@@ -125,6 +129,7 @@ class EngineStatistics:
     live_chunks: int
     checksum_errors: int
     io_errors: int
+    read_errors: int  # device reads that failed, since start
     commits: int
 
 
@@ -173,7 +178,9 @@ class Engine:
         self.filling: dict[int, list[int]] = {
             int(k): v for k, v in self.meta.get_json("filling", {}).items()}
         self.finished_copies: dict[int, dict[str, Any]] = {}  # since start: id -> result
-        self.jobs: list[Callable[[int], int]] = []  # background jobs (background_step)
+        self.jobs: list[tuple[str, Callable[[int], int]]] = []  # (name, step): background_step
+        # background work that raises is backed off and reported, not retried in a loop
+        self.supervisor = Supervisor()
         # the dedupe index; its merge is the first always-on background service
         sb = pool.sb
         self.fps = FingerprintIndex(self.meta, self.next_chunk, self._updated,
@@ -189,6 +196,7 @@ class Engine:
         self.defer_commits = False
         self.dirty = False
         self.failed: str | None = None  # set when the device failed a write or sync
+        self.closed_clean = False  # close() committed everything and marked the pool clean
         # Instance tracking lets a reconnecting client learn whether writes it
         # had acknowledged from the previous run could have been lost.
         self.instance = uuidlib.uuid4().bytes
@@ -551,9 +559,31 @@ class Engine:
 
     # ------------------------------------------------------------------ background work
     def has_background_work(self) -> bool:
-        return (bool(self.reclaiming or self.dropping or self.restoring or self.filling or self.jobs)
-                or self._prune_wanted(busy=False)
-                or any(svc.wanted(False) for svc in self.services))
+        sup = self.supervisor
+        # a failed service is tried again when due even if it wants nothing now:
+        # that run is what shows it works again
+        return (any(sup.due(name) for name in self._pending_work())
+                or any(sup.due(_name(svc)) and (sup.is_failing(_name(svc))
+                                                or self._service_wanted(svc))
+                       for svc in self.services))
+
+    def _service_wanted(self, svc: BackgroundService) -> bool:
+        try:
+            return svc.wanted(False)
+        except Exception as e:  # counts as a failure of the service (it backs off)
+            self.supervisor.failed(_name(svc), e)
+            return False
+
+    def _pending_work(self) -> list[str]:
+        """Names of the queued background work other than the services."""
+        out = [name for name, todo in (("reclaim", self.reclaiming),
+                                       ("snapshot release", self.dropping),
+                                       ("restore", self.restoring), ("clone fill", self.filling))
+               if todo]
+        out += [name for name, _ in self.jobs]
+        if self._prune_wanted(busy=False):
+            out.append("index prune")
+        return out
 
     def background_step(self, budget: int, busy: bool) -> int:
         """One bounded slice of background work: reclaim, services, jobs, pruning.
@@ -563,34 +593,49 @@ class Engine:
         bounded step (`step(budget, busy)` -> work done). A job is a callable
         taking the budget and returning the work it did; it is dropped once it
         returns 0 (tiering recompression and scrub queue theirs with
-        `start_job`).
+        `start_job`). Each runs under the supervisor: one that raises is
+        skipped for a growing pause while the others go on (background.py).
         """
-        if self.reclaiming:
-            return self.reclaim_step(budget)
-        if self.dropping:
-            return self.drop_step(budget)
+        sup = self.supervisor
+        if self.reclaiming and sup.due("reclaim"):
+            done = sup.run("reclaim", self.reclaim_step, budget, default=0)
+            if done:
+                return done
+        if self.dropping and sup.due("snapshot release"):
+            done = sup.run("snapshot release", self.drop_step, budget, default=0)
+            if done:
+                return done
         for svc in self.services:
-            if svc.wanted(busy):
-                done = svc.step(budget, busy)
+            name = _name(svc)
+            if sup.due(name):
+                done = sup.run(name, _service_step, svc, budget, busy, default=0)
                 if done:
                     return done
         # after the services: a copy of a huge volume runs for minutes, and
         # must not hold up the cleaner (ENOSPC) or the index merge meanwhile
-        if self.restoring:
-            return self.restore_step(budget)
-        if self.filling:
-            return self.fill_step(budget)
-        while self.jobs:
-            done = self.jobs[0](budget)
+        if self.restoring and sup.due("restore"):
+            done = sup.run("restore", self.restore_step, budget, default=0)
             if done:
                 return done
-            self.jobs.pop(0)
-        if self._prune_wanted(busy):
-            return self.prune_step(budget)
+        if self.filling and sup.due("clone fill"):
+            done = sup.run("clone fill", self.fill_step, budget, default=0)
+            if done:
+                return done
+        for job in list(self.jobs):
+            name, step = job
+            if not sup.due(name):
+                continue
+            done = sup.run(name, step, budget, default=-1)
+            if done > 0:
+                return done
+            if done == 0:
+                self.jobs.remove(job)
+        if self._prune_wanted(busy) and sup.due("index prune"):
+            return sup.run("index prune", self.prune_step, budget, default=0)
         return 0
 
-    def start_job(self, step: Callable[[int], int]) -> None:
-        self.jobs.append(step)
+    def start_job(self, step: Callable[[int], int], name: str = "job") -> None:
+        self.jobs.append((name, step))
 
     def _prune_wanted(self, busy: bool) -> bool:
         if self.prune_from is not None:  # a started sweep finishes, busy or not
@@ -1196,11 +1241,13 @@ class Engine:
             self._commit()
 
     def close(self) -> None:
+        """Commit and mark the pool clean (not after a failure: see `closed_clean`), close."""
         try:
             if self.failed is None:
                 self.meta.put_json("instance", {"id": self.instance.hex(), "clean": True})
                 self._commit()
                 self.meta.commit()
+                self.closed_clean = True
         finally:
             self.segs.close()
             self.pool.close()
@@ -1220,5 +1267,14 @@ class Engine:
             live_chunks=self.live_chunks,
             checksum_errors=self.checksum_errors,
             io_errors=self.io_errors,
+            read_errors=self.pool.backing.read_errors,
             commits=self.commits,
         )
+
+
+def _service_step(svc: BackgroundService, budget: int, busy: bool) -> int:
+    return svc.step(budget, busy) if svc.wanted(busy) else 0
+
+
+def _name(svc: BackgroundService) -> str:
+    return str(getattr(svc, "name", type(svc).__name__))

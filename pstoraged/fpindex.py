@@ -63,6 +63,8 @@ def filter_bytes(entries: int) -> int:
 
 
 class FingerprintIndex:
+    name = "index merge"  # as a background service (Engine.services)
+
     def __init__(self, meta: MetaStore, next_chunk: int, after_step: Callable[[], None],
                  table_entries: int | None = None, capacity_blocks: int = 0) -> None:
         self.meta = meta

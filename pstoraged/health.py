@@ -51,7 +51,8 @@ FREE_FAILING = 0.02  # below 2% free, writes are about to fail with ENOSPC
 SECTOR_FIGURES = ("reallocated_sectors", "pending_sectors", "offline_uncorrectable")
 # Also: smart_passed false (the drive's own verdict, or smartctl exit bit 3) is failing;
 # smartctl exit bit 4 (a pre-failure attribute at or below its threshold now) is degraded;
-# media_errors, checksum_errors and io_errors above 0 are degraded; pool_failed is failing.
+# media_errors, checksum_errors, io_errors and read_errors above 0 are degraded; pool_failed is
+# failing; a background service that keeps failing (background.py) is degraded.
 # Without a history we cannot tell whether a counter is growing, so any nonzero count counts.
 
 # NVMe SMART/Health log byte 0. (bit, name, meaning, severity when set)
@@ -153,13 +154,17 @@ class EngineHealthCounters:
     """What the engine knows about its own health; the REST layer fills this in."""
 
     free_fraction: float  # free / usable capacity, 0.0 .. 1.0
-    checksum_errors: int = 0  # reads that failed verification since start
-    io_errors: int = 0  # reads/writes the backing device failed
+    checksum_errors: int = 0  # reads that failed verification (over the pool's life)
+    io_errors: int = 0  # writes/syncs the backing device failed (over the pool's life)
+    read_errors: int = 0  # reads the backing device failed, since the daemon started
+    last_read_error: str | None = None  # e.g. "EIO at offset 4096"
+    # one sentence per background service whose last run failed (ServiceFailure.reason)
+    background_failures: tuple[str, ...] = ()
     pool_failed: str | None = None  # why the engine refuses writes, None while it accepts them
     erase_count_min: int | None = None  # over all segments; None while there are none
     erase_count_max: int | None = None
     erase_count_mean: float | None = None
-    gc_write_amplification: float | None = None  # None: no segment cleaner has run yet
+    gc_write_amplification: float | None = None  # None: no data written yet (or no cleaner)
 
     @classmethod
     def from_erase_counts(cls, erase_counts: Iterable[int], **kw: Any) -> EngineHealthCounters:
@@ -180,12 +185,14 @@ class EngineHealthCounters:
         if self.wear_spread is None:
             out["wear_spread"] = "the pool has no segments yet"
         if self.gc_write_amplification is None:
-            out["gc_write_amplification"] = "no segment cleaner has run yet"
+            out["gc_write_amplification"] = ("no data written yet: it is (user + moved) / user "
+                                              "record bytes")
         return out
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["wear_spread"] = self.wear_spread
+        out["background_failures"] = list(self.background_failures)
         return out
 
 
@@ -654,7 +661,7 @@ def assess(dev: DeviceHealth, engine: EngineHealthCounters) -> HealthReport:
             found.append(("degraded", f"temperature_c is {t} °C, above the degraded threshold of "
                                       f"{limit} °C for {what}."))
 
-    checked += 4  # the four engine figures below are always known
+    checked += 6  # the six engine figures below are always known
     if engine.pool_failed:
         found.append(("failing", f"pool_failed is set: the engine refuses writes because "
                                  f"{engine.pool_failed}."))
@@ -663,7 +670,12 @@ def assess(dev: DeviceHealth, engine: EngineHealthCounters) -> HealthReport:
                                   f"returned data that failed verification."))
     if engine.io_errors > 0:
         found.append(("degraded", f"io_errors is {engine.io_errors}, above 0: the backing device "
-                                  f"failed reads or writes."))
+                                  f"failed writes or syncs."))
+    if engine.read_errors > 0:
+        last = f"; last: {engine.last_read_error}" if engine.last_read_error else ""
+        found.append(("degraded", f"{engine.read_errors} read errors from the backing device "
+                                  f"since start{last}."))
+    found.extend(("degraded", f"{r}.") for r in engine.background_failures)
     free = engine.free_fraction
     if free < FREE_FAILING:
         found.append(("failing", f"free_fraction is {free:.1%}, below the failing threshold of "

@@ -164,8 +164,21 @@ class _Collector(Collector):
         yield gauge("pstorage_volumes", "volumes", st.volumes)
         yield CounterMetricFamily("pstorage_checksum_errors", "chunk checksum mismatches on read",
                                   value=st.checksum_errors)
-        yield CounterMetricFamily("pstorage_io_errors", "backing device I/O errors",
+        yield CounterMetricFamily("pstorage_io_errors",
+                                  "backing device write and sync errors (the pool fails on one)",
                                   value=st.io_errors)
+        yield CounterMetricFamily("pstorage_read_errors",
+                                  "backing device reads that failed, since start",
+                                  value=st.read_errors)
+        sup = eng.supervisor.statistics()
+        bg = CounterMetricFamily("pstorage_background_failures",
+                                 "background service runs that raised, since start",
+                                 labels=["service"])
+        for service, n in sorted(sup.failures_total.items()):
+            bg.add_metric([service], n)
+        yield bg
+        yield gauge("pstorage_background_failing_services",
+                    "background services whose last run failed (backing off)", len(sup.failing))
         yield gauge("pstorage_pool_failed", "1 when the pool refuses writes after a device error",
                     1 if eng.failed else 0)
         yield CounterMetricFamily("pstorage_commits", "metadata commits", value=st.commits)

@@ -375,10 +375,22 @@ def build_app(ctx: Context) -> FastAPI:
     # ------------------------------------------------------------ service
     @app.get("/healthz", tags=["service"], summary="Liveness and readiness")
     async def healthz() -> JSONResponse:
-        failed = ctx.engine.failed
+        # 503 only when the daemon cannot serve (starting, stopping, pool failed).
+        # Problems it serves through (failed device reads, a background service
+        # that keeps failing) make it "degraded" with 200: restarting it would
+        # not help and would drop its clients. docs/analytics.md explains.
+        eng = ctx.engine
+        failed = eng.failed
         ok = ctx.ready and failed is None
-        body = {"status": "ok" if ok else ("failed" if failed else "starting"),
-                "ready": ctx.ready, "pool_failed": failed,
+        problems = [f.reason() for f in eng.supervisor.failing()]
+        backing = eng.pool.backing
+        if backing.read_errors:
+            problems.insert(0, f"{backing.read_errors} read errors from the backing device "
+                               f"since start; last: {backing.last_read_error}")
+        status = ("degraded" if problems else "ok") if ok else (
+            "failed" if failed else "starting")
+        body = {"status": status, "ready": ctx.ready, "pool_failed": failed,
+                "problems": problems,
                 "uptime_s": round(time.time() - ctx.started, 1), "version": __version__}
         return JSONResponse(body, status_code=200 if ok else 503)
 

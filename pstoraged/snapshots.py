@@ -323,10 +323,13 @@ class Eradicator:
 
     async def run(self) -> None:
         while not self._stop.is_set():
+            sup = self.catalog.engine.supervisor
             try:
                 await self.call(self.catalog.eradicate_due)
             except Exception as e:  # a failed pool must not stop the daemon
-                log.warning("eradication check failed: %s", e)
+                sup.failed("eradicator", e, retry_in=self.INTERVAL)
+            else:
+                sup.succeeded("eradicator")
             with trio.move_on_after(self.INTERVAL):
                 await self._stop.wait()
 

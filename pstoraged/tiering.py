@@ -245,7 +245,7 @@ class Tiering:
             raise Conflict(f"a recompression job for {name} is already running",
                            "follow it: pstorage jobs")
         job = self.registry.add(lambda i: Job(i, "recompress-cold", name))
-        self.engine.start_job(RecompressRun(self, job, vol).step)
+        self.engine.start_job(RecompressRun(self, job, vol).step, name=f"recompression job {job.id}")
         log.info("job %d: recompressing cold data of %s", job.id, name)
         return {"applied": rec_id, "job": job.to_dict()}
 

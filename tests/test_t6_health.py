@@ -561,18 +561,19 @@ def good_nvme(img: Path) -> DeviceHealth:
 def test_healthy(good_nvme: DeviceHealth, img: Path) -> None:
     report = assess(good_nvme, FINE)
     # device: critical_warning, percentage_used, spare vs threshold, media_errors, temperature;
-    # engine: pool_failed, checksum_errors, io_errors, free_fraction, wear_spread
+    # engine: pool_failed, checksum_errors, io_errors, read_errors, background_failures,
+    # free_fraction, wear_spread
     assert report.status == "healthy"
-    assert report.reasons == ("no problems found in 10 figures checked",)
+    assert report.reasons == ("no problems found in 12 figures checked",)
     d = report.to_dict()
     json.dumps(d)
     assert d["device"]["temperature_c"] == 37 and d["engine"]["wear_spread"] == 10
     assert d["unavailable"]["smart_passed"] == good_nvme.unavailable["smart_passed"]
-    # a file has no device figures: only the four always-known engine figures are checked
+    # a file has no device figures: only the six always-known engine figures are checked
     plain = device_health(str(img), run=never_run)
     report = assess(plain, EngineHealthCounters(free_fraction=0.5))
-    assert report.reasons == ("no problems found in 4 figures checked",)
-    assert report.unavailable["gc_write_amplification"] == "no segment cleaner has run yet"
+    assert report.reasons == ("no problems found in 6 figures checked",)
+    assert report.unavailable["gc_write_amplification"].startswith("no data written yet")
     assert report.unavailable["wear_spread"] == "the pool has no segments yet"
 
 
@@ -624,6 +625,10 @@ def test_device_rules(good_nvme: DeviceHealth, change: dict[str, Any], status: s
 ENGINE_RULES: list[tuple[dict[str, Any], str, str]] = [
     ({"checksum_errors": 1}, "degraded", "checksum_errors is 1, above 0"),
     ({"io_errors": 3}, "degraded", "io_errors is 3, above 0"),
+    ({"read_errors": 7, "last_read_error": "EIO at offset 8192"}, "degraded",
+     "7 read errors from the backing device since start; last: EIO at offset 8192."),
+    ({"background_failures": ("background service cleaner is failing: RuntimeError: x",)},
+     "degraded", "background service cleaner is failing: RuntimeError: x."),
     ({"pool_failed": "the metadata store hit EIO"}, "failing",
      "refuses writes because the metadata store hit EIO"),
     ({"free_fraction": 0.10}, "healthy", ""),
