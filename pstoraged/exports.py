@@ -470,18 +470,23 @@ class ExportManager:
         if st is None or not st.device:
             return None
         dev = st.device
-        if st.method == "fuse+loop":
-            assert self.fuse_dir is not None
-            os.stat(os.path.join(self.fuse_dir, name))  # the kernel fetches the new size
-            _run(["losetup", "-c", dev])
-            if device_size(dev) == size:
-                log.info("attach %s: %s grown to %d bytes", name, dev, size)
-                return None
-        return (f"{dev} keeps its old size ({device_size(dev)} bytes): "
-                f"{'nbdfuse' if st.method == 'nbdfuse+loop' else st.method} learns an "
-                "export's size only when it connects. To use the new size: unmount it, "
-                f"'pstorage detach {name}', 'pstorage attach {name}', mount it again, then grow "
-                "the file system (xfs_growfs MOUNTPOINT, resize2fs DEVICE)")
+        why = f"{'nbdfuse' if st.method == 'nbdfuse+loop' else 'the kernel nbd client'} " \
+              "learns an export's size only when it connects"
+        if st.method == "fuse+loop" and self.fuse_dir:
+            try:
+                os.stat(os.path.join(self.fuse_dir, name))  # the kernel fetches the new size
+                _run(["losetup", "-c", dev])
+            except (OSError, ToolFailed) as e:
+                log.warning("attach %s: cannot grow %s: %s", name, dev, e)
+                why = f"growing it failed ({e})"
+            else:
+                if device_size(dev) == size:
+                    log.info("attach %s: %s grown to %d bytes", name, dev, size)
+                    return None
+                why = "the loop device did not take the new size"
+        return (f"{dev} keeps its old size ({device_size(dev)} bytes): {why}. To use the new "
+                f"size: unmount it, 'pstorage detach {name}', 'pstorage attach {name}', mount it "
+                "again, then grow the file system (xfs_growfs MOUNTPOINT, resize2fs DEVICE)")
 
     def _cleanup_attach(self, st: ExportState, *, force: bool) -> None:
         _unlink(st.link, st.device)

@@ -448,6 +448,10 @@ def build_app(ctx: Context) -> FastAPI:
         if ctx.exports.get(name) and not force:
             raise Conflict(f"volume {name!r} is exported or attached",
                            "detach/unexport it first, or pass force (--force)")
+        busy = [e for e, st in ctx.exports.states.items() if e.startswith(name + "@") and st.device]
+        if busy and not force:
+            raise Conflict(f"snapshot {busy[0]} of volume {name!r} is attached",
+                           f"unmount it and 'pstorage detach {busy[0]}' first, or pass force (--force)")
         await call(ctx.catalog.check_destroyable, name)  # before cutting any client off
         if ctx.exports.get(name):
             await trio.to_thread.run_sync(lambda: ctx.exports.unexport(name, force=True))

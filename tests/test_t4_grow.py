@@ -189,10 +189,13 @@ def test_snapshot_attached_read_only_keeps_its_data_while_the_volume_changes(fs_
     assert p.returncode == Conflict.exit_code and "attached" in p.stderr
     p = d.cli("unexport", "db@monday", check=False)
     assert p.returncode == Conflict.exit_code and "detach it first" in p.stderr
+    umount(mnt)
+    d.cli("detach", "db")
+    p = d.cli("volume", "delete", "db", check=False)  # the volume is free, its snapshot is not
+    assert p.returncode == Conflict.exit_code and "db@monday" in p.stderr
+    check_files(smnt, old)
     umount(smnt)
     d.cli("detach", "db@monday")
     assert not os.path.lexists("/dev/pstorage/db@monday")
     snap = json.loads(d.cli("snapshot", "list", "db", "--json").stdout)[0]
     assert snap["device"] is None and snap["exported"] is False
-    umount(mnt)
-    d.cli("detach", "db")
