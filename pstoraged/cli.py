@@ -130,7 +130,8 @@ def cmd_volume_list(args: argparse.Namespace, c: Client) -> None:
 
 def cmd_volume_show(args: argparse.Namespace, c: Client) -> None:
     v = c.get(f"/api/v1/volumes/{args.name}")
-    rows = [[k, v[k]] for k in ("name", "size", "compression", "readonly", "uri", "tcp", "device")]
+    rows = [[k, v[k]] for k in ("name", "size", "compression", "readonly", "exported", "uri",
+                                "tcp", "attached", "device", "device_size")]
     rows.append(["state", _state(v)])
     rows += [[k, x] for k, x in v["stats"].items()]
     _emit(args, v, table(rows, ["VOLUME", v["name"]]))
@@ -139,7 +140,13 @@ def cmd_volume_show(args: argparse.Namespace, c: Client) -> None:
 def cmd_volume_resize(args: argparse.Namespace, c: Client) -> None:
     v = c.request("PATCH", f"/api/v1/volumes/{args.name}",
                   {"size": parse_size(args.size), "shrink": args.shrink, "force": args.force})
-    _emit(args, v, f"volume {v['name']} is now {human_bytes(v['size'])}")
+    text = f"volume {v['name']} is now {human_bytes(v['size'])}"
+    if v.get("device") and v.get("device_size") == v["size"]:
+        text += (f"; {v['device']} too: grow its file system "
+                 f"(xfs_growfs MOUNTPOINT, resize2fs {v['device']})")
+    for note in v.get("notices", []):
+        print(f"pstorage: note: {note}", file=sys.stderr)
+    _emit(args, v, text)
 
 
 def cmd_volume_delete(args: argparse.Namespace, c: Client) -> None:
@@ -251,7 +258,8 @@ def _snap_rows(snaps: list[dict]) -> list[list[str]]:
         f"{x['volume']}@{x['name']}", human_bytes(x["size"]), _time(x["created"]),
         _time(x["lock_until"]) if x["locked"] else "-",
         human_bytes(x["space"]["unique_bytes"]) if x.get("space") else "-",
-        "destroyed" if x["destroyed"] else ("exported" if x.get("uri") else "-"),
+        "destroyed" if x["destroyed"] else (x.get("device") or ("exported" if x.get("uri")
+                                                                 else "-")),
     ] for x in snaps]
 
 
@@ -299,6 +307,12 @@ def cmd_snapshot_restore(args: argparse.Namespace, c: Client) -> None:
     _emit(args, r, f"restored {vol} from {vol}@{snap} ({r['blocks_changed']} blocks changed)")
 
 
+def cmd_snapshot_eradicate(args: argparse.Namespace, c: Client) -> None:
+    vol, snap = _snapref(args.ref, args.snap)
+    _emit(args, c.post(f"/api/v1/volumes/{vol}/snapshots/{snap}/eradicate"),
+          f"eradicated snapshot {vol}@{snap}")
+
+
 def cmd_snapshot_lock(args: argparse.Namespace, c: Client) -> None:
     vol, snap = _snapref(args.ref, args.snap)
     x = c.patch(f"/api/v1/volumes/{vol}/snapshots/{snap}", {"lock_until": args.until})
@@ -343,18 +357,26 @@ def cmd_export(args: argparse.Namespace, c: Client) -> None:
     _emit(args, v, text)
 
 
+def _target(name: str) -> str:
+    """The API path of a volume, or of a snapshot given as VOL@SNAP."""
+    if "@" in name:
+        vol, snap = _snapref(name)
+        return f"/api/v1/volumes/{vol}/snapshots/{snap}"
+    return f"/api/v1/volumes/{name}"
+
+
 def cmd_unexport(args: argparse.Namespace, c: Client) -> None:
-    out = c.request("DELETE", f"/api/v1/volumes/{args.name}/export" + ("?force=1" if args.force else ""))
+    out = c.request("DELETE", f"{_target(args.name)}/export" + ("?force=1" if args.force else ""))
     _emit(args, out, f"stopped exporting {args.name}")
 
 
 def cmd_attach(args: argparse.Namespace, c: Client) -> None:
-    v = c.post(f"/api/v1/volumes/{args.name}/attach")
+    v = c.post(f"{_target(args.name)}/attach")
     _emit(args, v, v["device"])
 
 
 def cmd_detach(args: argparse.Namespace, c: Client) -> None:
-    out = c.request("DELETE", f"/api/v1/volumes/{args.name}/attach" + ("?force=1" if args.force else ""))
+    out = c.request("DELETE", f"{_target(args.name)}/attach" + ("?force=1" if args.force else ""))
     _emit(args, out, f"detached {args.name}")
 
 
@@ -683,6 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_snapshot_list)
     for name, fn, what in (("delete", cmd_snapshot_delete, "destroy (recoverable for the grace period)"),
                            ("recover", cmd_snapshot_recover, "bring back a destroyed snapshot"),
+                           ("eradicate", cmd_snapshot_eradicate,
+                            "free a destroyed snapshot now (never a locked one)"),
                            ("restore", cmd_snapshot_restore, "roll the volume back to the snapshot"),
                            ("export", cmd_snapshot_export, "serve it read-only over NBD"),
                            ("lock", cmd_snapshot_lock, "extend the retention lock")):
@@ -709,15 +733,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow", metavar="ADDR[,CIDR...]", help="only these TCP clients")
     e.add_argument("--readonly", action="store_true")
     e.set_defaults(fn=cmd_export)
-    u = sub.add_parser("unexport", help="stop serving a volume")
-    u.add_argument("name")
-    u.add_argument("--force", action="store_true")
+    u = sub.add_parser("unexport", help="stop serving a volume or VOLUME@SNAPSHOT")
+    u.add_argument("name", help="VOLUME or VOLUME@SNAPSHOT")
+    u.add_argument("--force", action="store_true", help="even while attached")
     u.set_defaults(fn=cmd_unexport)
-    a = sub.add_parser("attach", help="make a volume a local block device; prints its path")
-    a.add_argument("name")
+    a = sub.add_parser("attach", help="make a volume a local block device (a snapshot: a "
+                       "read-only one); prints its path")
+    a.add_argument("name", help="VOLUME or VOLUME@SNAPSHOT")
     a.set_defaults(fn=cmd_attach)
-    dt = sub.add_parser("detach", help="remove a volume's block device")
-    dt.add_argument("name")
+    dt = sub.add_parser("detach", help="remove a volume's or snapshot's block device")
+    dt.add_argument("name", help="VOLUME or VOLUME@SNAPSHOT")
     dt.add_argument("--force", action="store_true", help="even if mounted (lazy)")
     dt.set_defaults(fn=cmd_detach)
     x = sub.add_parser("stats", help="data reduction per volume and pool",

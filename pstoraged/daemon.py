@@ -72,6 +72,7 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
         # a mount an earlier run left in systemd's fd store: take it over
         fuse = FuseFrontEnd(dataplane, fuse_dir, fd=stored_fuse_fd) if fuse_dir else None
         ctx = Context(dataplane, exports)
+        ctx.fuse = fuse  # a resize drops the kernel's cached size of the volume's file
         ctx.analytics = Analytics(dataplane, sample_interval=cfg.sample_interval,
                                   thresholds=Thresholds(*cfg.temperature_days))
         ctx.catalog.grace_s = cfg.destroy_grace_hours * 3600

@@ -337,9 +337,9 @@ class ExportManager:
     def unexport(self, name: str, *, force: bool = False) -> None:
         st = self.states.get(name)
         if st is None:
-            raise NotFound(f"volume {name!r} is not exported")
+            raise NotFound(f"{_what(name)} {name!r} is not exported")
         if st.device and not force:
-            raise Conflict(f"volume {name!r} is attached as {st.device}", "detach it first")
+            raise Conflict(f"{_what(name)} {name!r} is attached as {st.device}", "detach it first")
         self._cleanup_attach(st, force=force)
         for pid in (st.pid, st.tcp_pid):
             self._stop(pid)
@@ -356,15 +356,19 @@ class ExportManager:
             os.kill(pid, signal.SIGKILL)
 
     # attach ------------------------------------------------------------------
-    def attach(self, name: str) -> ExportState:
+    def attach(self, name: str, *, readonly: bool = False) -> ExportState:
+        """A block device for a volume, or a read-only one for a snapshot ('VOL@SNAP')."""
+        readonly = readonly or "@" in name
         self._forget_if_dead(name)
         st = self.states.get(name)
         if st is not None and st.device:
             return st
-        if self.fuse_dir:
+        # the daemon's FUSE mount holds volumes only: a snapshot goes through
+        # nbdkit + nbdfuse, which also outlive a daemon restart
+        if self.fuse_dir and "@" not in name:
             return self._attach_fuse(name, st)
         if st is None:
-            st = self.export(name, by_attach=True)
+            st = self.export(name, readonly=readonly, by_attach=True)
         try:
             if kernel_has_nbd() and shutil.which("nbd-client"):
                 self._attach_nbd(st)
@@ -386,7 +390,7 @@ class ExportManager:
             dev = f"/dev/nbd{i}"
             if os.path.exists(dev) and not os.path.exists(f"/sys/block/nbd{i}/pid"):
                 _run(["nbd-client", "-unix", st.socket, "-N", st.name, "-b", "4096",
-                      "-C", "4", dev])
+                      "-C", "4", *(["-readonly"] if st.readonly else []), dev])
                 st.device, st.method = dev, "nbd"
                 wait_for_block_device(dev)
                 return
@@ -404,7 +408,8 @@ class ExportManager:
         log_path = os.path.join(self._vdir(st.name), "nbdfuse.log")
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(
-                ["nbdfuse", "-P", pidfile, "-C", "4", os.path.join(fdir, st.name), st.uri],
+                ["nbdfuse", "-P", pidfile, "-C", "4", *(["-r"] if st.readonly else []),
+                 os.path.join(fdir, st.name), st.uri],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
             )
         st.fuse_dir = fdir
@@ -415,7 +420,7 @@ class ExportManager:
         if proc.poll() is not None:
             raise ToolFailed(f"nbdfuse exited: {Path(log_path).read_text()[-500:]}")
         dev = _run(["losetup", "--direct-io=on", "--sector-size", "4096", "--show", "-f",
-                    os.path.join(fdir, st.name)]).strip()
+                    *(["-r"] if st.readonly else []), os.path.join(fdir, st.name)]).strip()
         st.device, st.method = dev, "nbdfuse+loop"
         wait_for_block_device(dev)
         dio = Path(f"/sys/block/{os.path.basename(dev)}/loop/dio")
@@ -425,7 +430,7 @@ class ExportManager:
     def detach(self, name: str, *, force: bool = False) -> None:
         st = self.states.get(name)
         if st is None or not st.device:
-            raise NotFound(f"volume {name!r} is not attached")
+            raise NotFound(f"{_what(name)} {name!r} is not attached")
         holders = mounted_on(st.device)
         if holders and not force:
             raise Conflict(f"{st.device} is mounted on {', '.join(holders)}", "unmount it first")
@@ -451,6 +456,38 @@ class ExportManager:
         log.info("attach %s: %s via the FUSE front end, %s", name, dev, st.link)
         return st
 
+    def grow_device(self, name: str, size: int) -> str | None:
+        """After the volume grew: make its attached device `size` bytes long.
+
+        None when it is (or nothing is attached); else why not and what to do.
+        The daemon's FUSE file has the new size once the kernel's cached
+        attributes are dropped (FuseFrontEnd.invalidate, done by the caller);
+        LOOP_SET_CAPACITY (losetup -c) then has the loop device read it again.
+        nbdfuse reads an export's size once, when it connects (and the NBD
+        protocol has no resize notice), so its device keeps the old size.
+        """
+        st = self.states.get(name)
+        if st is None or not st.device:
+            return None
+        dev = st.device
+        why = f"{'nbdfuse' if st.method == 'nbdfuse+loop' else 'the kernel nbd client'} " \
+              "learns an export's size only when it connects"
+        if st.method == "fuse+loop" and self.fuse_dir:
+            try:
+                os.stat(os.path.join(self.fuse_dir, name))  # the kernel fetches the new size
+                _run(["losetup", "-c", dev])
+            except (OSError, ToolFailed) as e:
+                log.warning("attach %s: cannot grow %s: %s", name, dev, e)
+                why = f"growing it failed ({e})"
+            else:
+                if device_size(dev) == size:
+                    log.info("attach %s: %s grown to %d bytes", name, dev, size)
+                    return None
+                why = "the loop device did not take the new size"
+        return (f"{dev} keeps its old size ({device_size(dev)} bytes): {why}. To use the new "
+                f"size: unmount it, 'pstorage detach {name}', 'pstorage attach {name}', mount it "
+                "again, then grow the file system (xfs_growfs MOUNTPOINT, resize2fs DEVICE)")
+
     def _cleanup_attach(self, st: ExportState, *, force: bool) -> None:
         _unlink(st.link, st.device)
         st.link = None
@@ -466,6 +503,20 @@ class ExportManager:
             _wait_exit(st.fuse_pid, 10)
         st.device = st.method = st.fuse_dir = None
         st.fuse_pid = 0
+
+
+def _what(name: str) -> str:
+    return "snapshot" if "@" in name else "volume"
+
+
+def device_size(dev: str | None) -> int | None:
+    """Size in bytes of a block device as the kernel sees it (sysfs counts 512-byte sectors)."""
+    if not dev:
+        return None
+    try:
+        return int(Path(f"/sys/class/block/{os.path.basename(dev)}/size").read_text()) * 512
+    except (OSError, ValueError):
+        return None
 
 
 def dev_dir() -> str:

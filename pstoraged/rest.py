@@ -31,7 +31,7 @@ from .cleaner import SegmentCleaner
 from .dataplane import DataPlane
 from .engine import Engine, Volume
 from .errors import Conflict, InvalidArgument, NotFound, PStorageError
-from .exports import ExportManager
+from .exports import ExportManager, device_size
 from .format import BLOCK_SIZE
 from .snapshots import Catalog, Snapshot, parse_until
 from .units import MAX_VOLUME_SIZE, NAME_RE, parse_size, validate_name
@@ -256,6 +256,7 @@ class Context:
         self.started = time.time()
         self.ready = False
         self.analytics: Any = None  # analytics.Analytics, set by the daemon
+        self.fuse: Any = None  # fusefs.FuseFrontEnd when the daemon serves one
         self.catalog: Catalog = Catalog(self.engine)  # snapshots and SafeMode
         self.usage = UsageCache(self.engine.meta)  # cached walks of the volumes' maps
         # per volume, held from check to change by export, attach and the start
@@ -295,11 +296,15 @@ class Context:
         return {
             "name": v.name, "size": v.size, "compression": v.compression,
             "created": v.created_ns / 1e9, "readonly": v.readonly,
-            "exported": ex is not None and not ex.by_attach,
+            # an NBD export (nbdkit) exists, also when attach started it; the FUSE
+            # front end's attach has none
+            "exported": bool(ex and ex.uri), "attached": bool(ex and ex.device),
             "uri": (ex.uri or None) if ex else None, "tcp": ex.tcp if ex else None,
             "tls": ex.tls if ex else None, "allow": ex.allow if ex else None,
             "device": ex.device if ex else None,
             "device_link": ex.link if ex else None,
+            "device_size": device_size(ex.device) if ex else None,
+            "attach_method": ex.method if ex else None,
             "logical_bytes": v.stats.mapped_blocks * BLOCK_SIZE,
             "snapshots": len(v.frozen),
             # "restoring" / "filling" (a clone): a background map copy runs; the
@@ -509,21 +514,48 @@ def build_app(ctx: Context) -> FastAPI:
     async def patch_volume(name: VolumeName, req: VolumePatch) -> dict[str, Any]:
         vol = ctx.volume(name)
         size = _size_from(req.size, req.size_gb)
+        notices: list[str] = []
         if size is not None and size != vol.size:
-            if size < vol.size and not req.shrink:
-                raise InvalidArgument(
-                    f"{size} is smaller than the volume ({vol.size})",
-                    "pass shrink (--shrink) to cut the volume; data past the new end is released")
-            if size < vol.size and ctx.exports.get(name) and not req.force:
-                raise Conflict(f"volume {name!r} is exported; shrinking it under a client is unsafe",
-                               "unexport it first, or pass force")
-            await call(ctx.engine.resize_volume, name, size, req.shrink, flush=True)
-            log.info("volume %s resized to %d bytes", name, size)
+            async with ctx.serving(name):  # no attach between the resize and the device's
+                notices = await resize(vol, size, req)
         if req.compression is not None:
             await call(ctx.engine.set_compression, name, req.compression)
         if req.readonly is not None:
             await call(ctx.engine.set_readonly, name, req.readonly)
-        return ctx.describe(vol)
+        return {**ctx.describe(vol), "notices": notices}
+
+    async def resize(vol: Volume, size: int, req: VolumePatch) -> list[str]:
+        """Resize, then make what serves the volume show the new size; returns
+        what the user must still do (clients that keep the old size)."""
+        name, old = vol.name, vol.size
+        ex = ctx.exports.get(name)
+        if size < old:
+            if not req.shrink:
+                raise InvalidArgument(
+                    f"{size} is smaller than the volume ({old})",
+                    "pass shrink (--shrink) to cut the volume; data past the new end is released")
+            if ex and ex.device:
+                # the file system on it still addresses the cut-off end
+                raise Conflict(f"volume {name!r} is attached as {ex.device}; shrinking a device "
+                               "under its user corrupts it",
+                               "shrink the file system, unmount, 'pstorage detach' it, then "
+                               "shrink (--force does not override this)")
+            if ex and not req.force:
+                raise Conflict(f"volume {name!r} is exported; shrinking it under a client is unsafe",
+                               "unexport it first, or pass force")
+        await call(ctx.engine.resize_volume, name, size, req.shrink, flush=True)
+        log.info("volume %s resized to %d bytes", name, size)
+        if ctx.fuse is not None:
+            ctx.fuse.invalidate(vol.id)  # the FUSE file's cached size
+        notices = []
+        if ex and ex.device and size > old:
+            note = await trio.to_thread.run_sync(ctx.exports.grow_device, name, size)
+            if note:
+                notices.append(note)
+        if ex and ex.uri and not ex.by_attach:
+            notices.append("NBD clients connected now keep the old size (NBD has no resize "
+                           "notice); clients that connect from now on see the new one")
+        return notices
 
     @app.delete("/api/v1/volumes/{name}", tags=["volumes"], responses=ERRORS,
                 summary="Delete a volume: destroyed, recoverable for the grace period; its space "
@@ -534,6 +566,10 @@ def build_app(ctx: Context) -> FastAPI:
         if ctx.exports.get(name) and not force:
             raise Conflict(f"volume {name!r} is exported or attached",
                            "detach/unexport it first, or pass force (--force)")
+        busy = [e for e, st in ctx.exports.states.items() if e.startswith(name + "@") and st.device]
+        if busy and not force:
+            raise Conflict(f"snapshot {busy[0]} of volume {name!r} is attached",
+                           f"unmount it and 'pstorage detach {busy[0]}' first, or pass force (--force)")
         await call(ctx.catalog.check_destroyable, name)  # before cutting any client off
         if ctx.exports.get(name):
             await trio.to_thread.run_sync(lambda: ctx.exports.unexport(name, force=True))
@@ -565,7 +601,10 @@ def build_app(ctx: Context) -> FastAPI:
     def snap_out(sn: Snapshot) -> dict[str, Any]:
         d = sn.to_dict(ctx.engine.clock())
         ex = ctx.exports.get(f"{sn.volume}@{sn.name}")
-        d["uri"] = ex.uri if ex else None
+        d["uri"] = (ex.uri or None) if ex else None
+        d["exported"] = bool(ex and ex.uri)
+        d["device"] = ex.device if ex else None
+        d["device_link"] = ex.link if ex else None
         return d
 
     @app.get("/api/v1/snapshots", tags=["snapshots"], summary="All snapshots")
@@ -659,7 +698,11 @@ def build_app(ctx: Context) -> FastAPI:
     @app.delete("/api/v1/volumes/{name}/snapshots/{snap}", tags=["snapshots"], responses=ERRORS,
                 summary="Delete a snapshot (destroyed first, recoverable for the grace period)")
     async def delete_snapshot(name: VolumeName, snap: SnapName) -> dict[str, Any]:
-        if ctx.exports.get(f"{name}@{snap}"):
+        ex = ctx.exports.get(f"{name}@{snap}")
+        if ex and ex.device:
+            raise Conflict(f"snapshot {name}@{snap} is attached as {ex.device}",
+                           f"unmount it and 'pstorage detach {name}@{snap}' first")
+        if ex:
             await trio.to_thread.run_sync(lambda: ctx.exports.unexport(f"{name}@{snap}", force=True))
         return snap_out(await call(ctx.catalog.delete, name, snap))
 
@@ -667,6 +710,13 @@ def build_app(ctx: Context) -> FastAPI:
               responses=ERRORS, summary="Recover a destroyed snapshot")
     async def recover_snapshot(name: VolumeName, snap: SnapName) -> dict[str, Any]:
         return snap_out(await call(ctx.catalog.recover, name, snap))
+
+    @app.post("/api/v1/volumes/{name}/snapshots/{snap}/eradicate", tags=["snapshots"],
+              responses=ERRORS, summary="Free a destroyed snapshot now instead of after the "
+              "grace period (never a locked one)")
+    async def eradicate_snapshot(name: VolumeName, snap: SnapName) -> dict[str, Any]:
+        await call(ctx.catalog.eradicate, name, snap)
+        return {"eradicated": f"{name}@{snap}"}
 
     @app.post("/api/v1/volumes/{name}/snapshots/{snap}/restore", tags=["snapshots"],
               responses=ERRORS, summary="Roll the volume back to the snapshot")
@@ -714,10 +764,28 @@ def build_app(ctx: Context) -> FastAPI:
 
     @app.delete("/api/v1/volumes/{name}/snapshots/{snap}/export", tags=["snapshots"],
                 responses=ERRORS, summary="Stop serving a snapshot")
-    async def unexport_snapshot(name: VolumeName, snap: SnapName) -> dict[str, Any]:
+    async def unexport_snapshot(name: VolumeName, snap: SnapName,
+                                force: bool = Query(False, description="even while attached")
+                                ) -> dict[str, Any]:
         await call(ctx.catalog.get, name, snap, True)
-        await trio.to_thread.run_sync(lambda: ctx.exports.unexport(f"{name}@{snap}", force=True))
+        await trio.to_thread.run_sync(lambda: ctx.exports.unexport(f"{name}@{snap}", force=force))
         return {"unexported": f"{name}@{snap}"}
+
+    @app.post("/api/v1/volumes/{name}/snapshots/{snap}/attach", tags=["snapshots"],
+              responses=ERRORS, summary="Make a snapshot a local read-only block device")
+    async def attach_snapshot(name: VolumeName, snap: SnapName) -> dict[str, Any]:
+        async with ctx.serving(f"{name}@{snap}"):
+            await call(ctx.catalog.get, name, snap)
+            await trio.to_thread.run_sync(lambda: ctx.exports.attach(f"{name}@{snap}"))
+        return snap_out(await call(ctx.catalog.get, name, snap))
+
+    @app.delete("/api/v1/volumes/{name}/snapshots/{snap}/attach", tags=["snapshots"],
+                responses=ERRORS, summary="Remove a snapshot's block device")
+    async def detach_snapshot(name: VolumeName, snap: SnapName, force: bool = False
+                              ) -> dict[str, Any]:
+        await call(ctx.catalog.get, name, snap, True)
+        await trio.to_thread.run_sync(lambda: ctx.exports.detach(f"{name}@{snap}", force=force))
+        return {"detached": f"{name}@{snap}"}
 
     @app.get("/api/v1/volumes/{name}/diff", tags=["snapshots"], responses=ERRORS,
              summary="Changed block ranges between two snapshots (or a snapshot and the volume)")
@@ -764,7 +832,7 @@ def build_app(ctx: Context) -> FastAPI:
     async def attach(name: VolumeName) -> dict[str, Any]:
         async with ctx.serving(name):
             vol = ctx.ready_volume(name)
-            await trio.to_thread.run_sync(lambda: ctx.exports.attach(name))
+            await trio.to_thread.run_sync(lambda: ctx.exports.attach(name, readonly=vol.readonly))
         return ctx.describe(vol)
 
     @app.delete("/api/v1/volumes/{name}/attach", tags=["exports"], responses=ERRORS,

@@ -192,6 +192,21 @@ class Catalog:
         self.engine.flush()
         return s
 
+    def eradicate(self, vol_name: str, snap: str) -> None:
+        """Free a destroyed snapshot now (an operator's choice, not after the grace
+        period). A locked snapshot cannot have been destroyed; it is refused first,
+        saying until when, so that the answer is the lock and not "delete it first"."""
+        s = self.get(vol_name, snap, destroyed=True)
+        if self._locked(s):
+            raise Conflict(f"snapshot {vol_name}@{snap} is locked until "
+                           f"{datetime.fromtimestamp(s.lock_until, UTC).isoformat()}",
+                           "a retention lock cannot be removed or overridden, not even with --force")
+        if not s.destroyed_ns:
+            raise Conflict(f"snapshot {vol_name}@{snap} is not destroyed",
+                           f"delete it first: pstorage snapshot delete {vol_name}@{snap}")
+        self._eradicate_snapshot(s)
+        self.engine.flush()
+
     def _eradicate_snapshot(self, s: Snapshot) -> None:
         vol = self.engine.by_id.get(s.vol_id)
         if vol is not None:  # checked before anything changes

@@ -11,9 +11,14 @@ import tempfile
 import time
 
 from pstoraged.client import Client
-from pstoraged.errors import DaemonUnavailable
+from pstoraged.errors import DaemonUnavailable, PStorageError
 
 from .conftest import make_pool
+
+
+class Starting(PStorageError):
+    """/healthz said 503 "starting": the control socket is up, the rest not yet
+    (e.g. the FUSE front end is being mounted)."""
 
 
 class Daemon:
@@ -40,9 +45,13 @@ class Daemon:
         deadline = time.monotonic() + 20
         while True:
             try:
-                self.client.get("/healthz")
+                status, _, body = self.client.raw("GET", "/healthz")
+                if status == 503 and b'"starting"' in body:
+                    raise Starting("starting")
+                if status != 200:
+                    raise RuntimeError(f"pstoraged is unhealthy: {body!r}\n" + self.log())
                 return
-            except DaemonUnavailable:
+            except (DaemonUnavailable, Starting):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("pstoraged did not start:\n" + self.log()) from None
                 time.sleep(0.05)
