@@ -268,6 +268,10 @@ class ExportManager:
             elif tcp and (tcp != st.tcp or allow != st.allow or bool(tls_opts) != bool(st.tls)):
                 raise Conflict(f"{name} is already served on TCP {st.tcp} with other settings",
                                "unexport it first")
+            if st.by_attach and not by_attach:
+                # explicitly exported now: detach leaves it running, also after a restart
+                st.by_attach = False
+                self._save(st)
             return st
         vdir = self._vdir(name)
         os.makedirs(vdir, exist_ok=True)

@@ -545,9 +545,14 @@ def build_app(ctx: Context) -> FastAPI:
                                "unexport it first, or pass force")
         await call(ctx.engine.resize_volume, name, size, req.shrink, flush=True)
         log.info("volume %s resized to %d bytes", name, size)
-        if ctx.fuse is not None:
-            ctx.fuse.invalidate(vol.id)  # the FUSE file's cached size
         notices = []
+        if ctx.fuse is not None:
+            try:
+                ctx.fuse.invalidate(vol.id)  # the FUSE file's cached size
+            except OSError as e:  # the resize itself is done and durable: say so, not 500
+                log.warning("volume %s: dropping the FUSE file's cached size failed: %s", name, e)
+                notices.append(f"the kernel may still see the old size of the FUSE file ({e}); "
+                               "detach and attach the volume to see the new one")
         if ex and ex.device and size > old:
             note = await trio.to_thread.run_sync(ctx.exports.grow_device, name, size)
             if note:
@@ -813,11 +818,9 @@ def build_app(ctx: Context) -> FastAPI:
         req = req or ExportRequest(tcp=None, tls_psk_file=None, tls_certificates=None, allow=None)
         async with ctx.serving(name):
             vol = ctx.ready_volume(name)
-            st = await trio.to_thread.run_sync(lambda: ctx.exports.export(
+            await trio.to_thread.run_sync(lambda: ctx.exports.export(
                 name, readonly=req.readonly or vol.readonly, tcp=req.tcp,
                 tls_psk=req.tls_psk_file, tls_certificates=req.tls_certificates, allow=req.allow))
-        if st.by_attach:
-            st.by_attach = False  # explicitly exported now: detach leaves it running
         return ctx.describe(vol)
 
     @app.delete("/api/v1/volumes/{name}/export", tags=["exports"], responses=ERRORS,

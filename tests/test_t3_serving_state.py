@@ -153,3 +153,19 @@ def test_eradicating_a_snapshot_gives_its_space_back(daemon):
     while stored() > before - 8 * MiB and time.monotonic() < deadline:
         time.sleep(0.1)
     assert stored() <= before - 8 * MiB
+
+
+def test_an_export_made_after_attach_outlives_detach_across_a_restart(daemon):
+    """Exporting an attached volume makes the export the user's: detach, even by
+    a later daemon that read the export state back, leaves it serving."""
+    d = daemon
+    d.cli("volume", "create", "x", "--size", "64M")
+    d.cli("attach", "x")
+    uri = d.cli("export", "x").stdout.strip()
+    d.stop()
+    d.start()
+    d.cli("detach", "x")
+    v = show(d, "x")
+    assert (v["exported"], v["attached"]) == (True, False)
+    assert nbd_size(uri) == 64 * MiB
+    d.cli("unexport", "x")
