@@ -69,7 +69,11 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("demo: run as root (it attaches a block device and mounts it)")
 
-    os.makedirs(args.pool_dir, exist_ok=True)
+    os.makedirs(args.pool_dir, mode=0o700, exist_ok=True)
+    # the demo's own (maybe made by an older version): pstoraged refuses them open to others
+    os.chmod(args.pool_dir, 0o700)
+    if os.path.exists(os.path.join(args.pool_dir, "pool.img")):
+        os.chmod(os.path.join(args.pool_dir, "pool.img"), 0o600)
     log_path = os.path.join(args.pool_dir, "pstoraged.log")
     print(f"starting pstoraged (pool in {args.pool_dir}, log {log_path})")
     logf = open(log_path, "ab")
