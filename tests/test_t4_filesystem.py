@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pstoraged.exports import dev_dir
+
 from .daemon_util import Daemon
 
 pytestmark = [
@@ -29,7 +31,7 @@ def attach(d: Daemon, name: str) -> str:
     dev = d.cli("attach", name).stdout.strip()
     assert dev.startswith("/dev/"), dev
     # the stable name points at it
-    assert os.path.realpath(f"/dev/pstorage/{name}") == os.path.realpath(dev)
+    assert os.path.realpath(os.path.join(dev_dir(), name)) == os.path.realpath(dev)
     return dev
 
 
@@ -119,7 +121,7 @@ def test_detach_refused_while_mounted(fs_daemon):
     assert p.returncode != 0 and "--force" in p.stderr
     umount(mnt)
     fs_daemon.cli("detach", "m")
-    assert not os.path.lexists("/dev/pstorage/m")
+    assert not os.path.lexists(os.path.join(dev_dir(), "m"))
 
 
 def test_mounted_volume_survives_daemon_restart_under_writes(fs_daemon):
