@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import dev_dir
 from .errors import Conflict, InvalidArgument, NotFound, PStorageError
 
 log = logging.getLogger(__name__)
@@ -466,10 +467,6 @@ class ExportManager:
             _wait_exit(st.fuse_pid, 10)
         st.device = st.method = st.fuse_dir = None
         st.fuse_pid = 0
-
-
-def dev_dir() -> str:
-    return os.environ.get("PSTORAGE_DEV_DIR", "/dev/pstorage")
 
 
 def _link(name: str, device: str | None) -> str | None:
