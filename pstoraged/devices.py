@@ -127,9 +127,10 @@ def _pstorage_volume(name: str | None, real: str) -> str | None:
     backing = _read(f"{SYS_BLOCK}/{name}/loop/backing_file")
     if backing:  # decided by the backing file: a stale /dev/pstorage link must not count
         return _volume_behind(backing.removesuffix(" (deleted)"))
-    pid = _read(f"{SYS_BLOCK}/{name}/pid")  # a connected nbd device: nbd-client on our socket?
-    if not pid:
+    if not name.startswith("nbd"):
         return None
+    # a connected nbd device: nbd-client (ioctl mode: its pid) on one of our export sockets
+    pid = _read(f"{SYS_BLOCK}/{name}/pid")
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().decode(errors="replace").split("\0")
@@ -137,7 +138,7 @@ def _pstorage_volume(name: str | None, real: str) -> str | None:
         argv = []
     if any(re.search(r"/exports/[^/]+/nbd\.sock$", a) for a in argv) and "-N" in argv[:-1]:
         return argv[argv.index("-N") + 1]
-    try:  # or the stable name attach gave it
+    try:  # or (netlink mode: no process) the stable name attach gave it
         for link in os.listdir(dev_dir()):
             if os.path.realpath(os.path.join(dev_dir(), link)) == real:
                 return link
