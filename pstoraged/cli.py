@@ -74,10 +74,8 @@ def cmd_devices(args: argparse.Namespace) -> None:
     devs = list_candidates()
 
     def state(d) -> str:  # type: ignore[no-untyped-def]
-        if d.mounted_at:
-            return "in use: mounted " + ",".join(d.mounted_at)
-        if d.holders:
-            return "in use: held by " + ",".join(d.holders)
+        if d.in_use:  # 'pool create' refuses these, even with --force
+            return "in use: " + "; ".join(d.in_use)
         if d.signatures:
             return "has data: " + ",".join(d.signatures)
         return "free"

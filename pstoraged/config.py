@@ -35,6 +35,12 @@ from .errors import InvalidArgument, NotFound
 DEFAULT_PATH = "/etc/pstorage/pstoraged.toml"
 DEFAULT_POOL_DIR = "/var/lib/pstorage"
 DEFAULT_RUN_DIR = "/run/pstorage"
+DEFAULT_DEV_DIR = "/dev/pstorage"
+
+
+def dev_dir() -> str:
+    """Where attached volumes get their stable names, /dev/pstorage/NAME."""
+    return os.environ.get("PSTORAGE_DEV_DIR", DEFAULT_DEV_DIR)
 TLS_MODES = ("off", "on", "require")
 DOCS = "docs/config.md"
 

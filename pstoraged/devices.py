@@ -8,6 +8,8 @@ checks.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import fcntl
 import logging
 import mmap
@@ -19,6 +21,7 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
+from .config import dev_dir
 from .errors import Conflict, InvalidArgument
 
 try:
@@ -69,6 +72,9 @@ class DeviceInfo:
     mounted_at: tuple[str, ...]  # mount points of it, its partitions and holders; SWAP_MARK
     holders: tuple[str, ...]  # dm/md/... on it or its partitions; for a file: its loop devices
     partitions: tuple[str, ...]
+    pstorage_volume: str | None = None  # it is this PStorage volume (attached by pstoraged)
+    busy: tuple[str, ...] = ()  # open by others: a pool's lock, an exclusive open
+    in_use: tuple[str, ...] = ()  # every reason above, as `pstorage devices` shows them; () = free
 
 
 def _read(path: str, default: str | None = None) -> str | None:
@@ -88,6 +94,103 @@ def _ls(path: str) -> list[str]:
 
 def _unescape(s: str) -> str:  # mountinfo and /proc/swaps octal-escape spaces etc.
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), s)
+
+
+def _fstype(path: str) -> str:
+    """The file system type of the mount holding `path` (by name: works on a dead FUSE mount)."""
+    best, fstype = "", ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mnt = _unescape(left.split()[4])
+            inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
+            if inside and len(mnt) >= len(best):
+                best, fstype = mnt, (right.split() or [""])[0]
+    return fstype
+
+
+def _volume_behind(path: str) -> str | None:
+    """The PStorage volume a file is, if it is one: a file in the daemon's FUSE
+    mount, or nbdfuse's RUN/exports/NAME/fuse/NAME (exports.py)."""
+    if _fstype(path) == "fuse.pstorage":
+        return os.path.basename(path)
+    m = re.fullmatch(r"(.*/exports/([^/]+))/fuse/\2", path)
+    if m and os.path.exists(os.path.join(m[1], "state.json")):
+        return m[2]
+    return None
+
+
+def _pstorage_volume(name: str | None, real: str) -> str | None:
+    """Is this one of PStorage's own devices (an attached volume)? Its name if so."""
+    if name is None:  # a regular file
+        return _volume_behind(real)
+    backing = _read(f"{SYS_BLOCK}/{name}/loop/backing_file")
+    if backing:  # decided by the backing file: a stale /dev/pstorage link must not count
+        return _volume_behind(backing.removesuffix(" (deleted)"))
+    if not name.startswith("nbd"):
+        return None
+    # a connected nbd device: nbd-client (ioctl mode: its pid) on one of our export sockets
+    pid = _read(f"{SYS_BLOCK}/{name}/pid")
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        argv = []
+    if any(re.search(r"/exports/[^/]+/nbd\.sock$", a) for a in argv) and "-N" in argv[:-1]:
+        return argv[argv.index("-N") + 1]
+    try:  # or (netlink mode: no process) the stable name attach gave it
+        for link in os.listdir(dev_dir()):
+            if os.path.realpath(os.path.join(dev_dir(), link)) == real:
+                return link
+    except OSError:
+        pass
+    return None
+
+
+def _lockers(st: os.stat_result) -> list[str]:
+    """Processes holding a flock() write lock on this inode (/proc/locks; a
+    running pstoraged holds one on its pool device)."""
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    out = []
+    for line in (_read("/proc/locks") or "").splitlines():
+        f = line.split()
+        if len(f) < 6 or f[1] != "FLOCK" or f[3] != "WRITE":
+            continue
+        try:
+            major, minor, ino = f[5].split(":")
+            if (int(major, 16), int(minor, 16), int(ino)) != want:
+                continue
+        except ValueError:
+            continue
+        cmd = (_read(f"/proc/{f[4]}/cmdline") or "").replace("\0", " ")
+        out.append(f"the pool device of pstoraged (pid {f[4]})" if "pstoraged" in cmd
+                   else f"locked by pid {f[4]} ({_read(f'/proc/{f[4]}/comm') or '?'})")
+    return out
+
+
+def _open_exclusively(path: str) -> bool:
+    """Has another program the block device open with O_EXCL (mkfs, LVM, a
+    kernel user)? Our own O_EXCL open fails with EBUSY then."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC | os.O_NONBLOCK))
+    except OSError as e:
+        return e.errno == errno.EBUSY
+    return False
+
+
+def _reasons(info: DeviceInfo) -> tuple[str, ...]:
+    out = []
+    if info.pstorage_volume:
+        out.append(f"PStorage volume {info.pstorage_volume}")
+    if SWAP_MARK in info.mounted_at:
+        out.append("active swap")
+    mounts = [m for m in info.mounted_at if m != SWAP_MARK]
+    if mounts:
+        out.append("mounted at " + ",".join(mounts))
+    if info.holders:
+        out.append(("backing file of " if info.kind == "file" else "held by ")
+                   + ",".join(info.holders))
+    return (*out, *info.busy)
 
 
 def _stacked(names: list[str]) -> list[str]:
@@ -208,9 +311,11 @@ def describe(path: str, *, lenient: bool = False) -> DeviceInfo:
         # a loop device backed by this file is using it just like a mount would
         loops = [n for n in _ls(SYS_BLOCK)
                  if (_read(f"{SYS_BLOCK}/{n}/loop/backing_file") or "").removesuffix(" (deleted)") == real]
-        return DeviceInfo(path, "file", st.st_size, 4096, st.st_blksize or 4096, None, None, None,
+        info = DeviceInfo(path, "file", st.st_size, 4096, st.st_blksize or 4096, None, None, None,
                           False, False, _signatures(path),
-                          _mounted({real}, loops + _stacked(loops)), tuple(loops), ())
+                          _mounted({real}, loops + _stacked(loops)), tuple(loops), (),
+                          _pstorage_volume(None, real), tuple(_lockers(st)))
+        return dataclasses.replace(info, in_use=_reasons(info))
     if not stat.S_ISBLK(st.st_mode):
         raise DeviceError(f"{path} is neither a block device nor a regular file")
     sysdir = os.path.realpath(f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}")
@@ -221,15 +326,20 @@ def describe(path: str, *, lenient: bool = False) -> DeviceInfo:
     holders = tuple(dict.fromkeys(h for n in (name, *parts) for h in _ls(f"{SYS_BLOCK}/{n}/holders")))
     model, serial = _identity(path, diskdir)
     rot = _read(f"{diskdir}/queue/rotational")
-    return DeviceInfo(
+    mounted_at = _mounted({real}, [name, *parts, *_stacked([name, *parts])])
+    busy = _lockers(st)
+    if not (mounted_at or holders or busy) and _open_exclusively(path):  # those hold it O_EXCL too
+        busy.append("open exclusively by another program")
+    info = DeviceInfo(
         path=path, kind="block", size_bytes=_size(path, sysdir),
         logical_block_size=int(_read(f"{diskdir}/queue/logical_block_size", "512") or 512),
         physical_block_size=int(_read(f"{diskdir}/queue/physical_block_size", "512") or 512),
         rotational=None if rot is None else rot == "1", model=model, serial=serial,
         is_nvme=name.startswith("nvme"), is_loop=name.startswith("loop"),
         signatures=_lenient_signatures(path) if lenient else _signatures(path),
-        mounted_at=_mounted({real}, [name, *parts, *_stacked([name, *parts])]),
-        holders=holders, partitions=parts)
+        mounted_at=mounted_at, holders=holders, partitions=parts,
+        pstorage_volume=_pstorage_volume(name, real), busy=tuple(busy))
+    return dataclasses.replace(info, in_use=_reasons(info))
 
 
 _WHAT = {"gpt": "a GPT partition table", "dos": "an MBR partition table", "swap": "a swap area",
@@ -241,6 +351,9 @@ _WHAT = {"gpt": "a GPT partition table", "dos": "an MBR partition table", "swap"
 def vet(info: DeviceInfo, force: bool) -> None:
     """Refuse a device in use (always) or holding data (unless force)."""
     p = info.path
+    if info.pstorage_volume:
+        raise DeviceInUse(f"{p} is PStorage volume {info.pstorage_volume} itself: a pool on it "
+                          "would store PStorage inside PStorage (--force does not override this)")
     if SWAP_MARK in info.mounted_at:
         raise DeviceInUse(f"{p} (or a device on it) is active swap; run swapoff first "
                           "(--force does not override this)")
@@ -253,6 +366,9 @@ def vet(info: DeviceInfo, force: bool) -> None:
     if info.holders:
         raise DeviceInUse(f"{p} is in use by {', '.join(info.holders)} (device-mapper, md RAID, ...); "
                           "remove those first (--force does not override this)")
+    if info.busy:
+        raise DeviceInUse(f"{p} is in use: {'; '.join(info.busy)}; stop that first "
+                          "(--force does not override this)")
     if force:
         return
     if info.signatures:

@@ -121,3 +121,9 @@ class Unauthorized(PStorageError):
     status = 401
     exit_code = 10
     code = "unauthorized"
+
+
+class InsecurePermissions(InvalidArgument):
+    """A pool file or directory that other users could read (or write)."""
+
+    code = "insecure_permissions"

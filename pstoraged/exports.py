@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .config import dev_dir
 from .errors import Conflict, InvalidArgument, NotFound, PStorageError
 
 log = logging.getLogger(__name__)
@@ -521,10 +522,6 @@ def device_size(dev: str | None) -> int | None:
         return int(Path(f"/sys/class/block/{os.path.basename(dev)}/size").read_text()) * 512
     except (OSError, ValueError):
         return None
-
-
-def dev_dir() -> str:
-    return os.environ.get("PSTORAGE_DEV_DIR", "/dev/pstorage")
 
 
 def _link(name: str, device: str | None) -> str | None:

@@ -23,12 +23,13 @@ DEFAULT_MAP_SIZE = 1 << 40  # address space only; the file grows as needed
 
 class MetaStore:
     def __init__(self, path: str, map_size: int = DEFAULT_MAP_SIZE) -> None:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path, mode=0o700, exist_ok=True)
         # sync and metasync stay on: a commit returns only once its pages and
         # its meta page are on stable storage.
         self.env = lmdb.open(
             path, map_size=map_size, max_dbs=16, subdir=True, sync=True,
             metasync=True, writemap=False, readahead=False, meminit=False,
+            mode=0o600,  # the maps and fingerprints: the owner's alone, whatever the umask
         )
         self.l2p = self.env.open_db(b"l2p")
         self.chunks = self.env.open_db(b"chunks")

@@ -11,12 +11,13 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
 
 from .backing import Backing
-from .errors import CorruptData, FormatError, InvalidArgument, PoolLocked
+from .errors import CorruptData, FormatError, InsecurePermissions, InvalidArgument, PoolLocked
 from .format import (
     DATA_OFFSET,
     DEFAULT_SEGMENT_SIZE,
@@ -47,6 +48,28 @@ class Pool:
         os.close(self.lock_fd)
 
 
+def check_private(path: str) -> None:
+    """Refuse a pool directory or pool file that users other than its owner can
+    use: the pool file holds every volume's data, the metadata maps them.
+    Device nodes are left alone: 0660 root:disk is how udev makes them."""
+    st = os.stat(path)
+    if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)) or not st.st_mode & 0o077:
+        return
+    what, fix = ("pool directory", "700") if stat.S_ISDIR(st.st_mode) else ("pool file", "600")
+    raise InsecurePermissions(
+        f"{what} {path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o}): "
+        "they could read every volume's data", f"run `chmod {fix} {path}`")
+
+
+def _private_dir(directory: str) -> None:
+    """Create the pool directory owner-only, whatever the umask. An existing
+    empty one is tightened; one that already holds files must be private."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if not os.listdir(directory):
+        os.chmod(directory, 0o700)
+    check_private(directory)
+
+
 def _lock_dir(directory: str) -> int:
     fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -74,7 +97,7 @@ def create_pool(
         raise InvalidArgument(
             f"segment size {segment_size} must be a multiple of 64 KiB between 64 KiB and 1 GiB"
         )
-    os.makedirs(directory, exist_ok=True)
+    _private_dir(directory)
     if os.path.exists(os.path.join(directory, POOL_FILE)) and not force:
         raise InvalidArgument(
             f"{directory} already holds a pool", "pass --force to replace it (its data is lost)"
@@ -82,11 +105,16 @@ def create_pool(
     lock_fd = _lock_dir(directory)
     try:
         if file_size is not None and not os.path.exists(device):
-            with open(device, "wb") as f:
-                f.truncate(file_size)
+            fd = os.open(device, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, file_size)
+            finally:
+                os.close(fd)
         from .devices import describe, vet  # pyudev is only needed here
 
         vet(describe(device), force=force)
+        if stat.S_ISREG(os.stat(device).st_mode):  # its old contents are gone from here on
+            os.chmod(device, 0o600)
         backing = Backing(device)
         try:
             count = (backing.size - DATA_OFFSET) // segment_size
@@ -116,7 +144,8 @@ def create_pool(
             backing.close()
         info = {"uuid": sb.uuid.hex(), "device": os.path.abspath(device), "created_ns": sb.created_ns}
         tmp = os.path.join(directory, POOL_FILE + ".tmp")
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
+                  "w") as f:
             json.dump(info, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
@@ -151,6 +180,9 @@ def open_pool(directory: str) -> Pool:
         raise InvalidArgument(
             f"no pool in {directory}", "create one with 'pstorage pool create'"
         ) from None
+    check_private(directory)
+    if os.path.exists(info["device"]):  # a missing one: Backing says so
+        check_private(info["device"])
     lock_fd = _lock_dir(directory)
     try:
         backing = Backing(info["device"])

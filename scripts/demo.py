@@ -41,6 +41,8 @@ def pstorage(args: argparse.Namespace, *cmd: str) -> str:
 def sample_data(root: str) -> None:
     """Realistic mix: documentation text, a duplicated tree, zeros, random data."""
     docs = os.path.join(root, "docs")
+    for old in (docs, os.path.join(root, "docs-copy")):  # an earlier run's: copytree
+        shutil.rmtree(old, ignore_errors=True)            # cannot copy over its symlinks
     if os.path.isdir("/usr/share/doc"):
         shutil.copytree("/usr/share/doc", docs, symlinks=True, dirs_exist_ok=True,
                         ignore_dangling_symlinks=True)
@@ -69,25 +71,32 @@ def main() -> int:
     if os.geteuid() != 0:
         raise SystemExit("demo: run as root (it attaches a block device and mounts it)")
 
-    os.makedirs(args.pool_dir, exist_ok=True)
+    os.makedirs(args.pool_dir, mode=0o700, exist_ok=True)
+    # the demo's own (maybe made by an older version): pstoraged refuses them open to others
+    os.chmod(args.pool_dir, 0o700)
+    if os.path.exists(os.path.join(args.pool_dir, "pool.img")):
+        os.chmod(os.path.join(args.pool_dir, "pool.img"), 0o600)
+    made_run_dir = not os.path.exists(args.run_dir)
     log_path = os.path.join(args.pool_dir, "pstoraged.log")
     print(f"starting pstoraged (pool in {args.pool_dir}, log {log_path})")
-    logf = open(log_path, "ab")
-    daemon = subprocess.Popen(
-        [os.path.join(VENV_BIN, "pstoraged"), "--pool-dir", args.pool_dir, "--run-dir", args.run_dir,
-         "--init", "--device", os.path.join(args.pool_dir, "pool.img"), "--size", args.pool_size],
-        stdout=logf, stderr=logf, start_new_session=True)  # Ctrl-C is ours to handle
-    client = Client(args.control)
-    for _ in range(200):
-        try:
-            client.get("/healthz")
-            break
-        except DaemonUnavailable:
-            if daemon.poll() is not None:
-                raise SystemExit(f"pstoraged exited; see {log_path}") from None
-            time.sleep(0.1)
-    mounted = False
+    with open(log_path, "ab") as logf:
+        daemon = subprocess.Popen(
+            [os.path.join(VENV_BIN, "pstoraged"), "--pool-dir", args.pool_dir,
+             "--run-dir", args.run_dir, "--init", "--device", os.path.join(args.pool_dir, "pool.img"),
+             "--size", args.pool_size],
+            stdout=logf, stderr=logf, start_new_session=True)  # Ctrl-C is ours to handle
+    mounted = made_mount = False
+    # Everything from here on is undone in `finally`, whenever Ctrl-C comes.
     try:
+        client = Client(args.control)
+        for _ in range(200):
+            try:
+                client.get("/healthz")
+                break
+            except DaemonUnavailable:
+                if daemon.poll() is not None:
+                    raise SystemExit(f"pstoraged exited; see {log_path}") from None
+                time.sleep(0.1)
         try:
             client.get(f"/api/v1/volumes/{args.volume}")
         except NotFound:
@@ -97,7 +106,9 @@ def main() -> int:
         print(f"volume {args.volume}: NBD {uri}\n                block device {dev}")
         if run("blkid", "-p", dev, check=False, quiet=True).returncode != 0:
             run("mkfs.ext4", "-q", "-L", args.volume, dev)
-        os.makedirs(args.mount, exist_ok=True)
+        if not os.path.isdir(args.mount):
+            os.makedirs(args.mount)
+            made_mount = True
         run("mount", dev, args.mount)
         mounted = True
         print("writing sample data ...", flush=True)
@@ -111,19 +122,28 @@ def main() -> int:
         if not args.no_wait:
             print(f"\nserving {dev} mounted on {args.mount}; NBD clients can use {uri}")
             print("press Ctrl-C to unmount, detach and stop")
-            try:
-                signal.pause()
-            except KeyboardInterrupt:
-                print()
+            signal.pause()
+    except KeyboardInterrupt:
+        print()
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # finish cleaning up
+        print("cleaning up ...", flush=True)
         if mounted:
             run("umount", args.mount, check=False)
+        if made_mount:
+            try:
+                os.rmdir(args.mount)
+            except OSError:
+                pass
         subprocess.run([os.path.join(VENV_BIN, "pstorage"), "--socket", args.control,
                         "unexport", args.volume, "--force"], capture_output=True)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
-        print("unmounted, detached, pstoraged stopped cleanly")
+        exports = os.path.join(args.run_dir, "exports")
+        if made_run_dir and not (os.path.isdir(exports) and os.listdir(exports)):
+            shutil.rmtree(args.run_dir, ignore_errors=True)  # only stale sockets are left
+        print(f"unmounted, detached, pstoraged stopped cleanly; the pool stays in {args.pool_dir}"
+              " for the next run (remove that directory to start afresh)")
     return 0
 
 

@@ -28,6 +28,46 @@ def crash(engine: Engine) -> None:
     os.close(engine.pool.lock_fd)
 
 
+# A real installation's state: tests make their own directories and none may
+# touch these. (/dev/pstorage is not watched: any pstoraged on the machine may
+# change it; the run points PSTORAGE_DEV_DIR at a directory of its own.)
+HOST_STATE = ("/var/lib/pstorage", "/run/pstorage", "/etc/pstorage")
+
+
+def _host_state() -> dict[str, object]:
+    """Cheap fingerprint: each path's and its entries' mtimes (a write, create,
+    delete or rename inside changes one)."""
+    out: dict[str, object] = {}
+    for path in HOST_STATE:
+        try:
+            names = sorted(os.listdir(path))
+            out[path] = (os.stat(path).st_mtime_ns,
+                         [(n, os.lstat(os.path.join(path, n)).st_mtime_ns) for n in names])
+        except FileNotFoundError:
+            out[path] = None
+        except OSError as e:
+            out[path] = str(e)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic(tmp_path_factory):
+    """Attached volumes get their stable names in a directory of the run's own, and
+    the run fails if anything touched the host's pool, run or config directories."""
+    before = _host_state()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PSTORAGE_DEV_DIR", str(tmp_path_factory.mktemp("devlinks")))
+        mp.delenv("PSTORAGE_CONTROL", raising=False)  # a stray one would reach a real daemon
+        yield
+    after = _host_state()
+    changed = [p for p in HOST_STATE if before[p] != after[p]]
+    if changed:
+        pytest.fail(f"the test run changed {', '.join(changed)}: tests must use their own "
+                    "directories (or did a pstoraged on this machine change it meanwhile?)"
+                    f"\nbefore: {[before[p] for p in changed]}\n"
+                    f"after: {[after[p] for p in changed]}", pytrace=False)
+
+
 @pytest.fixture
 def pool_dir(tmp_path):
     return make_pool(str(tmp_path))

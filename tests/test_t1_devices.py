@@ -203,6 +203,12 @@ def test_vet_in_use_messages() -> None:
                 devices.vet(info, force=force)
     with pytest.raises(DeviceHasData, match="has partitions sdz1; pass --force"):
         devices.vet(dataclasses.replace(base, partitions=("sdz1",)), force=False)
+    for change, msg in [({"pstorage_volume": "db"}, "PStorage volume db itself"),
+                        ({"busy": ("open exclusively by another program",)},
+                         "in use: open exclusively by another program; stop that first")]:
+        for force in (False, True):
+            with pytest.raises(DeviceInUse, match=msg):
+                devices.vet(dataclasses.replace(base, **change), force=force)
 
 
 # --- loop devices ---------------------------------------------------------------------------
@@ -314,3 +320,34 @@ def test_devices_command_lists_status(loop_factory) -> None:
                            capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in table.splitlines() if ln.startswith(used + " "))
     assert "has data: ext4" in line and "64.0 MiB" in line
+
+
+@needs_loop
+def test_a_plain_loop_device_is_free_until_someone_holds_it(loop_factory, tmp_path) -> None:
+    """Free: offered, and no in-use reason. Then held with O_EXCL (as mkfs, LVM
+    or a kernel user hold it), then as a pool's device: in use, with the reason."""
+    from pstoraged.pool import create_pool, open_pool
+
+    dev, _img = loop_factory()
+    info = devices.describe(dev)
+    assert info.in_use == () and info.pstorage_volume is None and info.busy == ()
+    fd = os.open(dev, os.O_RDONLY | os.O_EXCL)
+    try:
+        info = devices.describe(dev)
+        assert info.in_use == ("open exclusively by another program",)
+        with pytest.raises(DeviceInUse, match="open exclusively"):
+            devices.vet(info, force=True)
+    finally:
+        os.close(fd)
+    assert devices.describe(dev).in_use == ()
+
+    create_pool(str(tmp_path / "pool"), dev, segment_size=1 << 20)
+    pool = open_pool(str(tmp_path / "pool"))  # flock()s the device, as pstoraged does
+    try:
+        info = devices.describe(dev)
+        assert info.busy == (f"locked by pid {os.getpid()} ({Path('/proc/self/comm').read_text().strip()})",)
+        with pytest.raises(DeviceInUse, match=f"locked by pid {os.getpid()}"):
+            devices.vet(info, force=True)
+    finally:
+        pool.close()
+    assert devices.describe(dev).in_use == ()

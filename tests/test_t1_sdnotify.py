@@ -311,7 +311,8 @@ def test_daemon_notifies_ready_and_stopping(notify_socket):
     env["NOTIFY_SOCKET"] = path
     with open(os.path.join(base, "daemon.log"), "wb") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "pstoraged.daemon", "--pool-dir", pool,
-                                 "--run-dir", run], env=env, stdout=logf, stderr=logf)
+                                 "--run-dir", run, "--config", "/dev/null"],  # not the host's
+                                env=env, stdout=logf, stderr=logf)
     try:
         before: list[str] = []
         ready_seen = None  # (control accepts, data socket exists) when READY=1 arrived

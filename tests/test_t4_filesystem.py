@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pstoraged.config import dev_dir
+
 from .daemon_util import Daemon
 
 pytestmark = [
@@ -29,7 +31,7 @@ def attach(d: Daemon, name: str) -> str:
     dev = d.cli("attach", name).stdout.strip()
     assert dev.startswith("/dev/"), dev
     # the stable name points at it
-    assert os.path.realpath(f"/dev/pstorage/{name}") == os.path.realpath(dev)
+    assert os.path.realpath(os.path.join(dev_dir(), name)) == os.path.realpath(dev)
     return dev
 
 
@@ -121,7 +123,7 @@ def test_detach_refused_while_mounted(fs_daemon):
     assert p.returncode != 0 and "--force" in p.stderr
     umount(mnt)
     fs_daemon.cli("detach", "m")
-    assert not os.path.lexists("/dev/pstorage/m")
+    assert not os.path.lexists(os.path.join(dev_dir(), "m"))
 
 
 def test_mounted_volume_survives_daemon_restart_under_writes(fs_daemon):
@@ -239,3 +241,68 @@ def test_attach_through_the_daemons_fuse_front_end(tmp_path):
     finally:
         subprocess.run(["umount", "-l", mnt], capture_output=True)
         remove(d)
+
+
+def _devices_cli(*args: str) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pstoraged.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_attached_volumes_are_never_offered_as_backing_devices(daemon, tmp_path, monkeypatch):
+    """A volume's own loop device (over nbdfuse, or over the daemon's FUSE file)
+    is PStorage itself: `pstorage devices` says so, `pool create` refuses it even
+    with --force; so are the FUSE file and a running daemon's pool file."""
+    import json
+
+    from pstoraged import devices
+
+    from .daemon_util import new_daemon, remove
+
+    fused = new_daemon(size=2 << 30)
+    plain_img = tmp_path / "plain.img"
+    with open(plain_img, "wb") as f:
+        f.truncate(64 << 20)
+    plain = subprocess.run(["losetup", "-f", "--show", str(plain_img)], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    try:
+        conf = tmp_path / "pstoraged.toml"
+        conf.write_text(f'[fuse]\nenabled = true\nmountpoint = "{fused.run_dir}/dev"\n')
+        fused.args = ["--config", str(conf)]
+        fused.start()
+        daemon.cli("volume", "create", "nb", "--size", "64M")
+        fused.cli("volume", "create", "ff", "--size", "64M")
+        ours = {attach(daemon, "nb"): "nb", attach(fused, "ff"): "ff"}  # nbdfuse+loop, fuse+loop
+
+        listed = {d["path"]: d for d in json.loads(_devices_cli("devices", "--json").stdout)}
+        table = _devices_cli("devices").stdout.splitlines()
+        for dev, name in ours.items():
+            assert listed[dev]["pstorage_volume"] == name, listed[dev]
+            assert f"PStorage volume {name}" in listed[dev]["in_use"]
+            line = next(ln for ln in table if ln.startswith(dev + " "))
+            assert f"in use: PStorage volume {name}" in line, line
+            p = _devices_cli("pool", "create", "--dir", str(tmp_path / f"p-{name}"),
+                             "--device", dev, "--force")
+            assert p.returncode != 0 and f"PStorage volume {name} itself" in p.stderr, p.stderr
+        assert listed[plain]["in_use"] == [] and listed[plain]["pstorage_volume"] is None
+        assert not os.path.exists(tmp_path / "p-nb" / "pool.json")
+
+        # found from the loop device's backing file, not from the stable names
+        monkeypatch.setenv("PSTORAGE_DEV_DIR", str(tmp_path / "no-links"))
+        for dev, name in ours.items():
+            assert devices.describe(dev).pstorage_volume == name
+        # the volume's file in the FUSE mount, and a running daemon's pool file
+        info = devices.describe(f"{fused.run_dir}/dev/ff")
+        assert info.pstorage_volume == "ff"
+        with pytest.raises(devices.DeviceInUse, match="PStorage volume ff itself"):
+            devices.vet(info, force=True)
+        info = devices.describe(os.path.join(daemon.pool_dir, "dev.img"))
+        assert info.busy == (f"the pool device of pstoraged (pid {daemon.proc.pid})",), info
+        with pytest.raises(devices.DeviceInUse, match="the pool device of pstoraged"):
+            devices.vet(info, force=True)
+        daemon.cli("detach", "nb")
+        fused.cli("detach", "ff")
+    finally:
+        subprocess.run(["losetup", "-d", plain], capture_output=True)
+        remove(fused)

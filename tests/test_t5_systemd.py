@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -56,6 +57,36 @@ enabled = true
 """
 
 
+# This machine's own PStorage state, which the overlay would otherwise show
+# (a pool from scripts/demo, an installed config, an administrator's drop-ins):
+# the container must start from none of it, and never reach the real files.
+ABSENT = ("var/lib/pstorage", "run/pstorage")  # whiteouts: as on a fresh machine
+EMPTY = ("etc/pstorage", "etc/systemd/system/pstoraged.service.d",  # opaque: the test fills them
+         "etc/systemd/system/pstorage-nbd@.service.d")
+
+
+def _upper_parents(up: Path, rel: str) -> None:
+    """Create rel's parents in the upper layer with the host's modes (a merged
+    directory takes its attributes from the upper one)."""
+    for i in range(1, len(Path(rel).parts)):
+        part = Path(*Path(rel).parts[:i])
+        if not (up / part).exists():
+            st = os.stat(Path("/") / part)
+            (up / part).mkdir()
+            os.chmod(up / part, st.st_mode & 0o7777)
+            os.chown(up / part, st.st_uid, st.st_gid)
+
+
+def hide_host_state(up: Path) -> None:
+    for rel in ABSENT:
+        _upper_parents(up, rel)
+        os.mknod(up / rel, 0o600 | stat.S_IFCHR, os.makedev(0, 0))  # overlayfs whiteout
+    for rel in EMPTY:
+        _upper_parents(up, rel)
+        (up / rel).mkdir()
+        os.setxattr(up / rel, "trusted.overlay.opaque", b"y")
+
+
 class Container:
     def __init__(self, base: Path) -> None:
         self.base = base
@@ -63,6 +94,7 @@ class Container:
         up = base / "up"
         for d in (self.root, up, base / "work"):
             d.mkdir()
+        hide_host_state(up)
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir=/,upperdir={up},workdir={base / 'work'}", str(self.root)],
                        check=True)
@@ -188,6 +220,38 @@ def container(tmp_path_factory):
     finally:
         c.close()
         shutil.rmtree(tempfile_dir, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting an overlay needs root")
+def test_the_container_sees_none_of_the_hosts_pstorage_state(tmp_path):
+    """What the container's overlay does to a host with PStorage installed and a
+    pool (here a decoy lower layer): hidden, and the host's files untouched."""
+    lower, up, work, merged = (tmp_path / n for n in ("lower", "up", "work", "merged"))
+    decoys = ["var/lib/pstorage/pool.json", "run/pstorage/control.sock",
+              "etc/pstorage/pstoraged.toml", "etc/pstorage/exports/keep.env",
+              "etc/systemd/system/pstoraged.service.d/admin.conf",
+              "etc/systemd/system/pstorage-nbd@.service.d/admin.conf"]
+    for rel in [*decoys, "etc/hostname", "var/lib/other/state"]:
+        (lower / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lower / rel).write_text("host\n")
+    for d in (up, work, merged):
+        d.mkdir()
+    hide_host_state(up)
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={up},workdir={work}", str(merged)], check=True)
+    try:
+        assert not (merged / "var/lib/pstorage").exists()
+        assert not (merged / "run/pstorage").exists()
+        for rel in EMPTY:
+            assert list((merged / rel).iterdir()) == [], rel
+        assert (merged / "etc/hostname").read_text() == "host\n"  # the rest is still the host's
+        assert (merged / "var/lib/other/state").exists()
+        (merged / "var/lib/pstorage").mkdir()  # what the test in the container then does
+        (merged / "var/lib/pstorage/pool.json").write_text("container\n")
+    finally:
+        subprocess.run(["umount", str(merged)], check=True)
+    for rel in decoys:
+        assert (lower / rel).read_text() == "host\n", rel
 
 
 def test_the_unit_under_systemd(container):
