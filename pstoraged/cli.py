@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -790,11 +792,19 @@ def main(argv: list[str] | None = None) -> int:
             args.local(args)
         else:
             args.fn(args, Client(args.socket))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except PStorageError as e:
         print(f"pstorage: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader left (`| head`): stop quietly as `cat` would, exit 128 + SIGPIPE.
+        # Python would flush stdout again at exit and fail; point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     return 0
 
 

@@ -11,6 +11,7 @@ reconnecting meanwhile. Their state is kept in RUN_DIR/exports/NAME/.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -186,6 +187,27 @@ def _allow_list(allow: list[str] | None) -> list[str]:
     return out
 
 
+def _check_port_free(tcp: str, addr: str, port: int) -> None:
+    """A port something else holds (another export, another program) is a
+    conflict for the caller to resolve, not a failure of nbdkit to report as 500."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return  # nbdkit says what is wrong with the address
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nbdkit does
+            try:
+                s.bind(sockaddr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise Conflict(f"TCP {tcp} is in use", "choose another port, or unexport "
+                                   "the volume served there") from None
+
+
 class ExportManager:
     """Owns RUN_DIR/exports; every method is blocking (run it in a thread)."""
 
@@ -305,6 +327,7 @@ class ExportManager:
         addr, _, port = tcp.rpartition(":")
         if not port.isdigit():
             raise InvalidArgument(f"bad TCP address {tcp!r}", "write it as ADDR:PORT, e.g. 127.0.0.1:10809")
+        _check_port_free(tcp, addr.strip("[]"), int(port))
         pidfile = os.path.join(self._vdir(st.name), "nbdkit-tcp.pid")
         serve = [*(["-r"] if st.readonly else []), *(tls_opts or []),
                  "python", plugin_path(), f"socket={self.data_socket}", f"export={st.name}"]

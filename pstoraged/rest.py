@@ -14,7 +14,7 @@ import html
 import logging
 import time
 import uuid as uuidlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -23,8 +23,10 @@ import trio
 from fastapi import Body, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from . import __version__
 from .cleaner import SegmentCleaner
@@ -46,8 +48,36 @@ Compression = Literal["lz4", "zstd", "none"]
 MaxAge = Annotated[float, Query(ge=0, le=86400, description=(
     "reuse a walk of the volumes' maps up to this many seconds old (0: walk now); a walk "
     "is always reused while nothing changed since"))]
-SizeValue = Annotated[int | str, Field(
-    description='bytes (4096) or with a binary suffix ("10G", "512M"); a multiple of 4096')]
+# The schema states every rule on a request's form and values, so one that
+# matches it is never refused as malformed (400/422); refusals that depend on
+# state (a volume's size, the clock, a lock already set) are 409. A size
+# string: a count of M/G/T/P, or of K in multiples of 4 (whole 4 KiB blocks).
+_K4 = r"(?:[48]|[13579][26]|[2468][048]|[1-9][0-9]*(?:[02468][048]|[13579][26]))"
+SIZE_PATTERN = rf"^(?:[1-9][0-9]*[MGTP]|{_K4}K)(?:i?B)?$"
+SizeValue = Annotated[
+    Annotated[int, Field(ge=BLOCK_SIZE, multiple_of=BLOCK_SIZE)]
+    | Annotated[str, Field(pattern=SIZE_PATTERN, max_length=32)],
+    Field(description='bytes, a multiple of 4096 (4096), or a count with a binary suffix '
+                      '("10G", "512M", "64K"); above 1 PiB is refused as too large (413)')]
+# size_gb is rounded down to whole blocks: anything below one block would be nothing
+MIN_SIZE_GB = BLOCK_SIZE / (1 << 30)
+# lock_until: a positive duration, a date or an ISO 8601 date-time
+LOCK_UNTIL_SCHEMA: dict[str, Any] = {"anyOf": [
+    {"type": "string", "pattern": r"^(?:[1-9][0-9]{0,4}(?:\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)[smhdw]$"},
+    {"type": "string", "format": "date"},
+    {"type": "string", "format": "date-time"},
+]}
+# horizons: 1-20 comma-separated day counts in (0, 3650]
+_HORIZON = (r"(?:(?:[1-9][0-9]{0,2}|[12][0-9]{3}|3[0-5][0-9]{2}|36[0-4][0-9])(?:\.[0-9]+)?"
+            r"|3650(?:\.0+)?|0\.[0-9]*[1-9][0-9]*)")
+HORIZONS_PATTERN = rf"^{_HORIZON}(?:,{_HORIZON}){{0,19}}$"
+
+# what to say when a value does not fit its field (the patterns are unreadable)
+FIELD_HINTS = {
+    "size": 'give bytes as a multiple of 4096, or a count with a suffix: "10G", "512M", "64K"',
+    "size_gb": f"give GiB from {MIN_SIZE_GB:.3g} (one 4 KiB block) to {MAX_VOLUME_SIZE >> 30}",
+    "horizons": "give 1-20 comma-separated day counts above 0 and at most 3650, e.g. 7,30,90",
+}
 
 
 # ---------------------------------------------------------------- request models
@@ -55,18 +85,52 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _invalid(message: str, hint: str) -> PydanticCustomError:
+    """A validation error that carries its hint to the 422 answer."""
+    return PydanticCustomError("invalid_value", message.replace("{", "(").replace("}", ")"),
+                               {"hint": hint})
+
+
+def _check_until(text: str) -> str:
+    try:
+        parse_until(text, 0.0)  # the form only: whether it is still ahead is checked on use
+    except InvalidArgument as e:
+        raise _invalid(e.message, e.hint) from None
+    return text
+
+
+LockUntil = Annotated[str, Field(max_length=64), AfterValidator(_check_until),
+                      WithJsonSchema({**LOCK_UNTIL_SCHEMA, "maxLength": 64})]
+
+
+def _not_null(field: str) -> dict[str, Any]:
+    return {"required": [field], "properties": {field: {"not": {"type": "null"}}}}
+
+
 class VolumeCreate(_Strict):
+    # the schema says "size or size_gb" too, not only the validator
+    model_config = ConfigDict(json_schema_extra={"anyOf": [_not_null("size"), _not_null("size_gb")]})
+
     name: str = Field(description="1-63 characters: a-z 0-9 . _ -", examples=["demo-vol"],
                       pattern=NAME_PATTERN)
-    size_gb: float | None = Field(None, gt=0, le=MAX_VOLUME_SIZE >> 30, allow_inf_nan=False,
-                                  description="size in GiB (the prototype's field)")
+    size_gb: float | None = Field(None, ge=MIN_SIZE_GB, le=MAX_VOLUME_SIZE >> 30,
+                                  allow_inf_nan=False, description=(
+                                      "size in GiB (the prototype's field), rounded down to "
+                                      "whole 4 KiB blocks"))
     size: SizeValue | None = None
     compression: Compression = "lz4"
+
+    @model_validator(mode="after")
+    def _has_size(self) -> VolumeCreate:
+        if self.size is None and self.size_gb is None:
+            raise _invalid("a volume needs a size", 'pass "size": "10G" or "size_gb": 10')
+        return self
 
 
 class VolumePatch(_Strict):
     size: SizeValue | None = None
-    size_gb: float | None = Field(None, gt=0, le=MAX_VOLUME_SIZE >> 30, allow_inf_nan=False)
+    size_gb: float | None = Field(None, ge=MIN_SIZE_GB, le=MAX_VOLUME_SIZE >> 30,
+                                  allow_inf_nan=False)
     shrink: bool = Field(False, description="allow cutting the volume; data past the new end is released")
     force: bool = Field(False, description="shrink even while exported")
     compression: Compression | None = None
@@ -88,13 +152,13 @@ class ExportRequest(_Strict):
 
 class SnapshotCreate(_Strict):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="default: snap-<generation>")
-    lock_until: str | None = Field(None, max_length=64, description=(
+    lock_until: LockUntil | None = Field(None, description=(
         "retention lock: a date, a time or a duration (2027-01-31, 7d); nothing deletes "
         "or alters the snapshot until then"))
 
 
 class SnapshotPatch(_Strict):
-    lock_until: str = Field(max_length=64, description="a later end for the retention lock")
+    lock_until: LockUntil = Field(description="a later end for the retention lock")
 
 
 class CloneRequest(_Strict):
@@ -242,8 +306,10 @@ REDUCTION_EXPLANATION = {
 }
 
 
-def error_response(status: int, code: str, message: str, hint: str = "") -> JSONResponse:
-    return JSONResponse({"error": code, "message": message, "hint": hint}, status_code=status)
+def error_response(status: int, code: str, message: str, hint: str = "",
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message, "hint": hint}, status_code=status,
+                        headers=headers)
 
 
 class Context:
@@ -356,6 +422,15 @@ def build_app(ctx: Context) -> FastAPI:
                 problems.append(f"invalid volume name {err.get('input')!r}")
                 hint = ("use 1-63 lowercase letters, digits, '.', '_' or '-', "
                         "starting with a letter or digit")
+            elif err.get("type") == "invalid_value":  # ours: _invalid() carries a hint
+                problems.append(err.get("msg", "invalid") if where == "body"
+                                else f"{where}: {err.get('msg', 'invalid')}")
+                hint = err.get("ctx", {}).get("hint") or hint
+            elif loc[:1] and loc[0] in FIELD_HINTS:  # one line, not pydantic's per branch
+                problem = f"invalid {loc[0]} {err.get('input')!r}"
+                if problem not in problems:
+                    problems.append(problem)
+                hint = FIELD_HINTS[loc[0]]
             else:
                 problems.append(f"{where}: {err.get('msg', 'invalid')}")
         return error_response(422, "validation_error", "; ".join(problems) or "invalid request",
@@ -367,7 +442,15 @@ def build_app(ctx: Context) -> FastAPI:
         hint = "see /docs for the endpoints" if e.status_code in (404, 405) else ""
         msg = f"no endpoint {request.method} {request.url.path}" if e.status_code in (404, 405) \
             else str(e.detail)
-        return error_response(e.status_code, code, msg, hint)
+        # the headers the exception carries stay; Starlette's 405 lists the methods
+        # of the first route on the path only, and FastAPI has one route per method
+        headers = dict(e.headers or {})
+        if e.status_code == 405:
+            methods = {m for r in request.app.router.routes if isinstance(r, Route)
+                       and r.methods and r.matches(request.scope)[0] != Match.NONE
+                       for m in r.methods}
+            headers["Allow"] = ", ".join(sorted(methods)) or headers.get("Allow", "")
+        return error_response(e.status_code, code, msg, hint, headers)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception) -> JSONResponse:
@@ -499,8 +582,7 @@ def build_app(ctx: Context) -> FastAPI:
     async def create_volume(req: VolumeCreate) -> dict[str, Any]:
         name = validate_name(req.name)
         size = _size_from(req.size, req.size_gb)
-        if size is None:
-            raise InvalidArgument("a volume needs a size", 'pass "size": "10G" or "size_gb": 10')
+        assert size is not None  # VolumeCreate requires one
         vol = await call(ctx.engine.create_volume, name, size, req.compression, flush=True)
         log.info("volume %s created (%d bytes, %s)", name, size, req.compression)
         return ctx.describe(vol)
@@ -530,8 +612,8 @@ def build_app(ctx: Context) -> FastAPI:
         name, old = vol.name, vol.size
         ex = ctx.exports.get(name)
         if size < old:
-            if not req.shrink:
-                raise InvalidArgument(
+            if not req.shrink:  # 409: valid input, but not for this volume's size
+                raise Conflict(
                     f"{size} is smaller than the volume ({old})",
                     "pass shrink (--shrink) to cut the volume; data past the new end is released")
             if ex and ex.device:
@@ -862,18 +944,11 @@ def build_app(ctx: Context) -> FastAPI:
     @app.get("/api/v1/analytics/capacity/forecast", tags=["analytics"], responses=ERRORS,
              summary="Physical capacity forecast with prediction intervals and days until full")
     async def capacity_forecast(
-        horizons: str = Query("7,30,90", max_length=200,
-                              description="comma-separated horizons in days"),
+        horizons: str = Query("7,30,90", max_length=400, pattern=HORIZONS_PATTERN, description=(
+            "1-20 comma-separated horizons in days, each above 0 and at most 3650")),
         history: bool = Query(False, description="include the history series used"),
     ) -> dict[str, Any]:
-        try:
-            hs = [float(x) for x in horizons.split(",") if x.strip()]
-        except ValueError:
-            raise InvalidArgument(f"invalid horizons {horizons!r}", "e.g. ?horizons=7,30,90") from None
-        if not hs or len(hs) > 20 or any(not (0 < h <= 3650) for h in hs):
-            raise InvalidArgument(f"invalid horizons {horizons!r}",
-                                  "give 1-20 horizons between 0 and 3650 days, e.g. 7,30,90")
-        return await analytics().forecast(hs, history)
+        return await analytics().forecast([float(x) for x in horizons.split(",")], history)
 
     @app.get("/api/v1/analytics/health", tags=["analytics"],
              summary="Backing device and engine health: status with reasons")
@@ -883,15 +958,22 @@ def build_app(ctx: Context) -> FastAPI:
     @app.get("/api/v1/analytics/temperature", tags=["analytics"], responses=ERRORS,
              summary="Data temperature per volume: hot / warm / cold / frozen")
     async def temperature(
-        hot_days: float | None = Query(None, gt=0, le=36500),
-        warm_days: float | None = Query(None, gt=0, le=36500),
-        cold_days: float | None = Query(None, gt=0, le=36500),
+        hot_days: float | None = Query(None, gt=0, le=36500, description=(
+            "age limit of hot data in days (default: the daemon's)")),
+        warm_days: float | None = Query(None, gt=0, le=36500, description=(
+            "age limit of warm data; at or below the hot limit, nothing is warm")),
+        cold_days: float | None = Query(None, gt=0, le=36500, description=(
+            "age limit of cold data; at or below the warm limit, nothing is cold")),
     ) -> dict[str, Any]:
         from .temperature import Thresholds
 
         a = analytics()
         d = a.thresholds
-        th = Thresholds(hot_days or d.hot_days, warm_days or d.warm_days, cold_days or d.cold_days)
+        # each limit is taken alone, so any values are valid: a limit not above
+        # the one before it leaves its class empty (reported as equal to it)
+        hot = hot_days or d.hot_days
+        warm = max(warm_days or d.warm_days, hot)
+        th = Thresholds(hot, warm, max(cold_days or d.cold_days, warm))
         return await a.temperature(th)
 
     @app.get("/api/v1/analytics/tiering/recommendations", tags=["analytics"],

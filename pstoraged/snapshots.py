@@ -63,21 +63,34 @@ class Snapshot:
         return d
 
 
+MAX_DURATION_S = 100_000 * 7 * 86400  # the REST schema allows 5 digits of weeks; beyond, dates overflow
+
+
+def iso_utc(ts: float) -> str:
+    """Unix seconds as ISO 8601 UTC, for messages: 2027-01-31T12:00:00Z."""
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):  # past year 9999 (a date-time west of UTC)
+        return f"{ts:.0f} (unix time)"
+
+
 def parse_until(text: str, now: float) -> float:
     """'2027-01-31', '2027-01-31T12:00:00Z', '7d', '12h', '90m' -> unix seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
     if m:
         mult = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[m.group(2)]
+        if float(m.group(1)) * mult >= MAX_DURATION_S:
+            raise InvalidArgument(f"duration {text!r} is too long", "give less than 100000 weeks")
         return now + float(m.group(1)) * mult
     try:
         dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return dt.timestamp()
+    except (ValueError, OverflowError):  # OverflowError: 0001-01-01 east of UTC
         raise InvalidArgument(f"invalid time {text!r}",
                               "give a date (2027-01-31), a time (2027-01-31T12:00Z) or a "
                               "duration (7d, 12h)") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
 
 
 class Catalog:
@@ -140,15 +153,16 @@ class Catalog:
             raise Conflict(f"volume {vol_name!r} already has a snapshot {name!r}",
                            "choose another name (destroyed snapshots keep theirs until eradicated)")
         now = self.engine.clock()
-        if lock_until is not None and lock_until <= now:
-            raise InvalidArgument("the retention lock must end in the future")
+        if lock_until is not None and lock_until <= now:  # 409: well-formed, but past by our clock
+            raise Conflict(f"the retention lock must end in the future (it is now {iso_utc(now)})",
+                           "give a later time or a duration (7d)")
         gen = self.engine.freeze(vol)
         s = Snapshot(name, vol.name, vol.id, gen, vol.size, int(now * 1e9),
                      float(lock_until or 0.0))
         self._put(s)
         self.engine.flush()
         log.info("snapshot %s@%s created (generation %d)%s", vol.name, name, gen,
-                 f", locked until {lock_until}" if lock_until else "")
+                 f", locked until {iso_utc(lock_until)}" if lock_until else "")
         return s
 
     def list(self, vol_name: str | None = None, destroyed: bool = False) -> list[Snapshot]:
@@ -160,10 +174,11 @@ class Catalog:
 
     def lock(self, vol_name: str, snap: str, until: float) -> Snapshot:
         s = self.get(vol_name, snap)
-        if until <= max(s.lock_until, self.engine.clock()):
-            raise InvalidArgument(
-                f"a retention lock can only be extended (now until {s.lock_until or 'none'})",
-                "give a later time")
+        if until <= max(s.lock_until, self.engine.clock()):  # 409: refused by the lock already set
+            held = f"locked until {iso_utc(s.lock_until)}" if self._locked(s) else "not locked"
+            limit = iso_utc(max(s.lock_until, self.engine.clock()))
+            raise Conflict(f"a retention lock can only be extended: {vol_name}@{snap} is {held}, "
+                           f"and {iso_utc(until)} is not after {limit}", "give a later time")
         s.lock_until = until
         self._put(s)
         self.engine.flush()
@@ -174,7 +189,7 @@ class Catalog:
         self.engine.check_not_copied_from(self._volume(vol_name), s.gen)
         if self._locked(s):
             raise Conflict(f"snapshot {vol_name}@{snap} is locked until "
-                           f"{datetime.fromtimestamp(s.lock_until, UTC).isoformat()}",
+                           f"{iso_utc(s.lock_until)}",
                            "a retention lock cannot be removed or overridden, not even with --force")
         s.destroyed_ns = int(self.engine.clock() * 1e9)
         self._put(s)
@@ -226,7 +241,7 @@ class Catalog:
         if locked:
             s = locked[0]
             raise Conflict(f"volume {name!r} has snapshot {s.name!r} locked until "
-                           f"{datetime.fromtimestamp(s.lock_until, UTC).isoformat()}",
+                           f"{iso_utc(s.lock_until)}",
                            "a volume with locked snapshots cannot be deleted")
         return vol
 

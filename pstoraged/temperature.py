@@ -39,14 +39,17 @@ DAY = 86400
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
-    """Age limits in days: hot < hot_days <= warm < warm_days <= cold < cold_days <= frozen."""
+    """Age limits in days: hot < hot_days <= warm < warm_days <= cold < cold_days <= frozen.
+
+    A limit equal to the one before it leaves its class empty (a REST query
+    may set one limit alone); the configuration requires them to increase."""
 
     hot_days: float = 1
     warm_days: float = 7
     cold_days: float = 30
 
     def __post_init__(self) -> None:
-        if not 0 < self.hot_days < self.warm_days < self.cold_days:
+        if not 0 < self.hot_days <= self.warm_days <= self.cold_days:
             from .errors import InvalidArgument
 
             raise InvalidArgument(

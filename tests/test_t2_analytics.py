@@ -190,14 +190,22 @@ def test_recompression_crash_midway_loses_nothing(eng, clock, tmp_path):
     eng.flush()
     clock.advance(60)
     t = Tiering(eng)
-    t.apply("recompress-cold:logs")
-    eng.background_step(64, busy=False)
+    job = t.jobs[t.apply("recompress-cold:logs")["job"]["id"]]
+    stored0 = eng.live_stored
+    assert eng.background_step(64, busy=False)
     eng.flush()  # half committed ...
-    eng.background_step(64, busy=False)  # ... the rest lost in the crash
+    committed = job.chunks_rewritten
+    stored1 = eng.live_stored
+    assert committed > 0 and stored1 < stored0, "nothing was rewritten before the commit"
+    assert eng.background_step(64, busy=False)  # ... the rest lost in the crash
+    assert job.chunks_rewritten > committed and eng.live_stored < stored1, \
+        "nothing was rewritten between the commit and the crash"
+    assert job.state != "done", "the job finished: the crash would not be midway"
     crash(eng)
     e2 = Engine(open_pool(str(tmp_path)), clock=clock)
     try:
         assert e2.read(e2.volume("logs"), 0, len(data)) == data
+        assert e2.live_stored == stored1  # the committed half stays rewritten, the rest as before
     finally:
         e2.close()
 

@@ -86,3 +86,24 @@ def test_allow_list_refuses_other_addresses_and_snapshot_exports_are_read_only(d
     r = nbd(uri, "h.pwrite(b'x' * 4096, 0)")
     assert r.returncode != 0 and "does not support write" in r.stderr
     assert os.path.exists(uri.split("socket=")[1])
+
+
+def test_a_tcp_port_in_use_is_a_conflict_not_a_server_error(daemon):
+    d = daemon
+    d.cli("volume", "create", "a", "--size", "1M")
+    d.cli("volume", "create", "b", "--size", "1M")
+    port = free_port()
+    d.cli("export", "a", "--tcp", f"127.0.0.1:{port}")
+    st, _, raw = d.client.raw("POST", "/api/v1/volumes/b/export", {"tcp": f"127.0.0.1:{port}"})
+    assert st == 409 and b"in use" in raw, raw
+    with socket.socket() as other:  # another program's listener
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        st, _, raw = d.client.raw("POST", "/api/v1/volumes/b/export", {"tcp": f"127.0.0.1:{taken}"})
+        assert st == 409 and b"in use" in raw, raw
+    assert d.client.get("/api/v1/volumes/b")["exported"] is False
+    # the port, once free, serves
+    d.cli("unexport", "a")
+    d.cli("export", "b", "--tcp", f"127.0.0.1:{port}")
+    assert d.client.get("/api/v1/volumes/b")["tcp"] == f"127.0.0.1:{port}"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from pstoraged.config import dev_dir
 from pstoraged.errors import Conflict
 
 from .daemon_util import Daemon, new_daemon, remove
@@ -161,7 +162,7 @@ def test_snapshot_attached_read_only_keeps_its_data_while_the_volume_changes(fs_
         subprocess.run(["fsfreeze", "-u", mnt], check=True)
     new = write_files(mnt, "f")  # same names, new contents
     sdev = d.cli("attach", "db@monday").stdout.strip()
-    assert sdev != dev and os.path.realpath("/dev/pstorage/db@monday") == os.path.realpath(sdev)
+    assert sdev != dev and os.path.realpath(os.path.join(dev_dir(), "db@monday")) == os.path.realpath(sdev)
     ro = subprocess.run(["blockdev", "--getro", sdev], capture_output=True, text=True, check=True)
     assert ro.stdout.strip() == "1"
     fd = os.open(sdev, os.O_WRONLY)  # Linux lets a read-only device open, not write
@@ -196,6 +197,6 @@ def test_snapshot_attached_read_only_keeps_its_data_while_the_volume_changes(fs_
     check_files(smnt, old)
     umount(smnt)
     d.cli("detach", "db@monday")
-    assert not os.path.lexists("/dev/pstorage/db@monday")
+    assert not os.path.lexists(os.path.join(dev_dir(), "db@monday"))
     snap = json.loads(d.cli("snapshot", "list", "db", "--json").stdout)[0]
     assert snap["device"] is None and snap["exported"] is False

@@ -58,6 +58,9 @@ class FsyncWriter(threading.Thread):
 
 
 def recover_and_verify(d: Daemon, name: str, durable: dict[str, str]) -> None:
+    """Every file in `durable` (fsynced before the crash) reads back as written."""
+    assert durable, "no file was fsynced before the crash: the test would verify nothing"
+    verified = 0
     dev = attach(d, name)
     mnt = mount(d, dev)  # replays the journal
     umount(mnt)
@@ -68,9 +71,11 @@ def recover_and_verify(d: Daemon, name: str, durable: dict[str, str]) -> None:
             with open(os.path.join(mnt, fname), "rb") as f:
                 assert hashlib.sha256(f.read()).hexdigest() == digest, (
                     f"{fname} was fsynced but differs after recovery ({len(durable)} files checked)")
+            verified += 1
     finally:
         umount(mnt)
     d.cli("detach", name)
+    assert verified == len(durable)
 
 
 def abandon_mount(d: Daemon, mnt: str, name: str) -> None:
@@ -84,13 +89,14 @@ def test_kill9_daemon_during_fsync_stream(fs_daemon, delay):
     w = FsyncWriter(mnt, seed=int(delay * 10))
     w.start()
     time.sleep(delay)
+    fsynced_before_kill = len(w.durable)
     fs_daemon.kill9()
     fs_daemon.start()  # the plugin reconnects; lost writes surface as EIO on flush
     time.sleep(1.0)
     w.stop.set()
     w.join(timeout=DURABLE_TIMEOUT)
     assert not w.is_alive()
-    assert len(w.durable) > 0, f"no file was fsynced before the kill (writer error: {w.error})"
+    assert fsynced_before_kill > 0, f"no file was fsynced before the kill (writer error: {w.error})"
     abandon_mount(fs_daemon, mnt, "c")
     recover_and_verify(fs_daemon, "c", dict(w.durable))
 
@@ -101,10 +107,12 @@ def test_kill9_nbdkit_under_mounted_fs(fs_daemon):
     w.start()
     time.sleep(1.5)
     pid = int(Path(fs_daemon.run_dir, "exports", "k", "nbdkit.pid").read_text())
+    fsynced_before_kill = len(w.durable)
     os.kill(pid, signal.SIGKILL)
     w.join(timeout=DURABLE_TIMEOUT)  # the device fails under it: EIO
     w.stop.set()
     assert not w.is_alive()
+    assert fsynced_before_kill > 0, f"no file was fsynced before the kill (writer error: {w.error})"
     if subprocess.run(["umount", mnt], capture_output=True).returncode:
         subprocess.run(["umount", "-l", mnt], capture_output=True)
     # attach again straight away: the daemon notices the dead nbdkit and starts afresh
