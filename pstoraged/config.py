@@ -41,6 +41,8 @@ DEFAULT_DEV_DIR = "/dev/pstorage"
 def dev_dir() -> str:
     """Where attached volumes get their stable names, /dev/pstorage/NAME."""
     return os.environ.get("PSTORAGE_DEV_DIR", DEFAULT_DEV_DIR)
+
+
 TLS_MODES = ("off", "on", "require")
 DOCS = "docs/config.md"
 

@@ -71,7 +71,7 @@ def test_gc_under_fio_verify_and_kill9_mid_gc():
         assert volume_hash(uri) == before  # everything flushed survived, nothing torn
         # the cleaner finishes after the restart (gc --wait returns only then; d.cli
         # bounds it) and the data is still the same
-        c = json.loads(d.cli("gc", "--wait", "--json").stdout)
+        c = json.loads(d.cli("gc", "--wait", "--json").stdout)["cleaner"]
         assert not c["requested"] and c["victim"] is None, c
         assert c["segments_cleaned"] > c0["segments_cleaned"], (c0, c)
         # a full compaction pass leaves little garbage (automatic cleaning stops
