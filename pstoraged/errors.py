@@ -127,3 +127,11 @@ class InsecurePermissions(InvalidArgument):
     """A pool file or directory that other users could read (or write)."""
 
     code = "insecure_permissions"
+
+
+class ToolFailed(PStorageError):
+    """An external tool (nbdkit, nbdfuse, losetup, ...) failed or is missing."""
+
+    status = 500
+    exit_code = 10
+    code = "tool_failed"

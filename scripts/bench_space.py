@@ -82,7 +82,7 @@ class Daemon:
     def api_ms(self, method: str, path: str, body: dict | None = None) -> float:
         """Round trip of one API request over the control socket, in ms."""
         sys.path.insert(0, str(REPO))
-        from pstoraged.client import Client
+        from pstoraged.control.client import Client
 
         c = Client(self.env["PSTORAGE_CONTROL"])
         t = time.perf_counter()

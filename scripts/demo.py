@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from pstoraged.client import Client
+from pstoraged.control.client import Client
 from pstoraged.errors import DaemonUnavailable, NotFound
 
 VENV_BIN = os.path.dirname(sys.executable)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pstoraged.engine import Engine
-from pstoraged.pool import create_pool, open_pool
+from pstoraged.engine.engine import Engine
+from pstoraged.engine.pool import create_pool, open_pool
 
 SMALL_SEGMENT = 64 << 10
 

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 
-from pstoraged.client import Client
+from pstoraged.control.client import Client
 from pstoraged.errors import DaemonUnavailable, PStorageError
 
 from .conftest import make_pool
@@ -34,7 +34,7 @@ class Daemon:
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pstoraged.daemon", "--pool-dir", self.pool_dir,
+            [sys.executable, "-m", "pstoraged.control.daemon", "--pool-dir", self.pool_dir,
              "--run-dir", self.run_dir, "--log-level", "DEBUG", "--config", "/dev/null",
              *self.args],
             stdout=log, stderr=log,
@@ -74,7 +74,7 @@ class Daemon:
             return f.read()
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        p = subprocess.run([sys.executable, "-m", "pstoraged.cli", *args], env=self.env,
+        p = subprocess.run([sys.executable, "-m", "pstoraged.control.cli", *args], env=self.env,
                            capture_output=True, text=True, timeout=120)
         if check and p.returncode:
             raise AssertionError(f"pstorage {' '.join(args)} -> {p.returncode}: {p.stderr}")

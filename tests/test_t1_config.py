@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pstoraged import config
-from pstoraged.config import Config, ExportsConfig, FuseConfig
+from pstoraged.control import config
+from pstoraged.control.config import Config, ExportsConfig, FuseConfig
 from pstoraged.errors import InvalidArgument, NotFound
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def error(tmp_path: Path, text: str) -> str:
 
 def test_defaults_match_the_daemon_flags(monkeypatch):
     """Config() holds what pstoraged does without flags (argparse defaults or None)."""
-    from pstoraged.daemon import parse_args
+    from pstoraged.control.daemon import parse_args
 
     for var in config.ENVIRONMENT.values():
         monkeypatch.delenv(var, raising=False)

@@ -1,4 +1,4 @@
-"""Tests for pstoraged.devices: describing and vetting backing devices and files."""
+"""Tests for pstoraged.engine.devices: describing and vetting backing devices and files."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from pstoraged import devices
-from pstoraged.devices import DeviceError, DeviceHasData, DeviceInfo, DeviceInUse
+from pstoraged.engine import devices
+from pstoraged.engine.devices import DeviceError, DeviceHasData, DeviceInfo, DeviceInUse
 from pstoraged.errors import Conflict, InvalidArgument, PStorageError
 
 MiB = 1024 * 1024
@@ -311,12 +311,12 @@ def test_devices_command_lists_status(loop_factory) -> None:
     free, _ = loop_factory()
     used, _ = loop_factory(prepare=lambda p: subprocess.run(["mkfs.ext4", "-q", "-F", str(p)],
                                                              check=True))
-    out = subprocess.run([sys.executable, "-m", "pstoraged.cli", "devices", "--json"],
+    out = subprocess.run([sys.executable, "-m", "pstoraged.control.cli", "devices", "--json"],
                          capture_output=True, text=True, check=True).stdout
     found = {d["path"]: d for d in json.loads(out)}
     assert found[free]["signatures"] == [] and found[free]["is_loop"]
     assert "ext4" in found[used]["signatures"]
-    table = subprocess.run([sys.executable, "-m", "pstoraged.cli", "devices"],
+    table = subprocess.run([sys.executable, "-m", "pstoraged.control.cli", "devices"],
                            capture_output=True, text=True, check=True).stdout
     line = next(ln for ln in table.splitlines() if ln.startswith(used + " "))
     assert "has data: ext4" in line and "64.0 MiB" in line
@@ -326,7 +326,7 @@ def test_devices_command_lists_status(loop_factory) -> None:
 def test_a_plain_loop_device_is_free_until_someone_holds_it(loop_factory, tmp_path) -> None:
     """Free: offered, and no in-use reason. Then held with O_EXCL (as mkfs, LVM
     or a kernel user hold it), then as a pool's device: in use, with the reason."""
-    from pstoraged.pool import create_pool, open_pool
+    from pstoraged.engine.pool import create_pool, open_pool
 
     dev, _img = loop_factory()
     info = devices.describe(dev)

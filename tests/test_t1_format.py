@@ -9,9 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pstoraged import codecs
-from pstoraged.errors import CorruptData, FormatError, InvalidArgument
-from pstoraged.format import (
+from pstoraged.engine import codecs
+from pstoraged.engine.format import (
     KIND_CHUNK,
     ChunkHeader,
     SegmentHeader,
@@ -21,7 +20,8 @@ from pstoraged.format import (
     l2p_unpack,
     record_size,
 )
-from pstoraged.units import parse_size, validate_name, validate_volume_size
+from pstoraged.engine.units import parse_size, validate_name, validate_volume_size
+from pstoraged.errors import CorruptData, FormatError, InvalidArgument
 
 
 def test_superblock_round_trip_and_damage():

@@ -8,7 +8,7 @@ import sys
 
 CODE = """
 import logging
-from pstoraged import logsetup
+from pstoraged.control import logsetup
 logsetup.setup("DEBUG")
 log = logging.getLogger("pstoraged.test")
 log.info("volume v created")

@@ -21,8 +21,8 @@ import pytest
 import trio
 import trio.testing
 
-from pstoraged import sdnotify
-from pstoraged.sdnotify import Watchdog
+from pstoraged.control import sdnotify
+from pstoraged.control.sdnotify import Watchdog
 
 from .conftest import make_pool
 
@@ -133,7 +133,7 @@ def test_store_fds_passes_the_descriptors(notify_socket, tmp_path):
 
 LISTEN_CHILD = """
 import json, os, sys
-from pstoraged import sdnotify
+from pstoraged.control import sdnotify
 got = sdnotify.listen_fds()
 print(json.dumps({
     "fds": got,
@@ -191,7 +191,7 @@ def run_mock(fn) -> None:
 
 
 def test_watchdog_pings_only_while_healthy(notify_socket, caplog):
-    caplog.set_level("INFO", logger="pstoraged.sdnotify")
+    caplog.set_level("INFO", logger="pstoraged.control.sdnotify")
     sock, _ = notify_socket
     state = {"ok": True}
     checked: list[float] = []
@@ -310,7 +310,7 @@ def test_daemon_notifies_ready_and_stopping(notify_socket):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHDOG_")}
     env["NOTIFY_SOCKET"] = path
     with open(os.path.join(base, "daemon.log"), "wb") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "pstoraged.daemon", "--pool-dir", pool,
+        proc = subprocess.Popen([sys.executable, "-m", "pstoraged.control.daemon", "--pool-dir", pool,
                                  "--run-dir", run, "--config", "/dev/null"],  # not the host's
                                 env=env, stdout=logf, stderr=logf)
     try:

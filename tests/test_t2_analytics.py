@@ -9,13 +9,13 @@ import random
 
 import pytest
 
-from pstoraged.engine import Engine
+from pstoraged.analytics.history import DAILY, DAY, HOURLY, RAW, CapacityHistory, snapshot
+from pstoraged.analytics.temperature import MAX_PENDING, Thresholds
+from pstoraged.analytics.tiering import Tiering
+from pstoraged.engine.engine import Engine
+from pstoraged.engine.format import BLOCK_SIZE
+from pstoraged.engine.pool import open_pool
 from pstoraged.errors import NotFound
-from pstoraged.format import BLOCK_SIZE
-from pstoraged.history import DAILY, DAY, HOURLY, RAW, CapacityHistory, snapshot
-from pstoraged.pool import open_pool
-from pstoraged.temperature import MAX_PENDING, Thresholds
-from pstoraged.tiering import Tiering
 
 from .conftest import crash, make_pool
 
@@ -232,9 +232,9 @@ def test_no_reduction_and_overprovisioned_rules(eng, clock):
 
 
 def test_scrub_reads_every_chunk_and_reports_the_bad_one(eng, caplog):
-    from pstoraged.format import CHUNK_KEY, CHUNK_META
-    from pstoraged.jobs import JobRegistry
-    from pstoraged.scrub import ScrubJob, ScrubRun
+    from pstoraged.engine.format import CHUNK_KEY, CHUNK_META
+    from pstoraged.engine.jobs import JobRegistry
+    from pstoraged.engine.scrub import ScrubJob, ScrubRun
 
     caplog.allowed_errors = True  # the engine logs the checksum error
     v = eng.create_volume("v", 16 * MiB)
@@ -260,8 +260,8 @@ def test_scrub_reads_every_chunk_and_reports_the_bad_one(eng, caplog):
 # ---------------------------------------------------------------- reduction report
 def reduction(eng: Engine) -> dict:
     """GET /api/v1/metrics/reduction's report, on the committed state."""
-    from pstoraged.rest import reduction_report
-    from pstoraged.usage import walk_volume
+    from pstoraged.control.rest import reduction_report
+    from pstoraged.engine.usage import walk_volume
 
     eng.flush()
     with eng.meta.env.begin(write=False) as txn:
@@ -342,7 +342,7 @@ def test_volume_shares_add_up_to_the_pool(eng):
 
 
 def test_snapshots_restores_and_destroyed_volumes_hold_their_part(eng):
-    from pstoraged.snapshots import Catalog
+    from pstoraged.engine.snapshots import Catalog
 
     cat = Catalog(eng)
     v = eng.create_volume("v", 4 * MiB)
@@ -385,8 +385,8 @@ def test_snapshots_restores_and_destroyed_volumes_hold_their_part(eng):
 def test_no_reduction_is_shown_as_a_cost(eng, capsys):
     import argparse
 
-    from pstoraged import cli
-    from pstoraged.format import record_size
+    from pstoraged.control import cli
+    from pstoraged.engine.format import record_size
 
     rnd = random.Random(6)
     v = eng.create_volume("mostly-random", 80 * MiB)

@@ -12,12 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from pstoraged import background
-from pstoraged.analytics import engine_health_counters
-from pstoraged.cleaner import SegmentCleaner
+from pstoraged.analytics.health import assess, device_health
+from pstoraged.analytics.sampler import engine_health_counters
+from pstoraged.engine import background
+from pstoraged.engine.cleaner import SegmentCleaner
 from pstoraged.errors import DeviceIOError
-from pstoraged.health import assess, device_health
-from pstoraged.metrics import IoStats, render
+from pstoraged.frontends.metrics import IoStats, render
 
 
 class Clock:

@@ -21,11 +21,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pstoraged import cleaner as cleaner_mod
-from pstoraged.cleaner import SegmentCleaner
-from pstoraged.engine import Engine, Volume
-from pstoraged.errors import CorruptData, InvalidArgument, PoolFull
-from pstoraged.format import (
+from pstoraged.engine import cleaner as cleaner_mod
+from pstoraged.engine.cleaner import SegmentCleaner
+from pstoraged.engine.engine import Engine, Volume
+from pstoraged.engine.format import (
     BLOCK_SIZE,
     CHUNK_KEY,
     CHUNK_META,
@@ -36,7 +35,8 @@ from pstoraged.format import (
     align_up,
     record_size,
 )
-from pstoraged.pool import open_pool
+from pstoraged.engine.pool import open_pool
+from pstoraged.errors import CorruptData, InvalidArgument, PoolFull
 
 from .conftest import SMALL_SEGMENT, crash, make_pool
 
@@ -336,9 +336,9 @@ def test_dead_copy_of_a_live_chunk_in_the_same_segment_stays_behind(engine, monk
     records there; only the one the chunk index points at is moved. (Rewrites
     now go to the relocated stream's segment; pools written before streams
     existed have this layout, reproduced here by rewriting into the user stream.)"""
-    from pstoraged import codecs
-    from pstoraged import engine as engine_module
-    from pstoraged.segments import USER
+    from pstoraged.engine import codecs
+    from pstoraged.engine import engine as engine_module
+    from pstoraged.engine.segments import USER
 
     monkeypatch.setattr(engine_module, "RELOCATED", USER)
 
@@ -722,7 +722,7 @@ def test_moved_chunks_get_their_own_open_segment_and_both_resume_after_a_crash(t
     """Hot/cold separation: the cleaner appends to the relocated stream's open
     segment, never to the one client writes fill; both open segments (and which
     stream each is) survive a crash."""
-    from pstoraged.segments import RELOCATED, USER
+    from pstoraged.engine.segments import RELOCATED, USER
 
     d = str(tmp_path)
     eng, c, vol, model = fragmented_pool(d)
@@ -754,7 +754,7 @@ def test_moved_chunks_get_their_own_open_segment_and_both_resume_after_a_crash(t
 
 
 def test_moved_data_parks_on_the_most_worn_free_segment(engine):
-    from pstoraged.segments import RELOCATED, USER
+    from pstoraged.engine.segments import RELOCATED, USER
 
     segs = engine.segs
     free = [s for s in range(segs.count) if segs.state[s] == SEG_FREE]

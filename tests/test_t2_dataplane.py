@@ -7,10 +7,10 @@ import socket
 
 import trio
 
-from pstoraged import protocol as P
-from pstoraged.dataplane import DataPlane
-from pstoraged.engine import Engine
-from pstoraged.pool import open_pool
+from pstoraged.engine.engine import Engine
+from pstoraged.engine.pool import open_pool
+from pstoraged.frontends import protocol as P
+from pstoraged.frontends.dataplane import DataPlane
 
 
 def _request(sock: socket.socket, op: int, payload: bytes = b"", length: int = 0) -> bytes | None:

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from pstoraged import codecs, fpindex, reducer
-from pstoraged.engine import Engine
+from pstoraged.engine import codecs, fpindex, reducer
+from pstoraged.engine.engine import Engine
+from pstoraged.engine.format import BLOCK_SIZE
+from pstoraged.engine.pool import open_pool
 from pstoraged.errors import CorruptData, InvalidArgument, NotFound, PoolFull
-from pstoraged.format import BLOCK_SIZE
-from pstoraged.pool import open_pool
 
 from .conftest import crash, make_pool
 
@@ -60,7 +60,7 @@ lengths = st.one_of(
 
 def fingerprint_index_state(eng: Engine) -> tuple[int, int]:
     """(valid, stale) entries of the dedupe index; every live chunk must be findable."""
-    from pstoraged.format import CHUNK_KEY
+    from pstoraged.engine.format import CHUNK_KEY
 
     txn = eng.meta.txn
     valid = stale = 0
@@ -286,7 +286,7 @@ def test_corruption_is_detected_on_read(engine, caplog):
     engine.write(v, 0, data)
     engine.write(v, BLOCK_SIZE, os.urandom(BLOCK_SIZE * 20))  # roll the segment over
     engine.flush()
-    from pstoraged.format import CHUNK_KEY, CHUNK_META
+    from pstoraged.engine.format import CHUNK_KEY, CHUNK_META
 
     cid = engine._lookup(v, 0, v.gen)
     _, s, off, *_ = CHUNK_META.unpack(engine.meta.txn.get(CHUNK_KEY.pack(cid), db=engine.meta.chunks))

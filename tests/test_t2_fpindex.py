@@ -8,24 +8,24 @@ import zlib
 
 import pytest
 
-from pstoraged import codecs, fpindex, reducer
-from pstoraged.engine import Engine
-from pstoraged.format import BLOCK_SIZE, METADATA_VERSION
-from pstoraged.metadata import MetaStore
-from pstoraged.pool import open_pool
+from pstoraged.engine import codecs, fpindex, reducer
+from pstoraged.engine.engine import Engine
+from pstoraged.engine.format import BLOCK_SIZE, METADATA_VERSION
+from pstoraged.engine.metadata import MetaStore
+from pstoraged.engine.pool import open_pool
 
 from .conftest import crash
 from .test_t2_engine_model import fingerprint_index_state
 
 # the compiled reducer is part of the product: CI builds it (scripts/setup)
 needs_reducer = pytest.mark.skipif(not reducer.AVAILABLE and not os.environ.get("CI"),
-                                   reason="pstoraged._reduce is not built")
+                                   reason="pstoraged.engine._reduce is not built")
 
 
 @needs_reducer
 @pytest.mark.parametrize("codec", [codecs.CODEC_NONE, codecs.CODEC_LZ4, codecs.CODEC_ZSTD])
 def test_reducer_matches_the_python_path(codec):
-    assert reducer.AVAILABLE, "pstoraged._reduce must be built (scripts/setup installs its headers)"
+    assert reducer.AVAILABLE, "pstoraged.engine._reduce must be built (scripts/setup installs its headers)"
     blocks = [os.urandom(BLOCK_SIZE), bytes(BLOCK_SIZE), b"pstorage " * 455 + b"x",
               bytes(BLOCK_SIZE - 1) + b"\1", os.urandom(2048) + bytes(2048)]
     fps, kinds, payloads, crcs = reducer.reduce_now(b"".join(blocks), codec).wait()
@@ -200,7 +200,7 @@ def test_version_2_store_is_upgraded_and_keeps_deduping(pool_dir):
 
 # ---------------------------------------------------------------- the Bloom filter
 needs_filter = pytest.mark.skipif(fpindex.FingerprintFilter is None and not os.environ.get("CI"),
-                                  reason="pstoraged._filter is not built")
+                                  reason="pstoraged.engine._filter is not built")
 
 
 def _fps(n, salt=b""):
@@ -209,7 +209,7 @@ def _fps(n, salt=b""):
 
 @needs_filter
 def test_filter_never_forgets_and_rarely_says_maybe_wrongly():
-    assert fpindex.FingerprintFilter is not None, "pstoraged._filter must be built"
+    assert fpindex.FingerprintFilter is not None, "pstoraged.engine._filter must be built"
     size = fpindex.filter_bytes(100_000)
     assert size == 256 << 10  # the power of two with >= 12 bits per entry
     f = fpindex.FingerprintFilter(size)

@@ -16,8 +16,8 @@ import uuid
 
 import pytest
 
+from pstoraged.engine.pool import create_pool, open_pool
 from pstoraged.errors import InsecurePermissions
-from pstoraged.pool import create_pool, open_pool
 
 from .daemon_util import Daemon
 
@@ -86,7 +86,7 @@ def test_pool_create_makes_everything_owner_only(stranger, umask022, open_base):
     assert can_read(stranger, probe)
 
     pool_dir, img = os.path.join(open_base, "pool"), os.path.join(open_base, "pool.img")
-    subprocess.run([sys.executable, "-m", "pstoraged.cli", "pool", "create", "--dir", pool_dir,
+    subprocess.run([sys.executable, "-m", "pstoraged.control.cli", "pool", "create", "--dir", pool_dir,
                     "--device", img, "--size", "64M", "--segment-size", "1M"],
                    check=True, capture_output=True)
     assert stat.S_IMODE(os.stat(pool_dir).st_mode) == 0o700
@@ -130,7 +130,7 @@ def test_a_pool_open_to_other_users_is_refused_with_the_fix(open_base, umask022)
     with pytest.raises(InsecurePermissions, match=f"chmod 600 {img}"):
         open_pool(pool_dir)
     # the daemon says so and exits
-    r = subprocess.run([sys.executable, "-m", "pstoraged.daemon", "--pool-dir", pool_dir,
+    r = subprocess.run([sys.executable, "-m", "pstoraged.control.daemon", "--pool-dir", pool_dir,
                         "--run-dir", os.path.join(open_base, "run"), "--config", "/dev/null"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and f"chmod 600 {img}" in r.stderr, r.stderr

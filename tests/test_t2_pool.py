@@ -9,12 +9,12 @@ import subprocess
 
 import pytest
 
-from pstoraged.devices import DeviceHasData
-from pstoraged.engine import Engine
+from pstoraged.engine.devices import DeviceHasData
+from pstoraged.engine.engine import Engine
+from pstoraged.engine.format import METADATA_VERSION, SUPERBLOCK_OFFSETS
+from pstoraged.engine.metadata import MetaStore
+from pstoraged.engine.pool import create_pool, open_pool
 from pstoraged.errors import FormatError, InvalidArgument, PoolLocked
-from pstoraged.format import METADATA_VERSION, SUPERBLOCK_OFFSETS
-from pstoraged.metadata import MetaStore
-from pstoraged.pool import create_pool, open_pool
 
 from .conftest import make_pool
 

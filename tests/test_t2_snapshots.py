@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pstoraged.cleaner import SegmentCleaner
-from pstoraged.engine import NO_CHUNK, Engine
+from pstoraged.engine.cleaner import SegmentCleaner
+from pstoraged.engine.engine import NO_CHUNK, Engine
+from pstoraged.engine.format import BLOCK_SIZE, CHUNK_META, SEG_SEALED, U64, l2p_unpack
+from pstoraged.engine.pool import open_pool
+from pstoraged.engine.snapshots import Catalog, diff, parse_until, space
 from pstoraged.errors import Conflict, NotFound
-from pstoraged.format import BLOCK_SIZE, CHUNK_META, SEG_SEALED, U64, l2p_unpack
-from pstoraged.pool import open_pool
-from pstoraged.snapshots import Catalog, diff, parse_until, space
 
 from .conftest import crash, make_pool
 

@@ -16,11 +16,11 @@ import time
 
 import pytest
 
-from pstoraged.client import Client
-from pstoraged.engine import Engine
+from pstoraged.analytics.history import DAY, CapacityHistory, snapshot
+from pstoraged.control.client import Client
+from pstoraged.engine.engine import Engine
+from pstoraged.engine.pool import open_pool
 from pstoraged.errors import Unauthorized
-from pstoraged.history import DAY, CapacityHistory, snapshot
-from pstoraged.pool import open_pool
 
 from .daemon_util import Daemon, new_daemon, remove
 
@@ -195,7 +195,7 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(daemon):
     # every other block changed: 8192 ranges, some 400 KB of JSON, far past a pipe's buffer
     subprocess.run(NBDSH + ["-u", uri, "-c", "for i in range(0, 16384, 2): "
                             "h.pwrite(b'x' * 4096, i * 4096)\nh.flush()"], check=True, timeout=120)
-    cli = subprocess.Popen([sys.executable, "-m", "pstoraged.cli", "--json", "snapshot", "diff",
+    cli = subprocess.Popen([sys.executable, "-m", "pstoraged.control.cli", "--json", "snapshot", "diff",
                             "v@a"], env=d.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert cli.stdout is not None and cli.stderr is not None
     head = subprocess.run(["head", "-c1"], stdin=cli.stdout, capture_output=True, timeout=60)

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from pstoraged import protocol as P
 from pstoraged.errors import Conflict, InvalidArgument, NotFound
+from pstoraged.frontends import protocol as P
 
 from .daemon_util import Daemon, new_daemon, remove
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pstoraged.config import dev_dir
+from pstoraged.engine.devices import dev_dir
 
 from .daemon_util import Daemon
 
@@ -246,7 +246,7 @@ def test_attach_through_the_daemons_fuse_front_end(tmp_path):
 def _devices_cli(*args: str) -> subprocess.CompletedProcess:
     import sys
 
-    return subprocess.run([sys.executable, "-m", "pstoraged.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pstoraged.control.cli", *args], capture_output=True,
                           text=True, timeout=120)
 
 
@@ -256,7 +256,7 @@ def test_attached_volumes_are_never_offered_as_backing_devices(daemon, tmp_path,
     with --force; so are the FUSE file and a running daemon's pool file."""
     import json
 
-    from pstoraged import devices
+    from pstoraged.engine import devices
 
     from .daemon_util import new_daemon, remove
 

@@ -1,4 +1,4 @@
-"""Level 4: the FUSE front end (pstoraged/fusefs.py) through the real kernel.
+"""Level 4: the FUSE front end (pstoraged/frontends/fusefs.py) through the real kernel.
 
 The harness runs a data plane and the front end on a trio loop in a background
 thread, as the daemon would, so the test body can use the mount with plain
@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import trio
 
-from pstoraged import fusefs
-from pstoraged.dataplane import DataPlane
-from pstoraged.engine import Engine
-from pstoraged.metrics import OPS
-from pstoraged.pool import open_pool
+from pstoraged.engine.engine import Engine
+from pstoraged.engine.pool import open_pool
+from pstoraged.frontends import fusefs, loopdev
+from pstoraged.frontends.dataplane import DataPlane
+from pstoraged.frontends.metrics import OPS
 
 from .conftest import crash, make_pool
 
@@ -117,7 +117,7 @@ def base() -> Iterator[str]:
     d = tempfile.mkdtemp(prefix="pstfuse", dir="/var/tmp")  # not tmpfs: sparse pools
     yield d
     mnt = os.path.join(d, "dev")
-    for dev in fusefs.loop_devices_on(mnt):
+    for dev in loopdev.loop_devices_on(mnt):
         subprocess.run(["losetup", "-d", dev], capture_output=True)
     while mounted(mnt):
         if subprocess.run(["umount", "-l", mnt], capture_output=True).returncode:
@@ -301,12 +301,12 @@ def _read_tree(root: str, sums: dict[str, str]) -> None:
                     reason="util-linux / e2fsprogs not installed (run scripts/setup)")
 def test_loop_device_ext4_fsck_and_reattach(h: Harness, base: str) -> None:
     h.call(h.engine.create_volume, "fs", 256 * MiB)
-    dev = fusefs.attach_via_fuse(h.mnt, "fs")
+    dev = loopdev.attach_loop(h.mnt, "fs")
     mnt = os.path.join(base, "ext4")
     os.makedirs(mnt)
     try:
-        assert dev.startswith("/dev/loop") and fusefs.loop_dio(dev) is True
-        assert fusefs.loop_devices_on(h.mnt) == [dev]
+        assert dev.startswith("/dev/loop") and loopdev.loop_dio(dev) is True
+        assert loopdev.loop_devices_on(h.mnt) == [dev]
         subprocess.run(["mkfs.ext4", "-q", dev], check=True)
         subprocess.run(["mount", dev, mnt], check=True)
         sums = _write_tree(mnt, 7)
@@ -322,9 +322,9 @@ def test_loop_device_ext4_fsck_and_reattach(h: Harness, base: str) -> None:
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     finally:
         subprocess.run(["umount", mnt], capture_output=True)
-        fusefs.detach(dev)
-    assert fusefs.loop_devices_on(h.mnt) == []
-    dev = fusefs.attach_via_fuse(h.mnt, "fs")
+        loopdev.detach_loop(dev)
+    assert loopdev.loop_devices_on(h.mnt) == []
+    dev = loopdev.attach_loop(h.mnt, "fs")
     try:
         subprocess.run(["mount", "-o", "ro", dev, mnt], check=True)
         try:
@@ -332,15 +332,15 @@ def test_loop_device_ext4_fsck_and_reattach(h: Harness, base: str) -> None:
         finally:
             subprocess.run(["umount", mnt], check=True)
     finally:
-        fusefs.detach(dev)
+        loopdev.detach_loop(dev)
     # a read-only volume attaches read-only
     h.call(h.engine.set_readonly, "fs", True)
-    dev = fusefs.attach_via_fuse(h.mnt, "fs")
+    dev = loopdev.attach_loop(h.mnt, "fs")
     try:
         with open(f"/sys/block/{os.path.basename(dev)}/ro") as f:
             assert f.read().strip() == "1"
     finally:
-        fusefs.detach(dev)
+        loopdev.detach_loop(dev)
 
 
 def test_stop_unmounts_and_a_stale_mount_is_recovered(base: str, caplog) -> None:
@@ -372,7 +372,7 @@ def test_stop_unmounts_and_a_stale_mount_is_recovered(base: str, caplog) -> None
 
 def test_stop_with_an_attached_loop_device_detaches_lazily(h: Harness, caplog) -> None:
     h.call(h.engine.create_volume, "v", 16 * MiB)
-    dev = fusefs.attach_via_fuse(h.mnt, "v")
+    dev = loopdev.attach_loop(h.mnt, "v")
     try:
         h.stop()
         assert not mounted(h.mnt)
@@ -380,7 +380,7 @@ def test_stop_with_an_attached_loop_device_detaches_lazily(h: Harness, caplog) -
         with open(dev, "rb") as f, pytest.raises(OSError):
             f.read(4096)  # the connection is gone: I/O errors, not a hang
     finally:
-        fusefs.detach(dev)
+        loopdev.detach_loop(dev)
 
 
 def test_handover_to_the_next_daemon_keeps_the_loop_device(base: str) -> None:
@@ -391,7 +391,7 @@ def test_handover_to_the_next_daemon_keeps_the_loop_device(base: str) -> None:
     """
     h1 = Harness(base).start()
     h1.call(h1.engine.create_volume, "v", 16 * MiB)
-    dev = fusefs.attach_via_fuse(h1.mnt, "v")
+    dev = loopdev.attach_loop(h1.mnt, "v")
     results: dict[str, Any] = {}
     threads: list[threading.Thread] = []
 
@@ -442,7 +442,7 @@ def test_handover_to_the_next_daemon_keeps_the_loop_device(base: str) -> None:
         finally:
             h2.stop()
     finally:
-        fusefs.detach(dev)
+        loopdev.detach_loop(dev)
 
 
 def test_taking_over_after_a_crash_fails_the_next_fsync_once(base: str) -> None:
@@ -492,7 +492,7 @@ def test_fio_throughput_report(h: Harness) -> None:
     wrote. The throughput is printed for information (pytest -s); targets live
     in scripts/bench, not here."""
     h.call(h.engine.create_volume, "bench", 256 * MiB)
-    dev = fusefs.attach_via_fuse(h.mnt, "bench")
+    dev = loopdev.attach_loop(h.mnt, "bench")
     try:
         jobs = [
             ("128k seq write QD8", _fio(dev, "sw", "write", "128k", 8)),
@@ -515,7 +515,7 @@ def test_fio_throughput_report(h: Harness) -> None:
             capture_output=True, text=True)
         assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
     finally:
-        fusefs.detach(dev)
+        loopdev.detach_loop(dev)
     st = h.fuse.statistics()
     print("\nFUSE front end + loop (direct I/O), mixed data, 3 s per job:")
     for job, (res, _) in jobs:

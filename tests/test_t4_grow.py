@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from pstoraged.config import dev_dir
+from pstoraged.engine.devices import dev_dir
 from pstoraged.errors import Conflict
 
 from .daemon_util import Daemon, new_daemon, remove

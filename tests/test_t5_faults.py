@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from pstoraged import protocol as P
-from pstoraged.pool import create_pool
+from pstoraged.engine.pool import create_pool
+from pstoraged.frontends import protocol as P
 
 from .daemon_util import Daemon
 
@@ -203,7 +203,7 @@ import os
 
 _trigger = os.environ.get("PSTORAGE_TEST_FAIL_CLEANER")
 if _trigger:  # this test's fault injection: the cleaner raises while the file exists
-    from pstoraged.cleaner import SegmentCleaner
+    from pstoraged.engine.cleaner import SegmentCleaner
 
     _step, _wanted = SegmentCleaner.step, SegmentCleaner.wanted
 

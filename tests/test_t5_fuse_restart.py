@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pstoraged.fusefs import loop_devices_on
+from pstoraged.frontends.loopdev import loop_devices_on
 
 from .daemon_util import new_daemon, remove
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() 
 # starts the daemon with the stored descriptor at 3 and LISTEN_PID = its own pid
 LAUNCH = ("import os, sys; fd = int(sys.argv[1]); os.dup2(fd, 3); os.close(fd); "
           "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='fuse'); "
-          "os.execv(sys.executable, [sys.executable, '-m', 'pstoraged.daemon', *sys.argv[2:]])")
+          "os.execv(sys.executable, [sys.executable, '-m', 'pstoraged.control.daemon', *sys.argv[2:]])")
 
 
 class FakeSystemd:
@@ -88,7 +88,7 @@ def test_mounted_volume_survives_restart_and_kill9(tmp_path):
             cmd = [sys.executable, "-c", LAUNCH, str(fd), *args]
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log, pass_fds=[fd]))
         else:
-            cmd = [sys.executable, "-m", "pstoraged.daemon", *args]
+            cmd = [sys.executable, "-m", "pstoraged.control.daemon", *args]
             procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
         sysd.pump("READY=1")
         assert "fuse" in sysd.store

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from pstoraged.charts import BRAILLE, terminal_chart, write_png
-from pstoraged.forecast import forecast
+from pstoraged.analytics.charts import BRAILLE, terminal_chart, write_png
+from pstoraged.analytics.forecast import forecast
 
 GiB = 1 << 30
 DAY = 86400.0
@@ -145,6 +145,6 @@ def test_write_png_insufficient_data(tmp_path):
 
 
 def test_importing_charts_does_not_import_matplotlib():
-    code = ("import sys, pstoraged.charts, pstoraged.forecast; "
+    code = ("import sys, pstoraged.analytics.charts, pstoraged.analytics.forecast; "
             "sys.exit('matplotlib' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=".").returncode == 0

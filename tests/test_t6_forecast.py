@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from pstoraged import forecast as fmod
-from pstoraged.forecast import (
+from pstoraged.analytics import forecast as fmod
+from pstoraged.analytics.forecast import (
     METHODS,
     MIN_SAMPLES,
     backtest_folds,

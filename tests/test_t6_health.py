@@ -1,4 +1,4 @@
-"""Tests for pstoraged.health: device health figures from nvme-cli/smartctl, and assess().
+"""Tests for pstoraged.analytics.health: device health figures from nvme-cli/smartctl, and assess().
 
 The machine has no NVMe or SATA disk, so the tool output is fed through an injected `run`
 with JSON documents shaped like nvme-cli 1.x/2.x and smartctl 7.x print them.
@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 
-from pstoraged import health
-from pstoraged.devices import DeviceError
-from pstoraged.health import (
+from pstoraged.analytics import health
+from pstoraged.analytics.health import (
     FIGURES,
     DeviceHealth,
     EngineHealthCounters,
@@ -29,6 +28,7 @@ from pstoraged.health import (
     classify,
     device_health,
 )
+from pstoraged.engine.devices import DeviceError
 
 MiB = 1024 * 1024
 needs_loop = pytest.mark.skipif(

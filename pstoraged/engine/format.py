@@ -1,0 +1,237 @@
+"""The on-disk format, in one place.
+
+Every record written to the backing device and every key/value layout in the
+metadata store is defined here; `docs/format.md` mirrors it byte by byte.
+Records carry magic, version and CRC32 so that a pool can be verified and, in
+the worst case, rebuilt from the data alone.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import ClassVar, NewType
+
+from ..errors import CorruptData, FormatError
+
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+# Version of the metadata store's layout and rules (meta key `format_version`).
+# 2: the `fp` index is a hint (entries of freed chunks stay until pruned), and
+#    the `heat` and `hist` tables exist. A version-1 store is upgraded on open
+#    (it has no stale entries); a daemon that only knows 1 refuses a 2.
+# 3: new `fp` entries wait in memory, merged in the background (`fp_upto`).
+# 4: restores and clone fills run in the background (`restoring`, `filling`);
+#    a daemon that only knows 3 would serve a half-copied volume, so it refuses.
+METADATA_VERSION = 4
+SUPPORTED_METADATA_VERSIONS = (1, 2, 3, 4)
+
+BLOCK_SIZE = 4096  # logical block of every volume
+ALIGN = 4096  # device I/O alignment (O_DIRECT, and padding at each flush)
+RECORD_ALIGN = 16  # chunk records start on 16-byte boundaries inside a segment
+SUPERBLOCK_OFFSETS = (0, 65536)  # primary and backup copy
+DATA_OFFSET = 1 << 20  # first segment starts at 1 MiB
+DEFAULT_SEGMENT_SIZE = 4 << 20
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+
+LBA = NewType("LBA", int)
+ChunkId = NewType("ChunkId", int)
+SegmentNo = NewType("SegmentNo", int)
+VolumeId = NewType("VolumeId", int)
+
+NO_CHUNK = ChunkId(0)  # an L2P value meaning "reads as zeros" (a tombstone)
+
+
+def crc32(*parts: bytes | memoryview) -> int:
+    c = 0
+    for p in parts:
+        c = zlib.crc32(p, c)
+    return c
+
+
+def align_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def align_down(n: int, a: int = ALIGN) -> int:
+    return n // a * a
+
+
+class _Record:
+    """A fixed-size binary record: `STRUCT`, magic, version and a trailing CRC32."""
+
+    STRUCT: ClassVar[struct.Struct]
+    MAGIC: ClassVar[bytes]
+
+    @classmethod
+    def _check(cls, buf: bytes | memoryview, what: str) -> tuple:
+        if len(buf) < cls.STRUCT.size:
+            raise CorruptData(f"{what}: short record ({len(buf)} bytes)")
+        body = bytes(buf[: cls.STRUCT.size])
+        fields = cls.STRUCT.unpack(body)
+        if fields[0] != cls.MAGIC:
+            raise CorruptData(f"{what}: bad magic {fields[0]!r}")
+        if fields[1] not in SUPPORTED_VERSIONS:
+            raise FormatError(
+                f"{what}: format version {fields[1]} is not supported "
+                f"(this build reads {SUPPORTED_VERSIONS})",
+                "upgrade pstorage",
+            )
+        if crc32(body[:-4]) != fields[-1]:
+            raise CorruptData(f"{what}: header checksum mismatch")
+        return fields
+
+
+@dataclass(frozen=True, slots=True)
+class Superblock(_Record):
+    """Pool identity and geometry; at offsets 0 and 64 KiB of the backing device."""
+
+    uuid: bytes  # 16 bytes
+    created_ns: int
+    device_size: int
+    segment_size: int
+    segment_count: int
+    data_offset: int
+    label: str
+
+    # magic, version, flags, block_size, uuid, created, device_size,
+    # segment_size, segment_count, data_offset, label, reserved, crc
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<8sHHI16sQQIIQ32s32sI")
+    MAGIC: ClassVar[bytes] = b"PSTPOOL\0"
+
+    def to_bytes(self) -> bytes:
+        body = self.STRUCT.pack(
+            self.MAGIC, FORMAT_VERSION, 0, BLOCK_SIZE, self.uuid, self.created_ns,
+            self.device_size, self.segment_size, self.segment_count, self.data_offset,
+            self.label.encode()[:32], b"", 0,
+        )
+        raw = body[:-4] + struct.pack("<I", crc32(body[:-4]))
+        return raw.ljust(ALIGN, b"\0")
+
+    @classmethod
+    def from_buffer(cls, buf: bytes | memoryview) -> Superblock:
+        f = cls._check(buf, "superblock")
+        if f[3] != BLOCK_SIZE:
+            raise FormatError(f"superblock: block size {f[3]} unsupported")
+        return cls(f[4], f[5], f[6], f[7], f[8], f[9], f[10].rstrip(b"\0").decode())
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader(_Record):
+    """First 4 KiB of every segment: which pool, which segment, written when."""
+
+    segment: int
+    seq: int  # pool-wide allocation sequence: orders segments in time
+    pool_uuid: bytes
+    created_ns: int
+
+    # magic, version, flags, segment, seq, pool_uuid, created, reserved, crc
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<4sHHIQ16sQ16sI")
+    MAGIC: ClassVar[bytes] = b"PSEG"
+    SIZE: ClassVar[int] = ALIGN  # the header occupies a whole aligned block
+
+    def to_bytes(self) -> bytes:
+        body = self.STRUCT.pack(
+            self.MAGIC, FORMAT_VERSION, 0, self.segment, self.seq, self.pool_uuid,
+            self.created_ns, b"", 0,
+        )
+        raw = body[:-4] + struct.pack("<I", crc32(body[:-4]))
+        return raw.ljust(self.SIZE, b"\0")
+
+    @classmethod
+    def from_buffer(cls, buf: bytes | memoryview) -> SegmentHeader:
+        f = cls._check(buf, "segment header")
+        return cls(f[3], f[4], f[5], f[6])
+
+
+# Record kinds: a single chunk, or (reserved for background deep reduction) a
+# multi-chunk frame whose payload starts with a table of its chunks.
+KIND_CHUNK = 1
+KIND_FRAME = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHeader(_Record):
+    """Header of a chunk record inside a segment; the payload follows it."""
+
+    kind: int
+    codec: int
+    chunk_id: int
+    raw_len: int
+    stored_len: int
+    fingerprint: bytes  # SHA-256 of the raw data
+    payload_crc: int
+
+    # magic, version, kind, codec, reserved, chunk_id, raw_len, stored_len,
+    # fingerprint, payload_crc, header_crc
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<4sBBBBQII32sII")
+    MAGIC: ClassVar[bytes] = b"PCHK"
+    SIZE: ClassVar[int] = 64
+
+    def to_bytes(self) -> bytes:
+        return pack_chunk_header(
+            self.kind, self.codec, self.chunk_id, self.raw_len, self.stored_len,
+            self.fingerprint, self.payload_crc,
+        )
+
+    @classmethod
+    def from_buffer(cls, buf: bytes | memoryview) -> ChunkHeader:
+        f = cls._check(buf, "chunk record")
+        return cls(f[2], f[3], f[5], f[6], f[7], f[8], f[9])
+
+
+assert ChunkHeader.STRUCT.size == ChunkHeader.SIZE
+
+
+def pack_chunk_header(
+    kind: int, codec: int, chunk_id: int, raw_len: int, stored_len: int,
+    fingerprint: bytes, payload_crc: int,
+) -> bytes:
+    """Hot path: build a chunk header without creating a dataclass."""
+    body = ChunkHeader.STRUCT.pack(
+        ChunkHeader.MAGIC, FORMAT_VERSION, kind, codec, 0, chunk_id, raw_len,
+        stored_len, fingerprint, payload_crc, 0,
+    )
+    return body[:-4] + struct.pack("<I", zlib.crc32(body[:-4]))
+
+
+def record_size(stored_len: int) -> int:
+    """Bytes a chunk record occupies in a segment, padding included."""
+    return align_up(ChunkHeader.SIZE + stored_len, RECORD_ALIGN)
+
+
+# ---------------------------------------------------------------------------
+# Metadata store (LMDB) layouts. Keys are big-endian so that byte order is
+# numeric order: one cursor seek finds a block's newest generation.
+
+# l2p: (volume u32, lba u64, ~generation u32) -> chunk_id u64
+L2P_KEY = struct.Struct(">IQI")
+GEN_MAX = 0xFFFFFFFF
+U64 = struct.Struct("<Q")
+
+
+def l2p_key(vol: int, lba: int, gen: int) -> bytes:
+    return L2P_KEY.pack(vol, lba, GEN_MAX - gen)
+
+
+def l2p_unpack(key: bytes | memoryview) -> tuple[int, int, int]:
+    vol, lba, inv = L2P_KEY.unpack(key)
+    return vol, lba, GEN_MAX - inv
+
+
+# chunks: chunk_id u64 (big-endian) -> ChunkMeta
+CHUNK_KEY = struct.Struct(">Q")
+# refcount, segment, record offset, stored_len, codec, slot, reserved, fingerprint
+CHUNK_META = struct.Struct("<IIIIBBH32s")
+
+# fp: fingerprint (32 bytes) -> chunk_id u64
+
+# segs: segment u32 (big-endian) -> SegmentMeta
+SEG_KEY = struct.Struct(">I")
+# state, reserved, seq, write_ptr, live_bytes, erase_count, sealed_ns
+SEG_META = struct.Struct("<BBHQIIIQ")
+SEG_FREE, SEG_OPEN, SEG_SEALED = 0, 1, 2
+
+# vols: name (utf-8) -> JSON volume record
+# meta: ascii key -> value (format version, pool uuid, counters as JSON)

@@ -1,0 +1,329 @@
+"""The segment log: the flash translation layer's append-only store.
+
+The device is cut into fixed-size segments. Records are appended to the
+in-memory image of an open segment and written out in aligned blocks. There
+is one open segment per stream: client writes go to USER; chunks the
+segment cleaner (or tiering) moves go to RELOCATED. Moved chunks survived
+at least one segment's worth of overwrites, so they are colder than new
+writes; keeping them apart makes segments that die (or stay) together,
+which is what lets the cleaner find nearly empty ones (hot/cold separation,
+as in LFS and F2FS). A block that reached the device is never rewritten: at each flush
+the tail is padded to the next 4 KiB boundary. A sealed segment is immutable
+until every chunk in it is dead; then, once the metadata saying so is
+committed, it is discarded and becomes free again. Discards run on their
+own thread (punching a hole or BLKDISCARD can take milliseconds); a segment
+is not handed out again until its discard has finished.
+
+Per-segment state lives in compact arrays (one entry per segment, never per
+block) and is persisted in the `segs` table at each commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import queue
+import threading
+import time
+from array import array
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..errors import CorruptData, PoolFull
+from .backing import Backing
+from .format import (
+    ALIGN,
+    RECORD_ALIGN,
+    SEG_FREE,
+    SEG_KEY,
+    SEG_META,
+    SEG_OPEN,
+    SEG_SEALED,
+    SegmentHeader,
+    Superblock,
+    align_up,
+)
+
+log = logging.getLogger(__name__)
+
+WRITE_BEHIND = 1 << 20  # write full blocks out once this much is buffered
+USER, RELOCATED = 0, 1  # streams: client writes; chunks moved by the cleaner or tiering
+STREAMS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentStatistics:
+    total: int
+    free: int
+    open: int
+    sealed: int
+    reclaimable: int
+    segment_size: int
+    min_erase: int
+    max_erase: int
+
+
+class SegmentLog:
+    def __init__(self, backing: Backing, sb: Superblock, reserve: int = 2) -> None:
+        self.backing = backing
+        self.sb = sb
+        self.size = sb.segment_size
+        self.count = sb.segment_count
+        self.reserve = reserve
+        n = self.count
+        self.state = bytearray(n)
+        self.seq = array("Q", bytes(8 * n))
+        self.write_ptr = array("I", bytes(4 * n))
+        self.live = array("I", bytes(4 * n))
+        self.erase = array("I", bytes(4 * n))
+        self.sealed_ns = array("Q", bytes(8 * n))
+        self.stream = bytearray(n)  # the stream each segment was opened for
+        self.dirty: set[int] = set()
+        self.pending_free: set[int] = set()  # dead, waiting for the commit that says so
+        self.discarding: set[int] = set()  # free, but the discard is still in flight
+        self._discarded: deque[int] = deque()  # filled by the discard thread
+        self._discard_q: queue.Queue[int | None] = queue.Queue()
+        self._discard_thread: threading.Thread | None = None
+        self.next_seq = 1
+        self.open = [-1] * STREAMS  # the open segment of each stream, or -1
+        self.flushed = [0] * STREAMS  # bytes of it already on the device
+        self.bufs = [mmap.mmap(-1, self.size) for _ in range(STREAMS)]  # its image
+
+    # persistence -------------------------------------------------------------
+    def load(self, items: Iterator[tuple[bytes, bytes]]) -> None:
+        opened = []
+        for k, v in items:
+            (s,) = SEG_KEY.unpack(k)
+            if s >= self.count:
+                continue
+            st, stream, _, seq, wp, live, erase, sealed = SEG_META.unpack(v)
+            self.state[s], self.seq[s], self.write_ptr[s] = st, seq, wp
+            self.live[s], self.erase[s], self.sealed_ns[s] = live, erase, sealed
+            self.stream[s] = stream if stream < STREAMS else USER
+            self.next_seq = max(self.next_seq, seq + 1)
+            if st == SEG_OPEN:
+                opened.append(s)
+            elif st == SEG_SEALED and live == 0:
+                self.pending_free.add(s)  # freed by a commit, then a crash
+        for s in sorted(opened, key=lambda x: self.seq[x]):
+            self._reopen(s)
+
+    def _reopen(self, s: int) -> None:
+        """Continue an open segment after its last committed record.
+
+        Anything past write_ptr on the device was never committed, so it is
+        overwritten. The image is rebuilt from the device up to write_ptr.
+        """
+        stream = self.stream[s]
+        if self.open[stream] >= 0:  # two open in one stream: keep the newer
+            self._seal(self.open[stream])
+        self.open[stream] = s
+        wp = self.write_ptr[s]
+        buf = self.bufs[stream]
+        buf[:] = bytes(self.size)
+        if wp:
+            buf[:wp] = self.backing.pread(self.offset(s), wp)
+        self.flushed[stream] = wp
+
+    def dirty_records(self) -> Iterator[tuple[bytes, bytes]]:
+        for s in sorted(self.dirty):
+            yield SEG_KEY.pack(s), SEG_META.pack(
+                self.state[s], self.stream[s], 0, self.seq[s], self.write_ptr[s], self.live[s],
+                self.erase[s], self.sealed_ns[s],
+            )
+        self.dirty.clear()
+
+    # geometry ----------------------------------------------------------------
+    def offset(self, s: int) -> int:
+        return self.sb.data_offset + s * self.size
+
+    def free_count(self) -> int:
+        return self.state.count(SEG_FREE)
+
+    def _allocatable(self) -> int:
+        """Free segments that can be handed out now (discard finished)."""
+        self._reap_discards()
+        return self.state.count(SEG_FREE) - len(self.discarding)
+
+    # discards ----------------------------------------------------------------
+    def _discard(self, s: int) -> None:
+        self.discarding.add(s)
+        if self._discard_thread is None:
+            self._discard_thread = threading.Thread(
+                target=self._discard_loop, name="discard", daemon=True)
+            self._discard_thread.start()
+        self._discard_q.put(s)
+
+    def _discard_loop(self) -> None:
+        while (s := self._discard_q.get()) is not None:
+            try:
+                self.backing.discard(self.offset(s), self.size)
+            except Exception as e:  # discard is advisory; never fail a flush on it
+                log.warning("discard of segment %d failed: %s", s, e)
+            self._discarded.append(s)
+            self._discard_q.task_done()
+        self._discard_q.task_done()
+
+    def _reap_discards(self) -> None:
+        while self._discarded:
+            self.discarding.discard(self._discarded.popleft())
+
+    def wait_discards(self) -> None:
+        self._discard_q.join()
+        self._reap_discards()
+
+    # allocation --------------------------------------------------------------
+    def _allocate(self, stream: int, reserve_ok: bool = False) -> int:
+        """Open a free segment for `stream`. Client writes leave `reserve` segments
+        free so that the segment cleaner (reserve_ok=True) can always make progress."""
+        floor = 0 if reserve_ok else self.reserve
+        if self._allocatable() <= floor and self.discarding:
+            self.wait_discards()
+        if self._allocatable() <= floor:
+            raise PoolFull(
+                "the pool is full",
+                "free space: trim data, delete snapshots or volumes and eradicate them "
+                "(destroyed ones keep their space until eradicated), or grow the pool",
+            )
+        # Wear leveling: client writes (hot) get the least-erased free segment;
+        # moved chunks (cold, rarely rewritten) park on the most-erased one, so
+        # that worn segments rest and fresh ones take the churn. Ties by position.
+        if stream == RELOCATED:
+            best, best_erase = -1, -1
+            for s in range(self.count):
+                if (self.state[s] == SEG_FREE and self.erase[s] > best_erase
+                        and s not in self.discarding):
+                    best, best_erase = s, self.erase[s]
+        else:
+            best, best_erase = -1, 1 << 32
+            for s in range(self.count):
+                if (self.state[s] == SEG_FREE and self.erase[s] < best_erase
+                        and s not in self.discarding):
+                    best, best_erase = s, self.erase[s]
+                    if best_erase == 0 and self.seq[s] == 0:
+                        break  # never used: cannot do better
+        s = best
+        if self.seq[s]:
+            self.erase[s] += 1  # reuse after a discard = one program/erase cycle
+        self.state[s] = SEG_OPEN
+        self.seq[s] = self.next_seq
+        self.next_seq += 1
+        self.live[s] = 0
+        self.stream[s] = stream
+        buf = self.bufs[stream]
+        buf[:] = bytes(self.size)
+        hdr = SegmentHeader(s, self.seq[s], self.sb.uuid, time.time_ns()).to_bytes()
+        buf[: len(hdr)] = hdr
+        self.write_ptr[s] = len(hdr)
+        self.flushed[stream] = 0
+        self.open[stream] = s
+        self.dirty.add(s)
+        return s
+
+    def _seal(self, s: int) -> None:
+        stream = self.stream[s]
+        self._write_out(stream, full=True)
+        self.state[s] = SEG_SEALED
+        self.sealed_ns[s] = time.time_ns()
+        self.dirty.add(s)
+        self.open[stream] = -1
+        if self.live[s] == 0:
+            self.pending_free.add(s)
+
+    def append(self, header: bytes, payload: bytes, *, reserve_ok: bool = False,
+               stream: int = USER) -> tuple[int, int, int]:
+        """Append one record to `stream`; return (segment, offset, bytes it occupies).
+
+        reserve_ok: the segment cleaner may open a segment from the reserve.
+        """
+        need = align_up(len(header) + len(payload), RECORD_ALIGN)
+        s = self.open[stream]
+        if s < 0 or self.write_ptr[s] + need > self.size:
+            if s >= 0:
+                self._seal(s)
+            s = self._allocate(stream, reserve_ok)
+        buf = self.bufs[stream]
+        off = self.write_ptr[s]
+        buf[off : off + len(header)] = header
+        buf[off + len(header) : off + len(header) + len(payload)] = payload
+        self.write_ptr[s] = off + need
+        self.live[s] += need
+        self.dirty.add(s)
+        if self.write_ptr[s] - self.flushed[stream] >= WRITE_BEHIND:
+            self._write_out(stream, full=False)
+        return s, off, need
+
+    def _write_out(self, stream: int, full: bool) -> None:
+        """Write buffered bytes of the stream's open segment to the device.
+
+        full=False writes only complete blocks; full=True pads the tail to the
+        block boundary (wasting < 4 KiB) so no written block is ever rewritten.
+        """
+        s = self.open[stream]
+        if s < 0:
+            return
+        wp = self.write_ptr[s]
+        flushed = self.flushed[stream]
+        end = align_up(wp) if full else wp // ALIGN * ALIGN
+        if end > flushed:
+            start = self.offset(s) + flushed
+            self.backing.pwrite(start, memoryview(self.bufs[stream])[flushed:end])
+            self.backing.start_writeback(start, end - flushed)
+            self.flushed[stream] = end
+        if full and wp != end:
+            self.write_ptr[s] = end
+            self.dirty.add(s)
+
+    def flush_data(self) -> None:
+        """Make every appended record durable (before the metadata that points at it)."""
+        for stream in range(STREAMS):
+            self._write_out(stream, full=True)
+        self.backing.sync()
+
+    def after_commit(self) -> list[int]:
+        """The commit recorded these segments as dead: free and discard them."""
+        freed = sorted(self.pending_free)
+        for s in freed:
+            if self.state[s] != SEG_SEALED or self.live[s] != 0:
+                continue
+            self.state[s] = SEG_FREE
+            self.write_ptr[s] = 0
+            self.dirty.add(s)
+            self._discard(s)
+        self.pending_free.clear()
+        return freed
+
+    # reading -----------------------------------------------------------------
+    def read(self, s: int, off: int, length: int) -> bytes:
+        if not (0 <= s < self.count) or off + length > self.size:
+            raise CorruptData(f"chunk location {s}:{off}+{length} outside the pool")
+        for stream, o in enumerate(self.open):
+            if s == o:  # its image in memory is complete
+                return self.bufs[stream][off : off + length]
+        return self.backing.pread(self.offset(s) + off, length)
+
+    def release(self, s: int, size: int) -> None:
+        """A chunk of `size` bytes in segment s died."""
+        self.live[s] -= size
+        self.dirty.add(s)
+        if self.live[s] == 0 and self.state[s] == SEG_SEALED:
+            self.pending_free.add(s)
+
+    def statistics(self) -> SegmentStatistics:
+        free = self.state.count(SEG_FREE)
+        sealed = self.state.count(SEG_SEALED)
+        return SegmentStatistics(
+            total=self.count, free=free, open=self.count - free - sealed, sealed=sealed,
+            reclaimable=len(self.pending_free), segment_size=self.size,
+            min_erase=min(self.erase) if self.count else 0,
+            max_erase=max(self.erase) if self.count else 0,
+        )
+
+    def close(self) -> None:
+        if self._discard_thread is not None:  # finish discards before the device closes
+            self._discard_q.put(None)
+            self._discard_thread.join()
+            self._discard_thread = None
+        for buf in self.bufs:
+            buf.close()
