@@ -28,15 +28,22 @@ import nbdkit
 
 API_VERSION = 2
 
+# The wire format, as in pstoraged/frontends/protocol.py (which this cannot
+# import); tests/test_t1_protocol.py keeps the two equal.
 REQ = struct.Struct("<IHHQQII")    # magic, op, flags, handle, offset, length, payload_len
 REP = struct.Struct("<IIQII")      # magic, error, handle, payload_len, reserved
-OPEN_REPLY = struct.Struct("<QII16s16s")  # size, flags, block_size, instance, prev_instance
+# size, flags, block_size, instance, prev_instance, prev_clean (1: that run
+# closed cleanly); a longer reply carries fields added later, ignored here
+OPEN_REPLY = struct.Struct("<QII16s16sB")
 EXTENT = struct.Struct("<QII")     # length, type, pad
 REQ_MAGIC, REP_MAGIC = 0x31515350, 0x31525350
 (OP_OPEN, OP_READ, OP_WRITE, OP_FLUSH, OP_TRIM, OP_ZERO,
- OP_EXTENTS, OP_LIST_EXPORTS, OP_SIZE) = range(1, 10)
-F_FUA, F_MAY_TRIM, F_FAST_ZERO = 1, 2, 4
-MAX_LEN = 32 * 1024 * 1024         # daemon limit for length and payload
+ OP_EXTENTS, OP_LIST, OP_SIZE) = range(1, 10)
+FLAG_FUA, FLAG_MAY_TRIM, FLAG_FAST_ZERO = 1, 2, 4
+OPEN_READONLY = 1                  # OPEN_REPLY flags
+EXTENT_HOLE, EXTENT_ZERO = 1, 2    # EXTENT type bits
+MAX_REQUEST = 32 * 1024 * 1024     # daemon limit for length and payload
+SECTOR = 512                       # offsets and lengths are multiples of this
 MAX_IDLE = 64                      # idle daemon connections kept per export
 NOSIG = socket.MSG_NOSIGNAL        # a dead daemon must give EPIPE, not SIGPIPE
 
@@ -81,7 +88,7 @@ def _judge(instance, prev, prev_clean, before=math.inf):
 
 
 def _mark(export, c, flags):
-    if not flags & F_FUA:          # FUA requests are already durable
+    if not flags & FLAG_FUA:       # FUA requests are already durable
         with _state:
             _acked[export, c.instance] = next(_seq)
 
@@ -96,6 +103,14 @@ class Conn:
         self.rhdr = memoryview(bytearray(REP.size))
         self.instance = self.prev = b""
         self.prev_clean = False
+
+
+def open_reply(r):
+    """(readonly, instance, prev_instance, prev_clean) from an OPEN reply."""
+    if len(r) < OPEN_REPLY.size:
+        raise ProtocolError(f"OpenReply too short ({len(r)} bytes)")
+    _, fl, _, instance, prev, prev_clean = OPEN_REPLY.unpack_from(r)
+    return bool(fl & OPEN_READONLY), instance, prev, prev_clean == 1
 
 
 def _recv_exact(sock, mv):
@@ -133,7 +148,7 @@ def _roundtrip(c, op, flags, offset, length, data=None, into=None):
     if magic != REP_MAGIC:
         raise ProtocolError(f"bad reply magic {magic:#x}")
     got = max(0, n - REP.size)     # payload bytes already in `into`
-    if got > plen or plen > MAX_LEN:
+    if got > plen or plen > MAX_REQUEST:
         raise ProtocolError(f"bad reply payload length {plen}")
     if err or into is None or plen != len(into):
         buf = bytearray(plen)      # error message, or a small op-specific reply
@@ -167,11 +182,7 @@ class Pool:
             c = Conn(sock)
             if self.export is not None:
                 r = _roundtrip(c, OP_OPEN, 0, 0, 0, self.export.encode())
-                if len(r) < OPEN_REPLY.size:
-                    raise ProtocolError(f"OpenReply too short ({len(r)} bytes)")
-                _, fl, _, c.instance, c.prev = OPEN_REPLY.unpack_from(r)
-                c.prev_clean = len(r) > OPEN_REPLY.size and r[OPEN_REPLY.size] == 1
-                self.readonly = bool(fl & 1)
+                self.readonly, c.instance, c.prev, c.prev_clean = open_reply(r)
                 with _state:
                     _judge(c.instance, c.prev, c.prev_clean)
             return c
@@ -244,15 +255,15 @@ def _pieces(offset, count):
     reads/writes and 4 GiB trims/zeroes)."""
     end = offset + count
     while offset < end:
-        n = min(MAX_LEN, end - offset)
+        n = min(MAX_REQUEST, end - offset)
         yield offset, n
         offset += n
 
 
 def _flags(f):
-    return ((F_FUA if f & nbdkit.FLAG_FUA else 0)
-            | (F_MAY_TRIM if f & nbdkit.FLAG_MAY_TRIM else 0)
-            | (F_FAST_ZERO if f & nbdkit.FLAG_FAST_ZERO else 0))
+    return ((FLAG_FUA if f & nbdkit.FLAG_FUA else 0)
+            | (FLAG_MAY_TRIM if f & nbdkit.FLAG_MAY_TRIM else 0)
+            | (FLAG_FAST_ZERO if f & nbdkit.FLAG_FAST_ZERO else 0))
 
 
 # --- nbdkit callbacks --------------------------------------------------------
@@ -290,7 +301,7 @@ def cleanup():
 def list_exports(readonly, is_tls):
     if cfg["export"] is not None:
         return [cfg["export"]]
-    data, _ = _call(_list_pool, OP_LIST_EXPORTS)
+    data, _ = _call(_list_pool, OP_LIST)
     return [n for n in data.decode("utf-8").split("\n") if n]
 
 
@@ -328,7 +339,7 @@ def get_size(h):
 
 # Capabilities.  FLUSH is pool-wide and writes are visible to every daemon
 # connection (see "Durability"), which is what multi-conn requires.
-def block_size(h): return (512, 4096, MAX_LEN)
+def block_size(h): return (SECTOR, 4096, MAX_REQUEST)
 def is_rotational(h): return False
 def can_write(h): return not h.readonly
 def can_flush(h): return True
@@ -398,16 +409,16 @@ def _check_lost(h):
 
 
 def extents(h, count, offset, flags):
-    data, _ = _call(h.pool, OP_EXTENTS, 0, offset, min(count, MAX_LEN))
+    data, _ = _call(h.pool, OP_EXTENTS, 0, offset, min(count, MAX_REQUEST))
     if len(data) % EXTENT.size:
         nbdkit.set_error(errno.EIO)
         raise ProtocolError(f"EXTENTS reply of {len(data)} bytes")
     out, pos = [], offset
     for length, typ, _ in EXTENT.iter_unpack(data):
         if length:
-            out.append((pos, length, (nbdkit.EXTENT_HOLE if typ & 1 else 0)
-                        | (nbdkit.EXTENT_ZERO if typ & 2 else 0)))
+            out.append((pos, length, (nbdkit.EXTENT_HOLE if typ & EXTENT_HOLE else 0)
+                        | (nbdkit.EXTENT_ZERO if typ & EXTENT_ZERO else 0)))
             pos += length
             if flags & nbdkit.FLAG_REQ_ONE:
                 break              # one extent is all the client asked for
-    return out or [(offset, min(count, MAX_LEN), 0)]  # nothing known: plain data
+    return out or [(offset, min(count, MAX_REQUEST), 0)]  # nothing known: plain data

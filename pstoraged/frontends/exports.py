@@ -16,16 +16,15 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..engine.devices import dev_dir
 from ..errors import Conflict, InvalidArgument, NotFound, PStorageError, ToolFailed
 from .loopdev import attach_loop, device_size, wait_for, wait_for_block_device
+from .processes import alive, terminate, wait_exit
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +60,6 @@ class ExportState:
     fuse_pid: int = 0
     fuse_dir: str | None = None
     extra: dict = field(default_factory=dict)
-
-
-def _alive(pid: int) -> bool:
-    """Is `pid` a running process? A zombie is not (PID 1 may not reap it soon)."""
-    if pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def _wait_exit(pid: int, timeout: float) -> bool:
-    """Wait up to `timeout` s for `pid` to end (reaping it if it is our child)."""
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() >= deadline:
-            return False
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.05)
-    return True
 
 
 def _run(cmd: list[str], timeout: float = 60) -> str:
@@ -210,7 +184,7 @@ class ExportManager:
     def _dead(st: ExportState) -> bool:
         if st.method == "fuse+loop" and not st.pid:  # no nbdkit: the loop device is the state
             return not (st.device and os.path.exists(f"/sys/block/{os.path.basename(st.device)}/loop"))
-        return not _alive(st.pid)
+        return not alive(st.pid)
 
     # exports -----------------------------------------------------------------
     def get(self, name: str) -> ExportState | None:
@@ -336,11 +310,7 @@ class ExportManager:
 
     @staticmethod
     def _stop(pid: int, timeout: float = 10) -> None:
-        if not _alive(pid):
-            return
-        os.kill(pid, signal.SIGTERM)
-        if not _wait_exit(pid, timeout):
-            os.kill(pid, signal.SIGKILL)
+        terminate(pid, timeout)
 
     # attach ------------------------------------------------------------------
     def attach(self, name: str, *, readonly: bool = False) -> ExportState:
@@ -485,7 +455,7 @@ class ExportManager:
         if st.fuse_dir:
             subprocess.run(["fusermount3", "-u", *(["-z"] if force else []), st.fuse_dir],
                            capture_output=True)
-            _wait_exit(st.fuse_pid, 10)
+            wait_exit(st.fuse_pid, 10)
         st.device = st.method = st.fuse_dir = None
         st.fuse_pid = 0
 

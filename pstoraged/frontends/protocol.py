@@ -1,4 +1,9 @@
-"""The data-socket wire format (docs/protocol.md), daemon side."""
+"""The data-socket wire format (docs/protocol.md), daemon side.
+
+Used by the data plane (dataplane.py) and the tests. The nbdkit plugin
+(plugins/pstorage.py) cannot import it and keeps a copy of the structs and
+constants under the same names; tests/test_t1_protocol.py holds them equal.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,12 @@ REQ = struct.Struct("<IHHQQII")  # magic, op, flags, handle, offset, length, pay
 REP = struct.Struct("<IIQII")  # magic, error, handle, payload_len, reserved
 REQ_MAGIC = 0x31515350  # b"PSQ1"
 REP_MAGIC = 0x31525350  # b"PSR1"
-OPEN_REPLY = struct.Struct("<QII16s16sB")  # size, flags, block_size, instance, prev, prev_clean
+# size, flags, block_size, instance, prev_instance, prev_clean: 49 bytes; the
+# last byte is 1 if the previous run closed the pool cleanly (the plugin keeps
+# writes it acknowledged only then); clients ignore bytes after it
+OPEN_REPLY = struct.Struct("<QII16s16sB")
 EXTENT = struct.Struct("<QII")  # length, type, pad
+EXTENT_HOLE, EXTENT_ZERO = 1, 2  # EXTENT type bits
 
 OP_OPEN, OP_READ, OP_WRITE, OP_FLUSH, OP_TRIM, OP_ZERO, OP_EXTENTS, OP_LIST, OP_SIZE = range(1, 10)
 OP_NAMES = {

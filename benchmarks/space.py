@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Space-management benchmarks (run by `scripts/bench --space`).
 
 1. Snapshot creation time on a fully written 1 GiB and a fully written
@@ -15,7 +14,7 @@
    cleaner moved) / client record bytes over that run, from the cleaner's
    counters.
 
-Standard library only; needs fio with the nbd engine. Run as root.
+Needs fio with the nbd engine. Run as root.
 """
 
 from __future__ import annotations
@@ -26,80 +25,37 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-GiB, MiB = 1 << 30, 1 << 20
+from pstoraged.control.client import Client
+
+from .system import GiB, MiB, log
+from .targets import PStorage
+
 SNAP_GOAL_MS = 50
 WA_GOAL = 2.5
 
 
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
+def daemon(tmp: str, pool_size: str) -> PStorage:
+    """A started pstoraged on a pool of `pool_size` with 4 MiB segments."""
+    d = PStorage(tmp, pool_size, segment_size="4M", cli_timeout=600)
+    d.start()
+    return d
 
 
-def tool(name: str) -> str:
-    venv = REPO / ".venv" / "bin" / name
-    found = str(venv) if venv.exists() else shutil.which(name)
-    if not found:
-        sys.exit(f"bench_space: {name} not found (run scripts/setup)")
-    return found
+def stop(d: PStorage) -> None:
+    d.unexport_all()
+    d.stop()
 
 
-class Daemon:
-    def __init__(self, tmp: str, pool_size: str, segment: str) -> None:
-        self.pool_dir = os.path.join(tmp, "pool")
-        self.run_dir = os.path.join(tmp, "run")
-        self.env = dict(os.environ, PSTORAGE_CONTROL=os.path.join(self.run_dir, "control.sock"))
-        subprocess.run([tool("pstorage"), "pool", "create", "--dir", self.pool_dir, "--device",
-                        os.path.join(self.pool_dir, "pool.img"), "--size", pool_size,
-                        "--segment-size", segment], check=True, capture_output=True)
-        self.log_path = os.path.join(tmp, "pstoraged.log")
-        with open(self.log_path, "ab") as lf:
-            self.proc = subprocess.Popen(
-                [tool("pstoraged"), "--pool-dir", self.pool_dir, "--run-dir", self.run_dir],
-                stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.cli("volume", "list")
-                return
-            except RuntimeError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("pstoraged did not start; see " + self.log_path) from None
-                time.sleep(0.2)
-
-    def cli(self, *argv: str, timeout: float = 600) -> dict:
-        p = subprocess.run([tool("pstorage"), "--json", *argv], capture_output=True, text=True,
-                           env=self.env, timeout=timeout)
-        if p.returncode:
-            raise RuntimeError(f"pstorage {' '.join(argv)}: {p.stderr.strip()}")
-        return json.loads(p.stdout) if p.stdout.strip() else {}
-
-    def api_ms(self, method: str, path: str, body: dict | None = None) -> float:
-        """Round trip of one API request over the control socket, in ms."""
-        sys.path.insert(0, str(REPO))
-        from pstoraged.control.client import Client
-
-        c = Client(self.env["PSTORAGE_CONTROL"])
-        t = time.perf_counter()
-        c.request(method, path, body)
-        return (time.perf_counter() - t) * 1000
-
-    def stop(self) -> None:
-        for name in self.cli("volume", "list"):
-            try:
-                self.cli("unexport", name["name"], "--force")
-            except RuntimeError:
-                pass
-        self.proc.terminate()
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def api_ms(d: PStorage, method: str, path: str, body: dict | None = None) -> float:
+    """Round trip of one API request over the control socket, in ms."""
+    c = Client(d.env["PSTORAGE_CONTROL"])
+    t = time.perf_counter()
+    c.request(method, path, body)
+    return (time.perf_counter() - t) * 1000
 
 
 def fio(uri: str, rw: str, bs: str, qd: int, size: int, io_size: int | None = None,
@@ -119,7 +75,7 @@ def fio(uri: str, rw: str, bs: str, qd: int, size: int, io_size: int | None = No
     return {"seconds": time.monotonic() - t, "bw_bytes": job["bw_bytes"], "iops": job["iops"]}
 
 
-def snapshot_times(d: Daemon, gib: float, repeats: int) -> dict:
+def snapshot_times(d: PStorage, gib: float, repeats: int) -> dict:
     name = f"snap{gib:g}g".replace(".", "_")
     size = int(gib * GiB)
     d.cli("volume", "create", name, "--size", str(size))
@@ -129,7 +85,7 @@ def snapshot_times(d: Daemon, gib: float, repeats: int) -> dict:
     time.sleep(5)  # the idle commit and the kernel's writeback of the fill settle
     times = []
     for i in range(repeats):
-        times.append(d.api_ms("POST", f"/api/v1/volumes/{name}/snapshots", {"name": f"s{i}"}))
+        times.append(api_ms(d, "POST", f"/api/v1/volumes/{name}/snapshots", {"name": f"s{i}"}))
         time.sleep(0.5)
     d.cli("unexport", name, "--force")
     d.cli("volume", "delete", name, "--force")
@@ -140,7 +96,7 @@ def snapshot_times(d: Daemon, gib: float, repeats: int) -> dict:
 
 def write_amplification(tmp: str, pool_gib: float, factor: float,
                         distribution: str = "random") -> dict:
-    d = Daemon(tmp, f"{pool_gib:g}G", "4M")
+    d = daemon(tmp, f"{pool_gib:g}G")
     try:
         cap = d.cli("pool", "show")["statistics"]["capacity_bytes"]
         size = int(cap * 0.8) // MiB * MiB
@@ -166,16 +122,16 @@ def write_amplification(tmp: str, pool_gib: float, factor: float,
             "free_segments_end": c["free_segments"],
         }
     finally:
-        d.stop()
+        stop(d)
 
 
 def snapshots(a: argparse.Namespace, tmp: str, out: dict) -> None:
     log("snapshot creation time (fully written volumes)")
-    d = Daemon(os.path.join(tmp, "snap"), f"{int(a.big_gib * 1.5) + 4}G", "4M")
+    d = daemon(os.path.join(tmp, "snap"), f"{int(a.big_gib * 1.5) + 4}G")
     try:
         out["snapshots"] = [snapshot_times(d, g, a.repeats) for g in (1, a.big_gib)]
     finally:
-        d.stop()
+        stop(d)
     for s in out["snapshots"]:
         log(f"  {s['gib']:g} GiB: median {s['median_ms']} ms  {s['times_ms']}")
     small, big = (s["median_ms"] for s in out["snapshots"])
@@ -185,7 +141,7 @@ def snapshots(a: argparse.Namespace, tmp: str, out: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="bench --space", description=__doc__.split("\n\n")[0])
     ap.add_argument("--big-gib", type=float, default=16, help="size of the big snapshot volume")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--wa-pool-gib", type=float, default=4)
@@ -221,7 +177,3 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.json).write_text(json.dumps(out, indent=2))
         log(f"wrote {a.json}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
