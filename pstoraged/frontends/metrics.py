@@ -182,10 +182,10 @@ class _Collector(Collector):
         yield gauge("pstorage_pool_failed", "1 when the pool refuses writes after a device error",
                     1 if eng.failed else 0)
         yield CounterMetricFamily("pstorage_commits", "metadata commits", value=st.commits)
-        dps = ctx.dataplane.statistics()
+        dp = ctx.dataplane
         yield CounterMetricFamily("pstorage_protocol_errors", "malformed or refused data frames",
-                                  value=dps.protocol_errors)
-        yield gauge("pstorage_data_connections", "open data-socket connections", dps.connections)
+                                  value=dp.protocol_errors)
+        yield gauge("pstorage_data_connections", "open data-socket connections", len(dp._conns))
 
 
 def render(ctx: Any, st: Any) -> bytes:
