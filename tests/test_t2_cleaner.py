@@ -336,8 +336,8 @@ def test_dead_copy_of_a_live_chunk_in_the_same_segment_stays_behind(engine, monk
     records there; only the one the chunk index points at is moved. (Rewrites
     now go to the relocated stream's segment; pools written before streams
     existed have this layout, reproduced here by rewriting into the user stream.)"""
+    from pstoraged.engine import chunks as engine_module
     from pstoraged.engine import codecs
-    from pstoraged.engine import engine as engine_module
     from pstoraged.engine.segments import USER
 
     monkeypatch.setattr(engine_module, "RELOCATED", USER)

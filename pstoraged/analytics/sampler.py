@@ -132,8 +132,7 @@ class Analytics:
 def engine_health_counters(eng: Engine, gc_write_amplification: float | None
                            ) -> health.EngineHealthCounters:
     """What the engine knows about its own health (health.assess adds the device's)."""
-    erase = eng.segs.erase
-    used = [erase[i] for i in range(len(erase))]
+    used = eng.segs.erase_counts()
     ss = eng.segs.statistics()
     backing = eng.pool.backing
     # free = what is not live data: the cleaner keeps only a few segments

@@ -120,6 +120,10 @@ class Tiering:
         self.jobs = self.registry.jobs
         self._zc = zstandard.ZstdCompressor(level=RECOMPRESS_LEVEL, write_content_size=False)
 
+    def compress_cold(self, data: bytes) -> bytes:
+        """`data` compressed as recompression stores cold chunks (zstd, RECOMPRESS_LEVEL)."""
+        return self._zc.compress(data)
+
     # ------------------------------------------------------------ recommendations
     def recommendations(self, now: float | None = None) -> dict[str, Any]:
         """Engine thread. Every rule, evaluated for every volume."""
@@ -181,7 +185,7 @@ class Tiering:
     def _trial(self, cid: int) -> tuple[int, int]:
         """(current record size, record size at the recompression level) of a chunk."""
         _codec, slen = self.engine.chunk_codec(cid)
-        out = self._zc.compress(self.engine.read_chunk(cid))
+        out = self.compress_cold(self.engine.read_chunk(cid))
         return record_size(slen), min(record_size(slen), record_size(len(out)))
 
     def _volume_rules(self, vol: Volume) -> list[Recommendation]:
@@ -293,7 +297,7 @@ class RecompressRun:
                 self.next_lba = None
                 work += not todo  # an empty extent still counts as a step
         eng.dirty = True
-        eng._maybe_commit()
+        eng.commit_if_due()
         if job.extents_done >= len(self.extents):
             job.state, job.finished = "done", time.time()
             log.info("job %d done: %d of %d chunks rewritten, %d bytes saved", job.id,
@@ -306,7 +310,7 @@ class RecompressRun:
         job.chunks_examined += 1
         codec, slen = eng.chunk_codec(cid)
         data = eng.read_chunk(cid)
-        out = self.t._zc.compress(data)
+        out = self.t.compress_cold(data)
         if record_size(len(out)) >= record_size(slen) or len(out) >= BLOCK_SIZE:
             return
         old, new = eng.rewrite_chunk(cid, CODEC_ZSTD, out)

@@ -79,7 +79,8 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
                                   thresholds=Thresholds(*cfg.temperature_days))
         ctx.catalog.grace_s = cfg.destroy_grace_hours * 3600
         # garbage collection and static wear leveling run between client batches
-        await dataplane.call(lambda: engine.services.append(SegmentCleaner(engine)))
+        # (built on the engine thread: it reads its counters from the metadata)
+        await dataplane.call(lambda: engine.add_service(SegmentCleaner(engine)))
         dataplane.resolve = ctx.catalog.view  # VOL@SNAP exports
         eradicator = Eradicator(ctx.catalog, dataplane.call)
         control = ControlServer(build_app(ctx), os.path.join(run_dir, "control.sock"),

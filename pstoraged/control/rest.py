@@ -523,7 +523,7 @@ def build_app(ctx: Context) -> FastAPI:
             vols = sorted(eng.volumes.values(), key=lambda v: v.name)
             sp = [WalkSpec(v.id, v.gen, tuple(v.frozen)) for v in vols]
             sp += [WalkSpec(vid, None, ()) for vid in eng.reclaiming]
-            return eng.statistics(), vols, list(eng.reclaiming), sp, eng.map_changes
+            return eng.statistics(), vols, list(eng.reclaiming), sp, eng.changes
 
         st, vols, reclaiming, sp, version = await call(specs, flush=True)
         ctx.usage.forget({x.vid for x in sp})
@@ -542,7 +542,7 @@ def build_app(ctx: Context) -> FastAPI:
                      and not eng.by_id[x.vol_id].destroyed_ns]
             ids = {v.id for v in vols} | {x.vol_id for x in snaps}
             sp = [WalkSpec(i, eng.by_id[i].gen, tuple(eng.by_id[i].frozen)) for i in sorted(ids)]
-            return vols, snaps, sp, eng.map_changes
+            return vols, snaps, sp, eng.changes
 
         vols, snaps, sp, version = await call(find)
         walks: dict[int, VolumeWalk] = {}
@@ -734,7 +734,7 @@ def build_app(ctx: Context) -> FastAPI:
                     "eradicate_after": destroyed_ns / 1e9 + grace}
 
         def gens() -> tuple[int, list[tuple[str, int, int]], int, list[int], int]:
-            vol = ctx.catalog._volume(name, destroyed=True)
+            vol = ctx.catalog.volume(name, destroyed=True)
             return (vol.id, [(x.name, x.gen, x.destroyed_ns) for x in ctx.catalog.list(name, True)],
                     vol.gen, list(vol.frozen), vol.destroyed_ns)
 

@@ -10,6 +10,10 @@ on. When it succeeds again it is back to normal (logged once). Health (`failing(
 
 The engine thread runs services and the trio thread reads the state and reports its own
 tasks, hence the lock.
+
+`BackgroundWork` is the engine's scheduler (Engine.background_step): queued work
+(reclaim, snapshot release, map copies, index prune), always-on services (index merge,
+segment cleaner) and one-off jobs (tiering, scrub), each under the supervisor.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -145,3 +149,120 @@ class Supervisor:
         failing = self.failing()
         with self._lock:
             return SupervisorStatistics(dict(self._totals), failing)
+
+
+class BackgroundService(Protocol):
+    """Always-on engine background work (see Engine.background_step).
+
+    A `name` attribute names it in logs, health and metrics (else its class name).
+    """
+
+    def wanted(self, busy: bool) -> bool: ...
+
+    def step(self, budget: int, busy: bool) -> int: ...
+
+
+def service_name(svc: BackgroundService) -> str:
+    """The name a service is supervised and reported under."""
+    return str(getattr(svc, "name", type(svc).__name__))
+
+
+def _service_step(svc: BackgroundService, budget: int, busy: bool) -> int:
+    return svc.step(budget, busy) if svc.wanted(busy) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedWork:
+    """Engine work that exists while something is queued (a deleted volume to reclaim ...).
+
+    `pending(busy)` says whether it wants a step now; `step(budget)` does a bounded slice
+    and returns the work done.
+    """
+
+    name: str
+    pending: Callable[[bool], bool]
+    step: Callable[[int], int]
+
+
+class BackgroundWork:
+    """The order in which the engine's background work gets its slices.
+
+    `first` (reclaim, snapshot release), then the services, then `then` (map copies:
+    minutes on a huge volume, which must not hold up the cleaner or the index merge),
+    then the jobs, then `last` (index prune). A step runs the first that does something.
+    A service is registered for good (`add_service`); a job is a callable taking the
+    budget and returning the work it did, dropped once it returns 0 (`start_job`).
+    """
+
+    def __init__(self, supervisor: Supervisor, first: list[QueuedWork],
+                 then: list[QueuedWork], last: list[QueuedWork]) -> None:
+        self.supervisor = supervisor
+        self.first, self.then, self.last = first, then, last
+        self.services: list[BackgroundService] = []
+        self.jobs: list[tuple[str, Callable[[int], int]]] = []  # (name, step)
+
+    def add_service(self, svc: BackgroundService) -> None:
+        """Register an always-on service; it is stepped from now on."""
+        self.services.append(svc)
+
+    def start_job(self, step: Callable[[int], int], name: str = "job") -> None:
+        """Queue a job: `step(budget)` is called until it returns 0."""
+        self.jobs.append((name, step))
+
+    def pending_work(self) -> list[str]:
+        """Names of the queued work and jobs (not the services) that want to run."""
+        out = [w.name for w in (*self.first, *self.then, *self.last) if w.pending(False)]
+        out += [name for name, _ in self.jobs]
+        return out
+
+    def has_work(self) -> bool:
+        """Something is due that a step would run (see Engine.has_background_work)."""
+        sup = self.supervisor
+        # a failed service is tried again when due even if it wants nothing now:
+        # that run is what shows it works again
+        return (any(sup.due(name) for name in self.pending_work())
+                or any(sup.due(service_name(svc))
+                       and (sup.is_failing(service_name(svc)) or self._wanted(svc))
+                       for svc in self.services))
+
+    def _wanted(self, svc: BackgroundService) -> bool:
+        try:
+            return svc.wanted(False)
+        except Exception as e:  # counts as a failure of the service (it backs off)
+            self.supervisor.failed(service_name(svc), e)
+            return False
+
+    def _queued(self, works: list[QueuedWork], budget: int, busy: bool) -> int:
+        sup = self.supervisor
+        for w in works:
+            if w.pending(busy) and sup.due(w.name):
+                done = sup.run(w.name, w.step, budget, default=0)
+                if done:
+                    return done
+        return 0
+
+    def step(self, budget: int, busy: bool) -> int:
+        """One bounded slice of background work; returns the work done (0: none)."""
+        sup = self.supervisor
+        done = self._queued(self.first, budget, busy)
+        if done:
+            return done
+        for svc in self.services:
+            name = service_name(svc)
+            if sup.due(name):
+                done = sup.run(name, _service_step, svc, budget, busy, default=0)
+                if done:
+                    return done
+        done = self._queued(self.then, budget, busy)
+        if done:
+            return done
+        for job in list(self.jobs):
+            name, step = job
+            if not sup.due(name):
+                continue
+            done = sup.run(name, step, budget, default=-1)
+            if done > 0:
+                return done
+            if done == 0:
+                self.jobs.remove(job)
+        return self._queued(self.last, budget, busy)

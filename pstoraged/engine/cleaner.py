@@ -174,7 +174,7 @@ class _Unreadable(Exception):
 class SegmentCleaner:
     """Background service: segment cleaning and static wear leveling.
 
-    Register with `engine.services.append(SegmentCleaner(engine))`; the
+    Register with `engine.add_service(SegmentCleaner(engine))`; the
     engine thread calls `wanted(busy)` and `step(budget, busy)` between
     client batches. `run_pass()` and `clean_segment()` drive it directly
     (tests, `pstorage gc`).
@@ -234,10 +234,10 @@ class SegmentCleaner:
     def dead_fraction(self) -> float:
         """Dead share of the sealed segments' capacity (O(1): from totals)."""
         eng, segs = self.engine, self.engine.segs
-        sealed = segs.state.count(SEG_SEALED) - len(segs.pending_free)
+        sealed = segs.sealed_count() - segs.pending_free_count()
         if sealed <= 0:
             return 0.0
-        live = eng.live_stored - sum(segs.live[o] for o in segs.open if o >= 0)
+        live = eng.live_stored - segs.open_live_bytes()
         return max(0.0, 1.0 - live / (sealed * self.capacity))
 
     def _wear(self) -> tuple[int, int]:
@@ -249,18 +249,18 @@ class SegmentCleaner:
         """
         key = (self.engine.segs.next_seq, self.engine.commits)
         if self._wear_cache is None or self._wear_cache[0] != key:
-            segs = self.engine.segs
-            erase = np.frombuffer(segs.erase, dtype=np.uint32)
+            cols = self.engine.segs.columns()
+            erase = np.frombuffer(cols.erase, dtype=np.uint32)
             top = int(erase.max()) if erase.size else 0
             idx = np.flatnonzero(self._holding_data())
             coldest = int(idx[np.argmin(erase[idx])]) if idx.size else -1
             self._wear_cache = (key, top, coldest)
-            del erase
+            del erase, cols
         return self._wear_cache[1], self._wear_cache[2]
 
     def _wear_wanted(self) -> bool:
         top, coldest = self._wear()
-        return coldest >= 0 and top - self.engine.segs.erase[coldest] > WEAR_SPREAD_LIMIT
+        return coldest >= 0 and top - self.engine.segs.erase_count(coldest) > WEAR_SPREAD_LIMIT
 
     def _mode(self, busy: bool, update: bool = True) -> Mode | None:
         """What needs doing now; update=False leaves the hysteresis state alone."""
@@ -271,7 +271,8 @@ class SegmentCleaner:
         free = segs.free_count()
         if free <= segs.reserve:
             return "emergency"  # client writes fail with ENOSPC until we free a segment
-        soon = free + len(segs.pending_free)  # free after the next commit
+        pending = segs.pending_free_count()
+        soon = free + pending  # free after the next commit
         active = self._space_active
         if soon < self.low:
             active = True
@@ -279,7 +280,7 @@ class SegmentCleaner:
             active = False
         if update:
             self._space_active = active
-        if active or (free < self.low and segs.pending_free):
+        if active or (free < self.low and pending):
             return "space"
         if busy:
             return None  # the rest waits for a quiet moment
@@ -301,13 +302,14 @@ class SegmentCleaner:
     def _holding_data(self) -> np.ndarray:
         """Mask of the segments a victim can be chosen from."""
         segs = self.engine.segs
-        state = np.frombuffer(segs.state, dtype=np.uint8)
-        live = np.frombuffer(segs.live, dtype=np.uint32)
+        cols = segs.columns()
+        state = np.frombuffer(cols.state, dtype=np.uint8)
+        live = np.frombuffer(cols.live, dtype=np.uint32)
         mask = (state == SEG_SEALED) & (live > 0)  # excludes open, free and pending_free
         for s, seq in tuple(self.skip.items()):
-            if s < segs.count and segs.seq[s] == seq:
+            if s < segs.count and segs.seq_of(s) == seq:
                 mask[s] = False
-        del state, live  # release the arrays' buffers at once
+        del state, live, cols  # release the arrays' buffers at once
         return mask
 
     def _room(self, reserve_ok: bool) -> int:
@@ -316,9 +318,9 @@ class SegmentCleaner:
         free = segs.free_count() - (0 if reserve_ok else segs.reserve)
         # per segment: a record that does not fit at the end, one flush's padding
         room = max(free, 0) * (self.capacity - MAX_RECORD - ALIGN)
-        moving = segs.open[RELOCATED]  # where moved chunks go
+        moving = segs.open_segment(RELOCATED)  # where moved chunks go
         if moving >= 0:
-            room += max(0, segs.size - segs.write_ptr[moving] - MAX_RECORD)
+            room += max(0, segs.size - segs.write_ptr_of(moving) - MAX_RECORD)
         return room
 
     def choose_victim(self, mode: Mode = "space") -> tuple[int, Kind] | None:
@@ -330,17 +332,18 @@ class SegmentCleaner:
         """
         segs = self.engine.segs
         mask = self._holding_data()
-        live = np.frombuffer(segs.live, dtype=np.uint32)
+        cols = segs.columns()
+        live = np.frombuffer(cols.live, dtype=np.uint32)
         try:
             if mode == "wear":
                 top, s = self._wear()
                 if s >= 0 and not mask[s]:  # emptied or left since the cache was made
                     self._wear_cache = None
                     top, s = self._wear()
-                if s < 0 or top - segs.erase[s] <= WEAR_SPREAD_LIMIT:
+                if s < 0 or top - segs.erase_count(s) <= WEAR_SPREAD_LIMIT:
                     return None
                 # not from the reserve: moving a full segment gains nothing
-                return (s, "wear") if segs.live[s] <= self._room(False) else None
+                return (s, "wear") if segs.live_bytes(s) <= self._room(False) else None
             limit = self.idle_max_live if mode == "fragmentation" else self.max_live
             idx = np.flatnonzero(mask & (live <= min(limit, self._room(True))))
             if not idx.size:
@@ -348,25 +351,25 @@ class SegmentCleaner:
             if mode == "emergency":
                 return int(idx[np.argmin(live[idx])]), "gc"
             u = live[idx] / self.capacity
-            sealed = np.frombuffer(segs.sealed_ns, dtype=np.uint64)[idx].astype(np.float64)
+            sealed = np.frombuffer(cols.sealed_ns, dtype=np.uint64)[idx].astype(np.float64)
             age = np.maximum(self.engine.clock() - sealed / 1e9, 0.0) + AGE_BIAS
             score = (1.0 - u) * age / (1.0 + u)
             return int(idx[np.argmax(score)]), "gc"
         finally:
-            del live
+            del live, cols
 
     def _start(self, s: int, kind: Kind) -> None:
         segs = self.engine.segs
-        self._victim = _Victim(s, segs.seq[s], kind, segs.write_ptr[s])
+        self._victim = _Victim(s, segs.seq_of(s), kind, segs.write_ptr_of(s))
         if not self._in_pass:
             self._in_pass = True
             self.passes += 1
-        log.debug("cleaner: segment %d (%s), %d live bytes", s, kind, segs.live[s])
+        log.debug("cleaner: segment %d (%s), %d live bytes", s, kind, segs.live_bytes(s))
 
     def _victim_valid(self) -> bool:
         v, segs = self._victim, self.engine.segs
-        return (v is not None and segs.state[v.segment] == SEG_SEALED
-                and segs.seq[v.segment] == v.seq)
+        return (v is not None and segs.state_of(v.segment) == SEG_SEALED
+                and segs.seq_of(v.segment) == v.seq)
 
     # ------------------------------------------------------------------ the work
     def step(self, budget: int, busy: bool) -> int:
@@ -375,7 +378,8 @@ class SegmentCleaner:
         if mode is None:
             return 0
         eng, segs = self.engine, self.engine.segs
-        if mode in ("emergency", "space") and segs.free_count() < self.low and segs.pending_free:
+        if (mode in ("emergency", "space") and segs.free_count() < self.low
+                and segs.pending_free_count()):
             self._save()
             eng.flush()  # emptied segments come back only with a commit
             return 1
@@ -394,10 +398,10 @@ class SegmentCleaner:
             self._start(*picked)
         done = self._work(self._limit(budget, busy, mode))
         self._save()
-        if self._victim is None and segs.pending_free and segs.free_count() < self.low:
+        if self._victim is None and segs.pending_free_count() and segs.free_count() < self.low:
             eng.flush()  # space is needed now: free the emptied segment with a commit
         else:
-            eng._maybe_commit()
+            eng.commit_if_due()
         return max(done, 1)
 
     def _limit(self, budget: int, busy: bool, mode: Mode) -> int:
@@ -427,7 +431,7 @@ class SegmentCleaner:
             if v.off == 0:
                 self._check_header(v)
                 v.off = SegmentHeader.SIZE
-            while seen < limit and v.off < v.end and segs.live[s]:
+            while seen < limit and v.off < v.end and segs.live_bytes(s):
                 off = v.off
                 head = self._view(v, off, min(ChunkHeader.SIZE, v.end - off))
                 if head[:4] != ChunkHeader.MAGIC:
@@ -484,7 +488,7 @@ class SegmentCleaner:
             self._victim = None
             self._stalled = self._key()
             return seen
-        if segs.live[s] == 0 or v.off >= v.end:
+        if segs.live_bytes(s) == 0 or v.off >= v.end:
             self._finish(v)
         return seen
 
@@ -518,10 +522,10 @@ class SegmentCleaner:
         segs = self.engine.segs
         self._victim = None
         v.win = b""
-        if segs.live[v.segment]:
+        if segs.live_bytes(v.segment):
             # Every record was walked, yet the segment claims live bytes: the
             # accounting and the chunk index disagree. Do not loop on it.
-            self._leave(v, f"{segs.live[v.segment]} live bytes left after every record "
+            self._leave(v, f"{segs.live_bytes(v.segment)} live bytes left after every record "
                         "was walked (accounting mismatch)", checksum=False)
             return
         if v.kind == "wear":
@@ -540,8 +544,7 @@ class SegmentCleaner:
         v.error = why
         self.corrupt_records += 1
         if checksum:
-            eng.checksum_errors += 1
-            eng.dirty = True
+            eng.note_checksum_error()
         self.skip[v.segment] = v.seq
         self._wear_cache = None
         self._victim = None
@@ -566,7 +569,8 @@ class SegmentCleaner:
         self.user_bytes, self._seen = self._observe_user_bytes()
         segs = self.engine.segs
         self.skip = {s: q for s, q in self.skip.items()
-                     if s < segs.count and segs.seq[s] == q and segs.state[s] == SEG_SEALED}
+                     if s < segs.count and segs.seq_of(s) == q
+                     and segs.state_of(s) == SEG_SEALED}
         self.engine.meta.put_json("cleaner", {
             "segments_cleaned": self.segments_cleaned, "chunks_moved": self.chunks_moved,
             "bytes_moved": self.bytes_moved,
@@ -592,20 +596,20 @@ class SegmentCleaner:
         segs = self.engine.segs
         if not 0 <= s < segs.count:
             raise InvalidArgument(f"segment {s} does not exist (the pool has {segs.count})")
-        if segs.state[s] != SEG_SEALED:
+        if segs.state_of(s) != SEG_SEALED:
             raise InvalidArgument(f"segment {s} is not sealed", "only sealed segments are cleaned")
-        self.engine._check_failed()
+        self.engine.check_failed()
         self._victim = None
         self._start(s, kind)
         v = self._victim
         assert v is not None
         self._work(1 << 30 if max_records is None else max_records)
         self._save()
-        complete = v.error is None and segs.live[s] == 0
+        complete = v.error is None and segs.live_bytes(s) == 0
         if flush:
             self.engine.flush()
         else:
-            self.engine._maybe_commit()
+            self.engine.commit_if_due()
         return CleanResult(s, complete, v.chunks, v.moved, v.error)
 
     def request_pass(self) -> None:
@@ -644,9 +648,10 @@ class SegmentCleaner:
         segs = self.engine.segs
         user, _ = self._observe_user_bytes()
         moved = self.bytes_moved + self.wear_bytes_moved
-        erase = np.frombuffer(segs.erase, dtype=np.uint32)
+        cols = segs.columns()
+        erase = np.frombuffer(cols.erase, dtype=np.uint32)
         spread = int(erase.max()) - int(erase.min()) if erase.size else 0
-        del erase
+        del erase, cols
         mode = self._mode(False, update=False)
         v = self._victim
         return CleanerStatistics(

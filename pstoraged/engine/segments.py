@@ -15,7 +15,11 @@ own thread (punching a hole or BLKDISCARD can take milliseconds); a segment
 is not handed out again until its discard has finished.
 
 Per-segment state lives in compact arrays (one entry per segment, never per
-block) and is persisted in the `segs` table at each commit.
+block) and is persisted in the `segs` table at each commit. The arrays are the
+log's own: other modules read them through the query methods below
+(`state_of`, `live_bytes`, `columns()` for vectorised scans, ...), and only
+the log changes them. The engine owns the log; the segment cleaner, the
+sampler and the REST layer read it.
 """
 
 from __future__ import annotations
@@ -50,6 +54,22 @@ log = logging.getLogger(__name__)
 WRITE_BEHIND = 1 << 20  # write full blocks out once this much is buffered
 USER, RELOCATED = 0, 1  # streams: client writes; chunks moved by the cleaner or tiering
 STREAMS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentColumns:
+    """Read-only views of the per-segment arrays, one entry per segment.
+
+    For vectorised scans (numpy.frombuffer takes them without a copy); they
+    show the log's current values. Drop them when done: a live view pins
+    the array's buffer.
+    """
+
+    state: memoryview  # uint8: SEG_FREE, SEG_OPEN or SEG_SEALED
+    live: memoryview  # uint32: bytes of live records
+    seq: memoryview  # uint64: sequence number given when the segment was opened
+    erase: memoryview  # uint32: program/erase cycles
+    sealed_ns: memoryview  # uint64: when it was sealed (time.time_ns())
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +313,58 @@ class SegmentLog:
             self._discard(s)
         self.pending_free.clear()
         return freed
+
+    # queries (for the cleaner, the sampler, reports) ---------------------------
+    def state_of(self, s: int) -> int:
+        """SEG_FREE, SEG_OPEN or SEG_SEALED."""
+        return self.state[s]
+
+    def live_bytes(self, s: int) -> int:
+        """Bytes of live records in segment s."""
+        return self.live[s]
+
+    def seq_of(self, s: int) -> int:
+        """The sequence number segment s got when it was last opened (0: never used)."""
+        return self.seq[s]
+
+    def erase_count(self, s: int) -> int:
+        """Program/erase cycles segment s has been through."""
+        return self.erase[s]
+
+    def write_ptr_of(self, s: int) -> int:
+        """Where the next record of segment s would go (its data end once sealed)."""
+        return self.write_ptr[s]
+
+    def stream_of(self, s: int) -> int:
+        """The stream (USER, RELOCATED) segment s was opened for."""
+        return self.stream[s]
+
+    def open_segment(self, stream: int) -> int:
+        """The open segment of `stream`, or -1."""
+        return self.open[stream]
+
+    def open_live_bytes(self) -> int:
+        """Live bytes in the open segments (not yet sealed, so not reclaimable)."""
+        return sum(self.live[o] for o in self.open if o >= 0)
+
+    def sealed_count(self) -> int:
+        """Sealed segments, including those waiting to be freed by a commit."""
+        return self.state.count(SEG_SEALED)
+
+    def pending_free_count(self) -> int:
+        """Sealed segments with no live data left: freed by the next commit."""
+        return len(self.pending_free)
+
+    def erase_counts(self) -> list[int]:
+        """Erase count of every segment, in segment order (a copy)."""
+        return self.erase.tolist()
+
+    def columns(self) -> SegmentColumns:
+        """Read-only views of the per-segment arrays (see SegmentColumns)."""
+        return SegmentColumns(
+            memoryview(self.state).toreadonly(), memoryview(self.live).toreadonly(),
+            memoryview(self.seq).toreadonly(), memoryview(self.erase).toreadonly(),
+            memoryview(self.sealed_ns).toreadonly())
 
     # reading -----------------------------------------------------------------
     def read(self, s: int, off: int, length: int) -> bytes:

@@ -34,8 +34,9 @@ import trio
 from ..errors import Conflict, InvalidArgument, NotFound
 from .engine import NO_CHUNK, Engine, Volume
 from .format import BLOCK_SIZE
+from .maps import entries_by_block
 from .units import validate_name
-from .usage import _groups, walk_volume
+from .usage import walk_volume
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,8 @@ class Catalog:
             ok = cur.next()
         return out
 
-    def _volume(self, name: str, destroyed: bool = False) -> Volume:
+    def volume(self, name: str, destroyed: bool = False) -> Volume:
+        """The volume named `name` (a destroyed one too if `destroyed`); NotFound if none."""
         validate_name(name)
         vol = self.engine.volumes.get(name)
         if vol is None or (vol.destroyed_ns and not destroyed):
@@ -128,7 +130,7 @@ class Catalog:
         return vol
 
     def get(self, vol_name: str, snap: str, destroyed: bool = False) -> Snapshot:
-        vol = self._volume(vol_name, destroyed)
+        vol = self.volume(vol_name, destroyed)
         validate_name(snap, "snapshot")
         raw = self.meta.txn.get(self._key(vol.id, snap), db=self.meta.snaps)
         if raw is None:
@@ -146,7 +148,7 @@ class Catalog:
     # ------------------------------------------------------------ snapshots
     def create(self, vol_name: str, snap: str | None = None,
                lock_until: float | None = None) -> Snapshot:
-        vol = self._volume(vol_name)
+        vol = self.volume(vol_name)
         name = snap or f"snap-{vol.gen}"
         validate_name(name, "snapshot")
         if self.meta.txn.get(self._key(vol.id, name), db=self.meta.snaps) is not None:
@@ -167,7 +169,7 @@ class Catalog:
 
     def list(self, vol_name: str | None = None, destroyed: bool = False) -> list[Snapshot]:
         if vol_name is not None:
-            snaps = self._all(self._volume(vol_name, destroyed).id)
+            snaps = self._all(self.volume(vol_name, destroyed).id)
         else:
             snaps = self._all()
         return [s for s in snaps if destroyed or not s.destroyed_ns]
@@ -186,7 +188,7 @@ class Catalog:
 
     def delete(self, vol_name: str, snap: str) -> Snapshot:
         s = self.get(vol_name, snap)
-        self.engine.check_not_copied_from(self._volume(vol_name), s.gen)
+        self.engine.check_not_copied_from(self.volume(vol_name), s.gen)
         if self._locked(s):
             raise Conflict(f"snapshot {vol_name}@{snap} is locked until "
                            f"{iso_utc(s.lock_until)}",
@@ -235,7 +237,7 @@ class Catalog:
     def check_destroyable(self, name: str) -> Volume:
         """Conflict if the volume may not be deleted (a locked snapshot, or a clone
         still being filled from it); callers check before undoing anything."""
-        vol = self._volume(name)
+        vol = self.volume(name)
         self.engine.check_not_copied_from(vol)
         locked = [s for s in self._all(vol.id) if self._locked(s)]
         if locked:
@@ -248,24 +250,24 @@ class Catalog:
     def destroy_volume(self, name: str) -> Volume:
         vol = self.check_destroyable(name)
         vol.destroyed_ns = int(self.engine.clock() * 1e9)
-        self.engine._persist_volume(vol)
+        self.engine.save_volume(vol)
         if self.grace_s <= 0:
             self._eradicate_volume(vol)
         self.engine.flush()
         return vol
 
     def recover_volume(self, name: str) -> Volume:
-        vol = self._volume(name, destroyed=True)
+        vol = self.volume(name, destroyed=True)
         if not vol.destroyed_ns:
             raise Conflict(f"volume {name!r} is not destroyed")
         vol.destroyed_ns = 0
-        self.engine._persist_volume(vol)
+        self.engine.save_volume(vol)
         self.engine.flush()
         return vol
 
     def eradicate_volume(self, name: str) -> None:
         """Free a destroyed volume now (an operator's choice, not after the grace period)."""
-        vol = self._volume(name, destroyed=True)
+        vol = self.volume(name, destroyed=True)
         if not vol.destroyed_ns:
             raise Conflict(f"volume {name!r} is not destroyed", "delete it first")
         self._eradicate_volume(vol)
@@ -298,7 +300,7 @@ class Catalog:
     def restore(self, vol_name: str, snap: str, wait: bool = True) -> dict[str, Any]:
         """Roll the volume back to the snapshot. The map walk runs in the background
         (the volume refuses I/O meanwhile); wait=True runs it to the end here."""
-        vol = self._volume(vol_name)
+        vol = self.volume(vol_name)
         s = self.get(vol_name, snap)
         self.engine.start_restore(vol, s.gen, s.size)
         self.engine.flush()
@@ -309,7 +311,7 @@ class Catalog:
 
     def restore_result(self, vol_name: str, snap: str) -> dict[str, Any]:
         """Where the volume's restore is: its state, progress and blocks changed so far."""
-        vol = self._volume(vol_name)
+        vol = self.volume(vol_name)
         state, done, blocks = self.engine.copy_state(vol)
         if state == "ready":
             blocks = self.engine.finished_copies.get(vol.id, {}).get("blocks_changed", 0)
@@ -320,7 +322,7 @@ class Catalog:
         """A new volume sharing every block of the snapshot, filled in the background
         (it refuses I/O until then); wait=True runs the fill to the end here."""
         s = self.get(vol_name, snap)
-        src = self._volume(vol_name)
+        src = self.volume(vol_name)
         dst = self.engine.start_clone(src, s.gen, s.size, new_name)
         log.info("volume %s: clone from %s@%s started", new_name, vol_name, snap)
         if wait:
@@ -331,11 +333,11 @@ class Catalog:
         """'VOL@SNAP' -> a read-only volume object for the data plane."""
         vol_name, _, snap = export_name.partition("@")
         s = self.get(vol_name, snap)
-        return self.engine.view(self._volume(vol_name), s.gen, export_name, s.size)
+        return self.engine.view(self.volume(vol_name), s.gen, export_name, s.size)
 
     def generations(self, vol_name: str, a: str | None, b: str | None) -> tuple[Volume, int, int]:
         """Resolve two snapshot names (None = the live volume) to generations."""
-        vol = self._volume(vol_name)
+        vol = self.volume(vol_name)
         ga = self.get(vol_name, a).gen if a else vol.gen
         gb = self.get(vol_name, b).gen if b else vol.gen
         return vol, ga, gb
@@ -382,7 +384,7 @@ def diff(txn: lmdb.Transaction, db: Any, vid: int, ga: int, gb: int,
     ranges: list[list[int]] = []
     changed = 0
     truncated = False
-    for lba, entries in _groups(txn, db, vid):
+    for lba, entries in entries_by_block(txn, db, vid):
         if _at(entries, ga) == _at(entries, gb):
             continue
         changed += 1

@@ -33,7 +33,6 @@ rc = the chunk's references, size = its record's bytes in segments):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,12 +43,10 @@ from .format import (
     BLOCK_SIZE,
     CHUNK_KEY,
     CHUNK_META,
-    L2P_KEY,
     NO_CHUNK,
-    U64,
-    l2p_unpack,
     record_size,
 )
+from .maps import entries_by_block
 
 # chunks with more than one reference whose references one walk counts
 # exactly (~50 MiB of memory); past that, references to further ones count
@@ -77,26 +74,6 @@ class VolumeWalk:
         return self.stored_share + self.snapshot_stored_share + self.released_stored_share
 
 
-def _groups(txn: lmdb.Transaction, db: Any, vid: int
-            ) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-    """(lba, [(gen, chunk), newest first]) for every block of the volume with entries."""
-    cur = txn.cursor(db=db)
-    ok = cur.set_range(L2P_KEY.pack(vid, 0, 0))
-    lba_cur, entries = -1, list[tuple[int, int]]()
-    while ok:
-        v, lba, g = l2p_unpack(cur.key())
-        if v != vid:
-            break
-        if lba != lba_cur:
-            if entries:
-                yield lba_cur, entries
-            lba_cur, entries = lba, []
-        entries.append((g, U64.unpack(cur.value())[0]))
-        ok = cur.next()
-    if entries:
-        yield lba_cur, entries
-
-
 def walk_volume(txn: lmdb.Transaction, meta: Any, vid: int, live: int | None,
                 gens: list[int]) -> VolumeWalk:
     """Walk volume `vid`'s map: `live` is its live generation (None: an
@@ -107,7 +84,7 @@ def walk_volume(txn: lmdb.Transaction, meta: Any, vid: int, live: int | None,
                          for g in alive})
     tracked: dict[int, list[int]] = {}  # chunk -> [rc, size, live refs, refs] (rc > 1)
     get, chunks, ckey, unpack = txn.get, meta.chunks, CHUNK_KEY.pack, CHUNK_META.unpack
-    for _lba, entries in _groups(txn, meta.l2p, vid):
+    for _lba, entries in entries_by_block(txn, meta.l2p, vid):
         newer = 1 << 62
         for g, cid in entries:
             seen = [x for x in alive if g <= x < newer]
@@ -168,7 +145,7 @@ class WalkSpec:
 
 class UsageCache:
     """Walks of volumes' maps, each reused until the map changed (the engine's
-    `map_changes`) and it is older than the caller's max_age. One walk runs at
+    `changes`) and it is older than the caller's max_age. One walk runs at
     a time, in a worker thread on a read-only transaction of committed state;
     callers queue their work on the engine thread with flush=True first so
     the walk sees it."""
