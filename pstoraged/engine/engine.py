@@ -8,12 +8,13 @@ data is always durable before anything points at it.
 
 Per written 4 KiB block: all-zero -> no chunk; else SHA-256 fingerprint ->
 pool-wide dedupe index -> hit: one more reference; miss: compress (early
-abort) and append a new chunk record to the segment log.
+abort) and append a new chunk record to the segment log. Large writes come
+hashed and compressed by the reducer thread (reducer.py), small ones are
+reduced inline; both end in the one write path, `_apply`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -45,7 +46,7 @@ from .format import (
 )
 from .fpindex import FingerprintIndex
 from .pool import Pool
-from .reducer import KIND_ZERO, Pending
+from .reducer import KIND_ZERO, Pending, Reduction, reduce_inline
 from .segments import RELOCATED, SegmentLog
 from .units import validate_name, validate_volume_size
 
@@ -63,7 +64,6 @@ PRUNE_MIN_STALE = 4096  # stale fingerprint entries worth a background sweep
 L2P_LBA_END = (1 << 64) - 1  # reclaim position past every lba
 RECLAIM_SLICE = 1024  # per background step: a few ms, the most a request waits for it
 
-_sha256 = hashlib.sha256
 _unpack_chunk = CHUNK_META.unpack
 _pack_chunk = CHUNK_META.pack
 _ckey = CHUNK_KEY.pack
@@ -1031,18 +1031,29 @@ class Engine:
         return [bytes(buf[i : i + BLOCK_SIZE]) for i in range(0, len(buf), BLOCK_SIZE)]
 
     def write(self, vol: Volume, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        """Write bytes: partial edge blocks are merged with what is stored, the
+        blocks reduced inline, then applied like the reducer thread's results."""
         self._writable(vol)
         self._check_range(vol, offset, len(data))
         if not len(data):
             return
         blocks = self._blocks(vol, offset, data)
         self.heat.touch(vol.id, offset, len(data))
-        codec = codecs.IDS[vol.compression]
-        lba = offset // BLOCK_SIZE
-        st = vol.stats
-        st.written_bytes += BLOCK_SIZE * len(blocks)
-        for i, block in enumerate(blocks):
-            self._store(vol, lba + i, codec, block)
+        red = reduce_inline(blocks, codecs.IDS[vol.compression])
+        self._apply(vol, offset // BLOCK_SIZE, red, blocks)
+        self._written(vol, fua)
+
+    def write_reduced(self, vol: Volume, offset: int, pending: Pending,
+                      fua: bool = False) -> None:
+        """write() of whole blocks already reduced (hashed and compressed) by the
+        reducer thread: the engine thread only does the metadata."""
+        self._writable(vol)
+        red = pending.wait()
+        length = len(red[1]) * BLOCK_SIZE
+        self._check_range(vol, offset, length)
+        assert offset % BLOCK_SIZE == 0, "the reducer takes whole blocks only"
+        self.heat.touch(vol.id, offset, length)
+        self._apply(vol, offset // BLOCK_SIZE, red, None)
         self._written(vol, fua)
 
     def _written(self, vol: Volume, fua: bool) -> None:
@@ -1054,38 +1065,11 @@ class Engine:
         elif not self.defer_commits:
             self._maybe_commit()
 
-    def _store(self, vol: Volume, lba: int, codec: int, block: bytes) -> None:
-        """Map one block: zero -> hole; known fingerprint -> one more reference; else a new chunk."""
-        st = vol.stats
-        if block == ZERO_BLOCK:
-            st.zero_bytes += BLOCK_SIZE
-            self._map(vol, lba, NO_CHUNK)
-            return
-        fp = _sha256(block).digest()
-        hit = self._dedupe_lookup(fp)
-        if hit is not None:
-            cid = hit[0]
-            self._incref(cid, hit[1])
-            st.dedupe_bytes += BLOCK_SIZE
-        else:  # compressed only now: a duplicate never pays for compression
-            used, payload = self.comp.compress(codec, block)
-            cid = self._new_chunk(vol, fp, used, payload)
-            st.unique_bytes += BLOCK_SIZE
-        self._map(vol, lba, cid)
-
-    def write_reduced(self, vol: Volume, offset: int, pending: Pending,
-                      fua: bool = False) -> None:
-        """write() of whole blocks already hashed and compressed by the reducer thread.
-
-        Same result as write(); the engine thread only does the metadata.
-        """
-        self._writable(vol)
-        fps, kinds, payloads, crcs = pending.wait()
-        count = len(kinds)
-        self._check_range(vol, offset, count * BLOCK_SIZE)
-        assert offset % BLOCK_SIZE == 0, "the reducer takes whole blocks only"
-        self.heat.touch(vol.id, offset, count * BLOCK_SIZE)
-        lba = offset // BLOCK_SIZE
+    def _apply(self, vol: Volume, lba: int, red: Reduction, blocks: list[bytes] | None) -> None:
+        """The one write path: map reduced blocks from `lba`. Zero -> hole; known
+        fingerprint -> one more reference; else a new chunk. `blocks`: the raw
+        blocks, for payloads not compressed yet (reduce_inline)."""
+        fps, kinds, payloads, crcs = red
         zeros = unique = dupes = 0
         for i, kind in enumerate(kinds):
             if kind == KIND_ZERO:
@@ -1100,16 +1084,19 @@ class Engine:
                 dupes += 1
             else:
                 payload = payloads[i]
-                assert payload is not None
-                cid = self._new_chunk(vol, fp, kind, payload, crcs[i])
+                if payload is None:  # reduced inline: compressed only now
+                    assert blocks is not None
+                    used, data = self.comp.compress(kind, blocks[i])
+                    cid = self._new_chunk(vol, fp, used, data)
+                else:
+                    cid = self._new_chunk(vol, fp, kind, payload, crcs[i])
                 unique += 1
             self._map(vol, lba + i, cid)
         st = vol.stats
-        st.written_bytes += count * BLOCK_SIZE
+        st.written_bytes += len(kinds) * BLOCK_SIZE
         st.zero_bytes += zeros * BLOCK_SIZE
         st.dedupe_bytes += dupes * BLOCK_SIZE
         st.unique_bytes += unique * BLOCK_SIZE
-        self._written(vol, fua)
 
     def _check_failed(self) -> None:
         if self.failed is not None:
