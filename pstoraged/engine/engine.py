@@ -52,7 +52,6 @@ from .units import validate_name, validate_volume_size
 
 log = logging.getLogger(__name__)
 
-COMMIT_EVERY = 16384  # metadata updates per group commit when no flush comes
 MAX_EXTENTS = 1024  # runs per extents reply; NBD lets a reply cover less
 MAX_COALESCE = 256  # chunks per device read when reading adjacent records
 MAX_GAP = 4096  # padding between records worth reading through
@@ -190,10 +189,11 @@ class Engine:
         # bumped by every change of a map entry, a reference count or a record's
         # size: a cached walk of the maps (usage.py) is current while it stays
         self.map_changes = 0
-        # Set by the data plane: writes leave the periodic group commit to it,
-        # so that it can send the batch's replies and hand new requests to the
-        # reducer first, and the commit's fsync overlaps with that work.
-        self.defer_commits = False
+        # Safe points (between slices of long map changes, after each step of
+        # background work) offer the engine's owner a group commit: the owner
+        # decides (the executor's CommitPolicy); the engine only offers commit().
+        # Without an owner (tests, tools) only flush() and commit() commit.
+        self.safe_point: Callable[[], None] | None = None
         self.dirty = False
         self.failed: str | None = None  # set when the device failed a write or sync
         self.closed_clean = False  # close() committed everything and marked the pool clean
@@ -204,7 +204,7 @@ class Engine:
         self.prev_instance = bytes.fromhex(prev.get("id", "00" * 16))
         self.prev_clean = bool(prev.get("clean", False))
         self.meta.put_json("instance", {"id": self.instance.hex(), "clean": False})
-        self._commit()
+        self.commit()
         # no transaction may stay open: the engine moves to the data plane
         # thread next, and LMDB's writer lock belongs to the thread that took it
         self.meta.commit()
@@ -1057,13 +1057,11 @@ class Engine:
         self._written(vol, fua)
 
     def _written(self, vol: Volume, fua: bool) -> None:
-        """A write request is applied: count it, and commit if asked (or due)."""
+        """A write request is applied: count it, and commit if asked."""
         vol.stats.writes += 1
         self.dirty = True
         if fua:
             self.flush()
-        elif not self.defer_commits:
-            self._maybe_commit()
 
     def _apply(self, vol: Volume, lba: int, red: Reduction, blocks: list[bytes] | None) -> None:
         """The one write path: map reduced blocks from `lba`. Zero -> hole; known
@@ -1164,16 +1162,13 @@ class Engine:
 
     # ------------------------------------------------------------------ durability
     def _maybe_commit(self) -> None:
-        if self.commit_due():
-            self._commit()
+        """A safe point: no change is half applied, the owner may commit now."""
+        if self.safe_point is not None:
+            self.safe_point()
 
     def _updated(self) -> None:
         self.dirty = True
         self._maybe_commit()
-
-    def commit_due(self) -> bool:
-        """The open transaction is big enough for a group commit (see defer_commits)."""
-        return self.meta.pending_ops >= COMMIT_EVERY
 
     def _persist_counters(self) -> None:
         for vol in self.volumes.values():
@@ -1185,7 +1180,7 @@ class Engine:
             "stale_fps": self.stale_fps,
         })
 
-    def _commit(self) -> None:
+    def commit(self) -> None:
         """Group commit: segment data first, synced, then the metadata pointing at it.
 
         A failed device write or sync puts the pool in a failed state (writes
@@ -1220,19 +1215,14 @@ class Engine:
 
     def flush(self) -> None:
         """Everything acknowledged before this call is on stable storage when it returns."""
-        self._commit()
-
-    def idle(self) -> None:
-        """Called when no requests wait: bound what a crash could lose."""
-        if self.failed is None and (self.dirty or self.meta.pending_ops):
-            self._commit()
+        self.commit()
 
     def close(self) -> None:
         """Commit and mark the pool clean (not after a failure: see `closed_clean`), close."""
         try:
             if self.failed is None:
                 self.meta.put_json("instance", {"id": self.instance.hex(), "clean": True})
-                self._commit()
+                self.commit()
                 self.meta.commit()
                 self.closed_clean = True
         finally:
