@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn, Protocol
 
-from ..analytics.temperature import HeatMap
 from ..errors import Conflict, CorruptData, DeviceIOError, InvalidArgument, NotFound, ReadOnly
 from . import codecs
 from .background import Supervisor
@@ -62,10 +61,29 @@ FIRST_GEN = 1
 PRUNE_MIN_STALE = 4096  # stale fingerprint entries worth a background sweep
 L2P_LBA_END = (1 << 64) - 1  # reclaim position past every lba
 RECLAIM_SLICE = 1024  # per background step: a few ms, the most a request waits for it
+TOUCH_BATCH = 512  # accesses recorded before they are handed to the observer
 
 _unpack_chunk = CHUNK_META.unpack
 _pack_chunk = CHUNK_META.pack
 _ckey = CHUNK_KEY.pack
+
+
+class Observer(Protocol):
+    """Watches the data's use and placement from outside the engine (the heat map,
+    analytics/temperature.py), attached by the layer above (Engine.observer).
+    Called on the engine thread; accesses come in batches, not per request."""
+
+    def accessed(self, touches: list[int], n: int) -> None:
+        """touches[:n] holds n // 4 accesses as (volume id, offset, length, unix time)."""
+
+    def mapped(self, vid: int, lba: int, delta: int) -> None:
+        """A block of a volume's live map gained (+1) or lost (-1) its data."""
+
+    def before_commit(self) -> None:
+        """Put pending state into the open transaction (it commits with the data)."""
+
+    def drop_volume(self, vid: int, budget: int) -> int:
+        """A deleted volume: drop up to `budget` of its records; returns how many."""
 
 
 class BackgroundService(Protocol):
@@ -138,7 +156,11 @@ class Engine:
         self.pool = pool
         self.meta = pool.meta
         self.clock = clock
-        self.heat = HeatMap(self.meta, clock)  # data temperature per 1 MiB extent
+        self.observer: Observer | None = None  # e.g. the heat map (data temperature)
+        # accesses (volume id, offset, length, time) for the observer, handed
+        # over in batches: one preallocated list, no allocation per request
+        self._touches = [0] * (4 * TOUCH_BATCH)
+        self._ntouch = 0
         self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
         self.comp = codecs.Compressor()
         txn = self.meta.txn
@@ -495,7 +517,8 @@ class Engine:
         delta = (cid != NO_CHUNK) - (old != NO_CHUNK)
         if delta:
             vol.stats.mapped_blocks += delta
-            self.heat.mapped(vol.id, lba, delta)
+            if self.observer is not None:
+                self.observer.mapped(vol.id, lba, delta)
         self.map_changes += 1
         self.meta.pending_ops += 1
 
@@ -716,7 +739,7 @@ class Engine:
         done = len(keys)
         if len(keys) < budget:  # map done: then its temperature records
             left = budget - len(keys)
-            dropped = self.heat.drop_volume(vid, left)
+            dropped = self.observer.drop_volume(vid, left) if self.observer is not None else 0
             done += dropped
             if dropped < left:
                 del self.reclaiming[vid]
@@ -949,7 +972,8 @@ class Engine:
         for lba, cid in rows:
             self._incref(cid)
             txn.put(l2p_key(dst.id, lba, dst.gen), U64.pack(cid), db=db)
-            self.heat.mapped(dst.id, lba, 1)
+            if self.observer is not None:
+                self.observer.mapped(dst.id, lba, 1)
         dst.stats.mapped_blocks += len(rows)
         self.meta.pending_ops += len(rows)
         shared += len(rows)
@@ -989,7 +1013,7 @@ class Engine:
         self._check_range(vol, offset, length)
         vol.stats.reads += 1
         vol.stats.read_bytes += length
-        self.heat.touch(vol.id, offset, length)
+        self._touch(vol.id, offset, length)
         if length == 0:
             return b""
         first = offset // BLOCK_SIZE
@@ -1038,7 +1062,7 @@ class Engine:
         if not len(data):
             return
         blocks = self._blocks(vol, offset, data)
-        self.heat.touch(vol.id, offset, len(data))
+        self._touch(vol.id, offset, len(data))
         red = reduce_inline(blocks, codecs.IDS[vol.compression])
         self._apply(vol, offset // BLOCK_SIZE, red, blocks)
         self._written(vol, fua)
@@ -1052,7 +1076,7 @@ class Engine:
         length = len(red[1]) * BLOCK_SIZE
         self._check_range(vol, offset, length)
         assert offset % BLOCK_SIZE == 0, "the reducer takes whole blocks only"
-        self.heat.touch(vol.id, offset, length)
+        self._touch(vol.id, offset, length)
         self._apply(vol, offset // BLOCK_SIZE, red, None)
         self._written(vol, fua)
 
@@ -1112,7 +1136,7 @@ class Engine:
         """Write zeros; whole blocks become holes (no space), edges are rewritten."""
         self._writable(vol)
         self._check_range(vol, offset, length)
-        self.heat.touch(vol.id, offset, length)
+        self._touch(vol.id, offset, length)
         end = offset + length
         first = -(-offset // BLOCK_SIZE)
         last = end // BLOCK_SIZE
@@ -1161,6 +1185,33 @@ class Engine:
         return runs
 
     # ------------------------------------------------------------------ durability
+    def _touch(self, vid: int, offset: int, length: int) -> None:
+        """Record an access for the observer (a few stores; batches go out full)."""
+        if self.observer is None:
+            return
+        n = self._ntouch
+        t = self._touches
+        t[n] = vid
+        t[n + 1] = offset
+        t[n + 2] = length
+        t[n + 3] = int(self.clock())
+        n += 4
+        if n == len(t):
+            self.observer.accessed(t, n)
+            n = 0
+        self._ntouch = n
+
+    def pass_accesses(self) -> None:
+        """Hand the accesses recorded so far to the observer now."""
+        if self._ntouch and self.observer is not None:
+            self.observer.accessed(self._touches, self._ntouch)
+        self._ntouch = 0
+
+    def _observer_commit(self) -> None:
+        if self.observer is not None:
+            self.pass_accesses()
+            self.observer.before_commit()
+
     def _maybe_commit(self) -> None:
         """A safe point: no change is half applied, the owner may commit now."""
         if self.safe_point is not None:
@@ -1191,7 +1242,7 @@ class Engine:
         self._check_failed()
         try:
             self.segs.flush_data()
-            self.heat.write_out()
+            self._observer_commit()
             self._persist_counters()
             txn = self.meta.txn
             for k, v in self.segs.dirty_records():
