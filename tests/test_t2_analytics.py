@@ -10,7 +10,7 @@ import random
 import pytest
 
 from pstoraged.analytics.history import DAILY, DAY, HOURLY, RAW, CapacityHistory, snapshot
-from pstoraged.analytics.temperature import MAX_PENDING, Thresholds
+from pstoraged.analytics.temperature import MAX_PENDING, HeatMap, Thresholds
 from pstoraged.analytics.tiering import Tiering
 from pstoraged.engine.engine import Engine
 from pstoraged.engine.format import BLOCK_SIZE
@@ -39,10 +39,17 @@ def clock():
     return Clock()
 
 
+def open_engine(path, clock) -> Engine:
+    """An engine with its heat map attached, as the daemon opens it."""
+    e = Engine(open_pool(str(path)), clock=clock)
+    HeatMap.attach(e)
+    return e
+
+
 @pytest.fixture
 def eng(tmp_path, clock):
     make_pool(str(tmp_path), size=160 << 20)
-    e = Engine(open_pool(str(tmp_path)), clock=clock)
+    e = open_engine(tmp_path, clock)
     yield e
     if e.pool.backing.fd >= 0:
         e.close()
@@ -56,7 +63,7 @@ def text_block(i: int) -> bytes:
 
 def temps(eng: Engine, name: str, th: Thresholds | None = None) -> dict[str, int]:
     v = eng.volume(name)
-    t = eng.heat.classify(v.id, v.name, v.size, v.stats.mapped_blocks * BLOCK_SIZE,
+    t = HeatMap.of(eng).classify(v.id, v.name, v.size, v.stats.mapped_blocks * BLOCK_SIZE,
                           th or Thresholds())
     return {c: d["bytes"] for c, d in t.classes.items()} | {"untracked": t.untracked_bytes}
 
@@ -80,7 +87,7 @@ def test_temperature_classes_follow_the_clock(eng, clock, tmp_path):
     before = temps(eng, "v")
     assert before["cold"] == 0 and before["hot"] == MiB and before["warm"] == MiB // 2
     eng.close()
-    e2 = Engine(open_pool(str(tmp_path)), clock=clock)
+    e2 = open_engine(tmp_path, clock)
     try:
         assert temps(e2, "v") == before
     finally:
@@ -90,23 +97,23 @@ def test_temperature_classes_follow_the_clock(eng, clock, tmp_path):
 def test_temperature_memory_is_bounded_and_crash_consistent(eng, clock, tmp_path):
     v = eng.create_volume("big", 1 << 40)  # 1 TiB thin volume: a million extents
     for e in range(MAX_PENDING + 100):
-        eng.heat.touch(v.id, e * MiB, 512)
-        assert len(eng.heat._last) <= MAX_PENDING
+        HeatMap.of(eng).touch(v.id, e * MiB, 512)
+        assert len(HeatMap.of(eng)._last) <= MAX_PENDING
     eng.write(v, 0, os.urandom(2 * BLOCK_SIZE))
     eng.flush()
     eng.write(v, 5 * MiB, os.urandom(BLOCK_SIZE))  # not flushed: lost in the crash
     crash(eng)
-    e2 = Engine(open_pool(str(tmp_path)), clock=clock)
+    e2 = open_engine(tmp_path, clock)
     try:
         vv = e2.volume("big")
         assert vv.stats.mapped_blocks == 2
-        t = e2.heat.classify(vv.id, "big", vv.size, 2 * BLOCK_SIZE, Thresholds())
+        t = HeatMap.of(e2).classify(vv.id, "big", vv.size, 2 * BLOCK_SIZE, Thresholds())
         assert t.classes["hot"]["bytes"] == 2 * BLOCK_SIZE and t.untracked_bytes == 0
         # deleting the volume drops its temperature records in the background
         e2.delete_volume("big")
         while e2.background_step(1000, busy=False):
             pass
-        assert e2.heat.extents(vv.id) == []
+        assert HeatMap.of(e2).extents(vv.id) == []
     finally:
         e2.close()
 
@@ -136,7 +143,7 @@ def test_capacity_history_compacts_and_survives_restart(eng, clock, tmp_path):
     assert used == sorted(used)  # growth survives averaging
     eng.flush()
     eng.close()
-    e2 = Engine(open_pool(str(tmp_path)), clock=clock)
+    e2 = open_engine(tmp_path, clock)
     try:
         assert len(CapacityHistory(e2.meta).series()) == len(series)
     finally:
@@ -173,7 +180,7 @@ def test_recompress_cold_data_recommendation_and_job(eng, clock, tmp_path):
     assert eng.read(v, 0, len(data)) == data
     eng.flush()
     eng.close()
-    e2 = Engine(open_pool(str(tmp_path)), clock=clock)
+    e2 = open_engine(tmp_path, clock)
     try:
         assert e2.read(e2.volume("logs"), 0, len(data)) == data
         # done: the rule no longer fires
@@ -202,7 +209,7 @@ def test_recompression_crash_midway_loses_nothing(eng, clock, tmp_path):
         "nothing was rewritten between the commit and the crash"
     assert job.state != "done", "the job finished: the crash would not be midway"
     crash(eng)
-    e2 = Engine(open_pool(str(tmp_path)), clock=clock)
+    e2 = open_engine(tmp_path, clock)
     try:
         assert e2.read(e2.volume("logs"), 0, len(data)) == data
         assert e2.live_stored == stored1  # the committed half stays rewritten, the rest as before

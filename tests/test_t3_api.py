@@ -17,6 +17,7 @@ import time
 import pytest
 
 from pstoraged.analytics.history import DAY, CapacityHistory, snapshot
+from pstoraged.analytics.temperature import HeatMap
 from pstoraged.control.client import Client
 from pstoraged.engine.engine import Engine
 from pstoraged.engine.pool import open_pool
@@ -314,6 +315,7 @@ def _seed_history_and_cold_data(pool_dir: str) -> bytes:
     now = time.time()
     clock = [now - 40 * DAY]
     eng = Engine(open_pool(pool_dir), clock=lambda: clock[0])
+    HeatMap.attach(eng)  # as the daemon opens it
     try:
         v = eng.create_volume("logs", 64 * MiB)
         line = b"2026-10-20 12:00:00 INFO request served path=/index.html status=200\n"

@@ -19,7 +19,7 @@ from ..frontends.dataplane import DataPlane
 from . import forecast as fc
 from . import health
 from .history import HOUR, CapacityHistory, snapshot
-from .temperature import EXTENT_SIZE, Thresholds
+from .temperature import EXTENT_SIZE, HeatMap, Thresholds
 from .tiering import Tiering
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class Analytics:
         def run() -> dict[str, Any]:
             eng = self.engine
             now = eng.clock()
-            vols = [eng.heat.classify(v.id, v.name, v.size, v.stats.mapped_blocks * 4096, th, now)
+            heat = HeatMap.of(eng)
+            vols = [heat.classify(v.id, v.name, v.size, v.stats.mapped_blocks * 4096, th, now)
                     .to_dict() for v in sorted(eng.volumes.values(), key=lambda v: v.name)]
             pool: dict[str, int] = {}
             for v in vols:

@@ -2,8 +2,10 @@
 and how much data it holds, so data can be classed hot / warm / cold / frozen.
 
 Per extent the `heat` table holds (last access time, mapped blocks). The
-engine reports accesses and mapping changes here; they collect in two
-bounded dicts and are written at each commit (or when the dicts fill), so
+heat map is an observer of the engine (Engine.observer, attached by
+`HeatMap.attach`; the engine does not import analytics): it gets accesses in
+batches and mapping changes; they collect in two bounded dicts and are
+written into the transaction of each commit (or when the dicts fill), so
 memory stays bounded by MAX_PENDING however large the volumes are, and the
 table is as durable as the data. Keeping the mapped-block count per extent
 lets a classification say how many bytes of data are hot or cold by walking
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.engine import Engine
 from ..engine.format import BLOCK_SIZE
 from ..engine.metadata import MetaStore
 
@@ -101,6 +104,39 @@ class HeatMap:
         self.clock = clock
         self._last: dict[int, int] = {}  # key -> last access (unix s)
         self._delta: dict[int, int] = {}  # key -> change in mapped blocks
+        self._pull: Callable[[], None] | None = None  # fetches accesses not handed over yet
+
+    @classmethod
+    def attach(cls, engine: Engine) -> HeatMap:
+        """The engine's heat map: made and attached as its observer if it has none."""
+        obs = engine.observer
+        if isinstance(obs, HeatMap):
+            return obs
+        assert obs is None, f"the engine already has an observer: {obs!r}"
+        heat = cls(engine.meta, engine.clock)
+        heat._pull = engine.pass_accesses
+        engine.observer = heat
+        return heat
+
+    of = attach
+
+    # ------------------------------------------------------------ observer (engine thread)
+    def accessed(self, touches: list[int], n: int) -> None:
+        """A batch of accesses: (volume id, offset, length, unix time) each."""
+        d = self._last
+        for i in range(0, n, 4):
+            base = touches[i] << _VID_SHIFT
+            offset = touches[i + 1]
+            first = offset >> EXTENT_SHIFT
+            last = (offset + max(touches[i + 2], 1) - 1) >> EXTENT_SHIFT
+            now = touches[i + 3]
+            for e in range(first, last + 1):
+                d[base | e] = now
+        if len(d) > MAX_PENDING:
+            self.write_out()
+
+    def before_commit(self) -> None:
+        self.write_out()
 
     # ------------------------------------------------------------ hot path
     def touch(self, vid: int, offset: int, length: int) -> None:
@@ -163,6 +199,8 @@ class HeatMap:
     # ------------------------------------------------------------ reading
     def extents(self, vid: int, end_extent: int | None = None) -> list[tuple[int, int, int]]:
         """(extent, last access, mapped blocks) of a volume, pending updates included."""
+        if self._pull is not None:
+            self._pull()
         self.write_out()
         out = []
         cur = self.meta.txn.cursor(db=self.meta.heat)

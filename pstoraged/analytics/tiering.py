@@ -37,7 +37,7 @@ from ..engine.format import BLOCK_SIZE, record_size
 from ..engine.jobs import JobRecord, JobRegistry, fraction
 from ..engine.units import human_bytes
 from ..errors import Conflict, InvalidArgument, NotFound
-from .temperature import EXTENT_SIZE, Thresholds
+from .temperature import EXTENT_SIZE, HeatMap, Thresholds
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class Job(JobRecord):
 def _cold_extents(engine: Engine, vol: Volume, th: Thresholds, now: float) -> list[int]:
     """Extents of the volume that hold data and were last accessed cold or frozen."""
     end = -(-vol.size // EXTENT_SIZE)
-    return [e for e, last, mapped in engine.heat.extents(vol.id, end)
+    return [e for e, last, mapped in HeatMap.of(engine).extents(vol.id, end)
             if mapped and last and th.classify(now - last) >= 2]
 
 
@@ -132,8 +132,9 @@ class Tiering:
         recs: list[Recommendation] = []
         frozen_total = 0
         for vol in sorted(eng.volumes.values(), key=lambda v: v.name):
-            temp = eng.heat.classify(vol.id, vol.name, vol.size, vol.stats.mapped_blocks * BLOCK_SIZE,
-                                     self.thresholds, now)
+            temp = HeatMap.of(eng).classify(vol.id, vol.name, vol.size,
+                                            vol.stats.mapped_blocks * BLOCK_SIZE,
+                                            self.thresholds, now)
             frozen_total += temp.classes["frozen"]["bytes"]
             rec = self._recompress_rec(vol, temp.classes, now)
             if rec:

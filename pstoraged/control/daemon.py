@@ -12,7 +12,7 @@ import sys
 import trio
 
 from ..analytics.sampler import Analytics
-from ..analytics.temperature import Thresholds
+from ..analytics.temperature import HeatMap, Thresholds
 from ..engine.cleaner import SegmentCleaner
 from ..engine.engine import Engine
 from ..engine.format import DEFAULT_SEGMENT_SIZE
@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                         segment_size=parse_size(args.segment_size), force=args.force)
             log.info("created pool in %s on %s", cfg.pool_dir, args.device)
         engine = Engine(open_pool(cfg.pool_dir))
+        HeatMap.attach(engine)  # data temperature: an observer of the engine
     except PStorageError as e:
         print(f"pstoraged: {e}", file=sys.stderr)
         return e.exit_code

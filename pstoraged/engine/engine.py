@@ -8,7 +8,9 @@ data is always durable before anything points at it.
 
 Per written 4 KiB block: all-zero -> no chunk; else SHA-256 fingerprint ->
 pool-wide dedupe index -> hit: one more reference; miss: compress (early
-abort) and append a new chunk record to the segment log.
+abort) and append a new chunk record to the segment log. Large writes come
+hashed and compressed by the reducer thread (reducer.py), small ones are
+reduced inline; both end in the one write path, `_apply`.
 
 This module holds the request path (read, write, trim, extents), the map
 updates and the commit policy; the rest lives in the parts it composes:
@@ -21,15 +23,13 @@ parts change the open transaction only; the engine decides when to commit.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from ..analytics.temperature import HeatMap
 from ..errors import DeviceIOError, InvalidArgument, NotFound, ReadOnly
 from . import codecs
 from .background import BackgroundService, BackgroundWork, QueuedWork, Supervisor
@@ -45,7 +45,7 @@ from .format import (
 from .generations import Generations
 from .maps import L2PMap, Reclaimer
 from .pool import Pool
-from .reducer import KIND_ZERO, Pending
+from .reducer import KIND_ZERO, Pending, Reduction, reduce_inline
 from .segments import SegmentLog
 from .units import validate_volume_size
 from .volumes import FIRST_GEN, Volume, VolumeCatalog, VolumeStats
@@ -55,12 +55,29 @@ __all__ = ["FIRST_GEN", "NO_CHUNK", "BackgroundService", "Engine", "EngineStatis
 
 log = logging.getLogger(__name__)
 
-COMMIT_EVERY = 16384  # metadata updates per group commit when no flush comes
 MAX_EXTENTS = 1024  # runs per extents reply; NBD lets a reply cover less
 UNMAP_SLICE = 4096  # map entries released per slice of a trim
 RECLAIM_SLICE = 1024  # per background step: a few ms, the most a request waits for it
 
-_sha256 = hashlib.sha256
+TOUCH_BATCH = 512  # accesses recorded before they are handed to the observer
+
+
+class Observer(Protocol):
+    """Watches the data's use and placement from outside the engine (the heat map,
+    analytics/temperature.py), attached by the layer above (Engine.observer).
+    Called on the engine thread; accesses come in batches, not per request."""
+
+    def accessed(self, touches: list[int], n: int) -> None:
+        """touches[:n] holds n // 4 accesses as (volume id, offset, length, unix time)."""
+
+    def mapped(self, vid: int, lba: int, delta: int) -> None:
+        """A block of a volume's live map gained (+1) or lost (-1) its data."""
+
+    def before_commit(self) -> None:
+        """Put pending state into the open transaction (it commits with the data)."""
+
+    def drop_volume(self, vid: int, budget: int) -> int:
+        """A deleted volume: drop up to `budget` of its records; returns how many."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +116,11 @@ class Engine:
         self.pool = pool
         self.meta = pool.meta
         self.clock = clock
-        self.heat = HeatMap(self.meta, clock)  # data temperature per 1 MiB extent
+        self.observer: Observer | None = None  # e.g. the heat map (data temperature)
+        # accesses (volume id, offset, length, time) for the observer, handed
+        # over in batches: one preallocated list, no allocation per request
+        self._touches = [0] * (4 * TOUCH_BATCH)
+        self._ntouch = 0
         self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
         txn = self.meta.txn
         self.segs.load((bytes(k), bytes(v)) for k, v in txn.cursor(db=self.meta.segs))
@@ -123,10 +144,10 @@ class Engine:
         self._lookup, self._visible = self.maps.lookup, self.maps.entries
         self._mapped_lbas, self.visible = self.maps.mapped_lbas, self.maps.data_blocks
         # deleted volumes whose map entries are still being released: id -> next lba
-        self.reclaimer = Reclaimer(self.meta, ch, self.heat.drop_volume)
+        self.reclaimer = Reclaimer(self.meta, ch, self._observe_drop)
         self.reclaiming = self.reclaimer.reclaiming
         self.generations = Generations(self.meta, self.catalog, self.maps, ch,
-                                       map_block=self._map, heat_mapped=self.heat.mapped)
+                                       map_block=self._map, heat_mapped=self._observe_mapped)
         self.dropping = self.generations.dropping  # [volume id, generation, next lba]
         self.restoring = self.generations.restoring  # volume id -> [gen, size, next lba, changed]
         self.filling = self.generations.filling  # clone id -> [source id, gen, next lba, shared]
@@ -152,10 +173,11 @@ class Engine:
         self.commits = 0
         # bumped by every change of a map entry (_map); `changes` adds the chunks'
         self.map_changes = 0
-        # Set by the data plane: writes leave the periodic group commit to it,
-        # so that it can send the batch's replies and hand new requests to the
-        # reducer first, and the commit's fsync overlaps with that work.
-        self.defer_commits = False
+        # Safe points (between slices of long map changes, after each step of
+        # background work) offer the engine's owner a group commit: the owner
+        # decides (the executor's CommitPolicy); the engine only offers commit().
+        # Without an owner (tests, tools) only flush() and commit() commit.
+        self.safe_point: Callable[[], None] | None = None
         self.dirty = False
         self.failed: str | None = None  # set when the device failed a write or sync
         self.closed_clean = False  # close() committed everything and marked the pool clean
@@ -166,7 +188,7 @@ class Engine:
         self.prev_instance = bytes.fromhex(prev.get("id", "00" * 16))
         self.prev_clean = bool(prev.get("clean", False))
         self.meta.put_json("instance", {"id": self.instance.hex(), "clean": False})
-        self._commit()
+        self.commit()
         # no transaction may stay open: the engine moves to the data plane
         # thread next, and LMDB's writer lock belongs to the thread that took it
         self.meta.commit()
@@ -213,9 +235,16 @@ class Engine:
         self.dirty = True
 
     def commit_if_due(self) -> None:
-        """Commit if the open transaction is big enough (group commit); background
-        work calls this after each slice."""
+        """A safe point for the owner's commit policy; background work (the
+        cleaner, tiering) calls this after each slice."""
         self._maybe_commit()
+
+    def _observe_mapped(self, vid: int, lba: int, delta: int) -> None:
+        if self.observer is not None:
+            self.observer.mapped(vid, lba, delta)
+
+    def _observe_drop(self, vid: int, budget: int) -> int:
+        return self.observer.drop_volume(vid, budget) if self.observer is not None else 0
 
     def check_failed(self) -> None:
         """DeviceIOError if the pool failed (it then refuses writes until a restart)."""
@@ -334,7 +363,8 @@ class Engine:
         delta = (cid != NO_CHUNK) - (old != NO_CHUNK)
         if delta:
             vol.stats.mapped_blocks += delta
-            self.heat.mapped(vol.id, lba, delta)
+            if self.observer is not None:
+                self.observer.mapped(vol.id, lba, delta)
         self.map_changes += 1
         self.meta.pending_ops += 1
 
@@ -491,7 +521,7 @@ class Engine:
         self._check_range(vol, offset, length)
         vol.stats.reads += 1
         vol.stats.read_bytes += length
-        self.heat.touch(vol.id, offset, length)
+        self._touch(vol.id, offset, length)
         if length == 0:
             return b""
         first = offset // BLOCK_SIZE
@@ -533,61 +563,43 @@ class Engine:
         return [bytes(buf[i : i + BLOCK_SIZE]) for i in range(0, len(buf), BLOCK_SIZE)]
 
     def write(self, vol: Volume, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        """Write bytes: partial edge blocks are merged with what is stored, the
+        blocks reduced inline, then applied like the reducer thread's results."""
         self._writable(vol)
         self._check_range(vol, offset, len(data))
         if not len(data):
             return
         blocks = self._blocks(vol, offset, data)
-        self.heat.touch(vol.id, offset, len(data))
-        codec = codecs.IDS[vol.compression]
-        lba = offset // BLOCK_SIZE
-        st = vol.stats
-        st.written_bytes += BLOCK_SIZE * len(blocks)
-        for i, block in enumerate(blocks):
-            self._store(vol, lba + i, codec, block)
+        self._touch(vol.id, offset, len(data))
+        red = reduce_inline(blocks, codecs.IDS[vol.compression])
+        self._apply(vol, offset // BLOCK_SIZE, red, blocks)
+        self._written(vol, fua)
+
+    def write_reduced(self, vol: Volume, offset: int, pending: Pending,
+                      fua: bool = False) -> None:
+        """write() of whole blocks already reduced (hashed and compressed) by the
+        reducer thread: the engine thread only does the metadata."""
+        self._writable(vol)
+        red = pending.wait()
+        length = len(red[1]) * BLOCK_SIZE
+        self._check_range(vol, offset, length)
+        assert offset % BLOCK_SIZE == 0, "the reducer takes whole blocks only"
+        self._touch(vol.id, offset, length)
+        self._apply(vol, offset // BLOCK_SIZE, red, None)
         self._written(vol, fua)
 
     def _written(self, vol: Volume, fua: bool) -> None:
-        """A write request is applied: count it, and commit if asked (or due)."""
+        """A write request is applied: count it, and commit if asked."""
         vol.stats.writes += 1
         self.dirty = True
         if fua:
             self.flush()
-        elif not self.defer_commits:
-            self._maybe_commit()
 
-    def _store(self, vol: Volume, lba: int, codec: int, block: bytes) -> None:
-        """Map one block: zero -> hole; known fingerprint -> one more reference; else a new chunk."""
-        st = vol.stats
-        if block == ZERO_BLOCK:
-            st.zero_bytes += BLOCK_SIZE
-            self._map(vol, lba, NO_CHUNK)
-            return
-        fp = _sha256(block).digest()
-        hit = self._dedupe_lookup(fp)
-        if hit is not None:
-            cid = hit[0]
-            self._incref(cid, hit[1])
-            st.dedupe_bytes += BLOCK_SIZE
-        else:  # compressed only now: a duplicate never pays for compression
-            used, payload = self.comp.compress(codec, block)
-            cid = self._new_chunk(vol, fp, used, payload)
-            st.unique_bytes += BLOCK_SIZE
-        self._map(vol, lba, cid)
-
-    def write_reduced(self, vol: Volume, offset: int, pending: Pending,
-                      fua: bool = False) -> None:
-        """write() of whole blocks already hashed and compressed by the reducer thread.
-
-        Same result as write(); the engine thread only does the metadata.
-        """
-        self._writable(vol)
-        fps, kinds, payloads, crcs = pending.wait()
-        count = len(kinds)
-        self._check_range(vol, offset, count * BLOCK_SIZE)
-        assert offset % BLOCK_SIZE == 0, "the reducer takes whole blocks only"
-        self.heat.touch(vol.id, offset, count * BLOCK_SIZE)
-        lba = offset // BLOCK_SIZE
+    def _apply(self, vol: Volume, lba: int, red: Reduction, blocks: list[bytes] | None) -> None:
+        """The one write path: map reduced blocks from `lba`. Zero -> hole; known
+        fingerprint -> one more reference; else a new chunk. `blocks`: the raw
+        blocks, for payloads not compressed yet (reduce_inline)."""
+        fps, kinds, payloads, crcs = red
         zeros = unique = dupes = 0
         for i, kind in enumerate(kinds):
             if kind == KIND_ZERO:
@@ -602,16 +614,19 @@ class Engine:
                 dupes += 1
             else:
                 payload = payloads[i]
-                assert payload is not None
-                cid = self._new_chunk(vol, fp, kind, payload, crcs[i])
+                if payload is None:  # reduced inline: compressed only now
+                    assert blocks is not None
+                    used, data = self.comp.compress(kind, blocks[i])
+                    cid = self._new_chunk(vol, fp, used, data)
+                else:
+                    cid = self._new_chunk(vol, fp, kind, payload, crcs[i])
                 unique += 1
             self._map(vol, lba + i, cid)
         st = vol.stats
-        st.written_bytes += count * BLOCK_SIZE
+        st.written_bytes += len(kinds) * BLOCK_SIZE
         st.zero_bytes += zeros * BLOCK_SIZE
         st.dedupe_bytes += dupes * BLOCK_SIZE
         st.unique_bytes += unique * BLOCK_SIZE
-        self._written(vol, fua)
 
     def _check_failed(self) -> None:
         if self.failed is not None:
@@ -629,7 +644,7 @@ class Engine:
         """Write zeros; whole blocks become holes (no space), edges are rewritten."""
         self._writable(vol)
         self._check_range(vol, offset, length)
-        self.heat.touch(vol.id, offset, length)
+        self._touch(vol.id, offset, length)
         end = offset + length
         first = -(-offset // BLOCK_SIZE)
         last = end // BLOCK_SIZE
@@ -678,17 +693,41 @@ class Engine:
         return runs
 
     # ------------------------------------------------------------------ durability
+    def _touch(self, vid: int, offset: int, length: int) -> None:
+        """Record an access for the observer (a few stores; batches go out full)."""
+        if self.observer is None:
+            return
+        n = self._ntouch
+        t = self._touches
+        t[n] = vid
+        t[n + 1] = offset
+        t[n + 2] = length
+        t[n + 3] = int(self.clock())
+        n += 4
+        if n == len(t):
+            self.observer.accessed(t, n)
+            n = 0
+        self._ntouch = n
+
+    def pass_accesses(self) -> None:
+        """Hand the accesses recorded so far to the observer now."""
+        if self._ntouch and self.observer is not None:
+            self.observer.accessed(self._touches, self._ntouch)
+        self._ntouch = 0
+
+    def _observer_commit(self) -> None:
+        if self.observer is not None:
+            self.pass_accesses()
+            self.observer.before_commit()
+
     def _maybe_commit(self) -> None:
-        if self.commit_due():
-            self._commit()
+        """A safe point: no change is half applied, the owner may commit now."""
+        if self.safe_point is not None:
+            self.safe_point()
 
     def _updated(self) -> None:
         self.dirty = True
         self._maybe_commit()
-
-    def commit_due(self) -> bool:
-        """The open transaction is big enough for a group commit (see defer_commits)."""
-        return self.meta.pending_ops >= COMMIT_EVERY
 
     def _persist_counters(self) -> None:
         for vol in self.volumes.values():
@@ -700,7 +739,7 @@ class Engine:
             "stale_fps": self.stale_fps,
         })
 
-    def _commit(self) -> None:
+    def commit(self) -> None:
         """Group commit: segment data first, synced, then the metadata pointing at it.
 
         A failed device write or sync puts the pool in a failed state (writes
@@ -711,7 +750,7 @@ class Engine:
         self._check_failed()
         try:
             self.segs.flush_data()
-            self.heat.write_out()
+            self._observer_commit()
             self._persist_counters()
             txn = self.meta.txn
             for k, v in self.segs.dirty_records():
@@ -735,19 +774,14 @@ class Engine:
 
     def flush(self) -> None:
         """Everything acknowledged before this call is on stable storage when it returns."""
-        self._commit()
-
-    def idle(self) -> None:
-        """Called when no requests wait: bound what a crash could lose."""
-        if self.failed is None and (self.dirty or self.meta.pending_ops):
-            self._commit()
+        self.commit()
 
     def close(self) -> None:
         """Commit and mark the pool clean (not after a failure: see `closed_clean`), close."""
         try:
             if self.failed is None:
                 self.meta.put_json("instance", {"id": self.instance.hex(), "clean": True})
-                self._commit()
+                self.commit()
                 self.meta.commit()
                 self.closed_clean = True
         finally:
@@ -772,3 +806,4 @@ class Engine:
             read_errors=self.pool.backing.read_errors,
             commits=self.commits,
         )
+

@@ -8,10 +8,12 @@ SHA-256, compression, one GIL release per request) on the other core while the
 engine thread applies earlier requests, and the engine then only looks up
 fingerprints and updates the map (Engine.write_reduced).
 
-Results are identical to the engine's own Python path, so the choice is only
-about speed: small writes (the hand-off costs more than it saves) and
-unaligned ones (they need a read-modify-write first) stay on the engine thread,
-and without the compiled module everything does.
+Small writes (the hand-off costs more than it saves) and unaligned ones (they
+need a read-modify-write first) are reduced inline instead (`reduce_inline`,
+on the engine thread), and without the compiled module everything is. Both
+give a `Reduction`, which the engine's one write path applies
+(Engine._apply), so the choice is only about speed; the executor makes it
+(frontends/executor.py).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from hashlib import sha256
 from typing import Any
 
-from .format import BLOCK_SIZE
+from .format import BLOCK_SIZE, ZERO_BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,35 @@ AVAILABLE = _CReducer is not None
 OFFLOAD_MIN = 16384  # bytes: below this a write is reduced inline
 
 # (fingerprints: 32 bytes per block, kinds: codec per block or KIND_ZERO,
-#  payloads: what to store per block, None for zero blocks, their CRC-32s)
+#  payloads: what to store per block, None for zero blocks (and, from
+#  reduce_inline, for blocks not compressed yet), their CRC-32s)
 Reduction = tuple[bytes, bytes, list[bytes | None], list[int]]
+_NO_FP = bytes(32)  # the fingerprint slot of a zero block
+_NO_CRCS: list[int] = []
+
+
+def reduce_inline(blocks: list[bytes], codec: int) -> Reduction:
+    """The Reduction of whole blocks on the calling thread: zero test and
+    fingerprints only. Payloads stay None: the engine compresses a block only
+    when the dedupe index misses, so a duplicate never pays for compression."""
+    if len(blocks) == 1:  # the common small write: no joins
+        b = blocks[0]
+        if b == ZERO_BLOCK:
+            return _NO_FP, _ZERO_KINDS, [None], _NO_CRCS
+        return sha256(b).digest(), bytes((codec,)), [None], _NO_CRCS
+    fps: list[bytes] = []
+    kinds = bytearray(len(blocks))
+    for i, b in enumerate(blocks):
+        if b == ZERO_BLOCK:
+            kinds[i] = KIND_ZERO
+            fps.append(_NO_FP)
+        else:
+            kinds[i] = codec
+            fps.append(sha256(b).digest())
+    return b"".join(fps), bytes(kinds), [None] * len(blocks), _NO_CRCS
+
+
+_ZERO_KINDS = bytes((KIND_ZERO,))
 
 
 class Pending:

@@ -37,11 +37,11 @@ from ..engine import codecs, reducer
 from ..engine.engine import Engine, Volume
 from ..errors import DeviceIOError, PStorageError
 from . import protocol as P
+from .executor import IDLE_COMMIT_SECONDS, CommitPolicy
 from .metrics import IoStats
 
 log = logging.getLogger(__name__)
 
-IDLE_COMMIT_SECONDS = 1.0
 RECV_SIZE = 1 << 20
 MAX_OUT = 64 << 20  # stop reading a connection whose replies pile up beyond this
 BUSY_RECLAIM = 128  # map entries of deleted volumes released per batch under load
@@ -111,6 +111,7 @@ class DataPlane:
         self._reducer: reducer.ReducerThread | None = None
         # requests parsed while the engine waited for the reducer: the next batch
         self._ahead: list[_Job] = []
+        self.policy: CommitPolicy | None = None  # set by start(): this thread decides commits
 
     # ------------------------------------------------------------ control side
     def start(self) -> None:
@@ -121,7 +122,8 @@ class DataPlane:
         self._ep.register(self._listener.fileno(), select.EPOLLIN)
         self._ep.register(self._wakefd, select.EPOLLIN)
         self._reducer = reducer.start()
-        self.engine.defer_commits = True  # group commits come after the replies (_execute)
+        # group commits come after the replies (_execute) or at engine safe points
+        self.policy = CommitPolicy(self.engine)
         self._thread = threading.Thread(target=self._run, name="dataplane", daemon=True)
         self._thread.start()
 
@@ -189,7 +191,7 @@ class DataPlane:
                     self._background_progress = done > 0
                 if not events and self._jobs.empty() and not self._ahead:
                     if not done:
-                        self._guard(self.engine.idle)
+                        self._guard(self._policy().idle)
                     continue
                 batch, self._ahead = self._ahead, []
                 for fd, ev in events:
@@ -237,6 +239,10 @@ class DataPlane:
                 log.exception("closing the pool failed")
             if self._reducer is not None:
                 self._reducer.stop()
+
+    def _policy(self) -> CommitPolicy:
+        assert self.policy is not None
+        return self.policy
 
     def _read_ahead(self) -> None:
         """Parse requests that arrived meanwhile, so the reducer gets them now.
@@ -461,10 +467,10 @@ class DataPlane:
         self.requests += len(batch)
         self.max_batch = max(self.max_batch, len(batch))
         self._deliver(results)
-        if self.engine.commit_due():
+        if self._policy().due():
             # the replies are out; the reducer works on what came in while we commit
             self._read_ahead()
-            self._guard(self.engine.flush)  # the group commit that is due
+            self._guard(self.engine.commit)  # the group commit that is due
 
     def _deliver(self, results: Iterable[_Result]) -> None:
         now = monotonic_ns()
