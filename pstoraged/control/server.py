@@ -25,7 +25,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from ..errors import InvalidArgument
-from ..frontends.dataplane import bind_unix_sync
+from ..frontends.sockets import bind_unix_sync
 
 log = logging.getLogger(__name__)
 
