@@ -1,4 +1,4 @@
-"""The control socket: the REST API (rest.py) served by hypercorn on the
+"""The control socket: the REST API (api/) served by hypercorn on the
 daemon's trio loop.
 
 The unix socket (default /run/pstorage/control.sock) is mode 0660 and owned
