@@ -267,7 +267,7 @@ def test_scrub_reads_every_chunk_and_reports_the_bad_one(eng, caplog):
 # ---------------------------------------------------------------- reduction report
 def reduction(eng: Engine) -> dict:
     """GET /api/v1/metrics/reduction's report, on the committed state."""
-    from pstoraged.control.rest import reduction_report
+    from pstoraged.control.api.analytics import reduction_report
     from pstoraged.engine.usage import walk_volume
 
     eng.flush()

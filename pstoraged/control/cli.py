@@ -231,7 +231,7 @@ def cmd_volume_space(args: argparse.Namespace, c: Client) -> None:
     r = c.get(f"/api/v1/volumes/{args.name}/space")
 
     def row(name: str, x: dict) -> list[str]:
-        return [name, *(_b(x[k]) for k in ("logical_bytes", "unique_bytes", "shared_bytes")),
+        return [name, *(human_bytes(x[k]) for k in ("logical_bytes", "unique_bytes", "shared_bytes")),
                 x["state"], _time(x["eradicate_after"]) if x["eradicate_after"] else "-"]
 
     v = r["volume"]
@@ -241,16 +241,12 @@ def cmd_volume_space(args: argparse.Namespace, c: Client) -> None:
     gone = r["destroyed_snapshots"]
     if v["state"] == "destroyed":
         human += (f"\n\n{args.name} is destroyed: eradicating it frees "
-                  f"{_b(v['reclaimable_bytes'])} (pstorage volume eradicate {args.name})")
+                  f"{human_bytes(v['reclaimable_bytes'])} (pstorage volume eradicate {args.name})")
     elif gone["count"]:
         human += (f"\n\ndestroyed snapshots: {gone['count']}; eradicating them frees "
-                  f"{_b(gone['reclaimable_bytes'])} (they are eradicated at the time shown)")
+                  f"{human_bytes(gone['reclaimable_bytes'])} (they are eradicated at the time shown)")
     human += "\nUNIQUE: physical bytes only it holds (freed if it went); SHARED: held with others"
     _emit(args, r, human)
-
-
-def _b(n: int) -> str:
-    return human_bytes(n)
 
 
 def _snap_rows(snaps: list[dict]) -> list[list[str]]:
@@ -341,8 +337,6 @@ def cmd_snapshot_diff(args: argparse.Namespace, c: Client) -> None:
 
 
 def cmd_export(args: argparse.Namespace, c: Client) -> None:
-    import os
-
     body = {"tcp": args.tcp, "readonly": args.readonly,
             "tls_psk_file": os.path.abspath(args.tls_psk) if args.tls_psk else None,
             "tls_certificates": os.path.abspath(args.tls_certificates) if args.tls_certificates
@@ -606,20 +600,12 @@ def _gc_line(x: dict, before: dict | None = None) -> str:
 
 
 def cmd_gc(args: argparse.Namespace, c: Client) -> None:
-    import time
-
     x = c.post("/api/v1/gc")["cleaner"]
     if not args.wait:
         return _emit(args, x, _gc_line(x))
     before = x
-    tty = not args.json and sys.stderr.isatty()
-    while x["requested"] or x["victim"] is not None:
-        if tty:
-            print("\r" + _gc_line(x, before), end="", file=sys.stderr, flush=True)
-        time.sleep(0.5)
-        x = c.get("/api/v1/pool")["cleaner"]
-    if tty:
-        print(file=sys.stderr)
+    x = _poll(args, x, lambda: c.get("/api/v1/pool")["cleaner"],
+              lambda x: x["requested"] or x["victim"] is not None, lambda x: _gc_line(x, before))
     run = {k: x[k] - before[k] for k in GC_COUNTERS}
     _emit(args, {"this_run": run, "cleaner": x}, _gc_line(x, before))
 
@@ -646,7 +632,15 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pstorage", description="Manage a PStorage pool and its volumes.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    # in this order: --help lists the commands so
+    for add in (_pool_commands, _volume_commands, _snapshot_commands, _serving_commands,
+                _report_commands, _maintenance_commands):
+        add(sub)
+    return p
 
+
+def _pool_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """pool create, pool show"""
     pool = sub.add_parser("pool", help="create or inspect the pool").add_subparsers(dest="sub", required=True)
     pc = pool.add_parser("create", help="format a device or file as a pool (daemon not running)")
     pc.add_argument("--dir", default="/var/lib/pstorage", help="pool directory (metadata)")
@@ -657,6 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc.set_defaults(local=cmd_pool_create)
     pool.add_parser("show", help="pool capacity and state").set_defaults(fn=cmd_pool_show)
 
+
+def _volume_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """volume create, list, show, resize, delete, recover, eradicate, space, clone"""
     vol = sub.add_parser("volume", help="volumes").add_subparsers(dest="sub", required=True)
     c = vol.add_parser("create")
     c.add_argument("name")
@@ -693,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="return at once; the clone refuses I/O until it is filled")
     cl.set_defaults(fn=cmd_volume_clone)
 
+
+def _snapshot_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """snapshot create, list, delete, recover, eradicate, restore, export, lock, diff"""
     sn = sub.add_parser("snapshot", help="snapshots").add_subparsers(dest="sub", required=True)
     x = sn.add_parser("create", help="take an instant snapshot")
     x.add_argument("volume")
@@ -725,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("b", nargs="?", help="VOLUME@NEWER (default: the live volume)")
     x.set_defaults(fn=cmd_snapshot_diff)
 
+
+def _serving_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """export, unexport, attach, detach (volumes and VOL@SNAP)"""
     e = sub.add_parser("export", help="serve a volume over NBD; prints its URI")
     e.add_argument("name")
     e.add_argument("--tcp", help="also serve on TCP ADDR:PORT")
@@ -745,6 +748,10 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("name", help="VOLUME or VOLUME@SNAPSHOT")
     dt.add_argument("--force", action="store_true", help="even if mounted (lazy)")
     dt.set_defaults(fn=cmd_detach)
+
+
+def _report_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """stats, forecast, health, temperature, tiering"""
     x = sub.add_parser("stats", help="data reduction per volume and pool",
                        description="Data reduction of the pool and of each volume.",
                        epilog=STATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -769,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     ta.add_argument("id")
     ta.add_argument("--wait", action="store_true", help="follow the job until it finishes")
     ta.set_defaults(fn=cmd_tiering_apply)
+
+
+def _maintenance_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """devices, gc, scrub, jobs"""
     x = sub.add_parser("devices", help="candidate backing devices: size, model, in use, data")
     x.set_defaults(local=cmd_devices)
     x = sub.add_parser("gc", help="compact the pool now (the cleaner also runs on its own)")
@@ -780,7 +791,6 @@ def build_parser() -> argparse.ArgumentParser:
     j = sub.add_parser("jobs", help="background jobs and their progress")
     j.add_argument("id", nargs="?", type=int)
     j.set_defaults(fn=cmd_jobs)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from ..frontends.exports import ExportManager
 from ..frontends.fusefs import FuseFrontEnd
 from ..frontends.loopdev import loop_devices_on
 from . import config, logsetup, sdnotify
-from .rest import Context, build_app
+from .api import Context, build_app
 from .server import ControlServer
 
 log = logging.getLogger("pstoraged")

@@ -1,4 +1,4 @@
-"""The control socket: the REST API (rest.py) served by hypercorn on the
+"""The control socket: the REST API (api/) served by hypercorn on the
 daemon's trio loop.
 
 The unix socket (default /run/pstorage/control.sock) is mode 0660 and owned
@@ -25,7 +25,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from ..errors import InvalidArgument
-from ..frontends.dataplane import bind_unix_sync
+from ..frontends.sockets import bind_unix_sync
 
 log = logging.getLogger(__name__)
 

@@ -39,6 +39,7 @@ from ..errors import DeviceIOError, PStorageError
 from . import protocol as P
 from .executor import IDLE_COMMIT_SECONDS, CommitPolicy
 from .metrics import IoStats
+from .sockets import bind_unix_sync
 
 log = logging.getLogger(__name__)
 
@@ -550,24 +551,3 @@ def _noop() -> None:
 
 def _extents(runs: list[tuple[int, int]]) -> bytes:
     return b"".join(P.EXTENT.pack(n, t, 0) for n, t in runs)
-
-
-def bind_unix_sync(path: str, mode: int = 0o660) -> socket.socket:
-    """Listen on a unix socket, refusing to steal one a live process still serves."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        os.unlink(path)  # stale socket of an earlier run
-    else:
-        raise OSError(errno.EADDRINUSE, f"{path} is served by another process")
-    finally:
-        probe.close()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, mode)
-    sock.listen(128)
-    return sock
