@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any, NoReturn
+from zlib import crc32 as _zcrc32
 
 from ..errors import CorruptData, DeviceIOError, NotFound
 from . import codecs
@@ -135,7 +136,7 @@ class ChunkStore:
         """Append a new chunk (one reference) for a write to `vol`; returns its id."""
         cid = self.next_chunk
         if crc is None:
-            crc = crc32(payload)
+            crc = _zcrc32(payload)  # format.crc32 of one part, without the extra call
         hdr = pack_chunk_header(KIND_CHUNK, codec, cid, BLOCK_SIZE, len(payload), fp, crc)
         try:
             s, off, size = self.segs.append(hdr, payload)

@@ -257,7 +257,8 @@ class SegmentLog:
 
         reserve_ok: the segment cleaner may open a segment from the reserve.
         """
-        need = align_up(len(header) + len(payload), RECORD_ALIGN)
+        # align_up(..., RECORD_ALIGN), inline: this runs once per stored chunk
+        need = (len(header) + len(payload) + RECORD_ALIGN - 1) // RECORD_ALIGN * RECORD_ALIGN
         s = self.open[stream]
         if s < 0 or self.write_ptr[s] + need > self.size:
             if s >= 0:
