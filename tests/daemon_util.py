@@ -118,3 +118,24 @@ def new_daemon(size: int = 4 << 30, segment_size: int = 1 << 20) -> Daemon:
 def remove(d: Daemon) -> None:
     d.cleanup()
     shutil.rmtree(os.path.dirname(d.pool_dir), ignore_errors=True)
+
+
+# nbdsh one-liners (libnbd's Python module under Debian's python3, as nbdkit uses)
+NBDSH = ["/usr/bin/python3", "-m", "nbd"]
+
+
+def nbd_write(uri: str, offset: int, data: bytes) -> None:
+    subprocess.run(NBDSH + ["-u", uri, "-c",
+                            f"import sys; h.pwrite(sys.stdin.buffer.read(), {offset}); h.flush()"],
+                   input=data, check=True, timeout=60)
+
+
+def nbd_read(uri: str, offset: int, length: int) -> bytes:
+    return subprocess.run(NBDSH + ["-u", uri, "-c", f"import sys; sys.stdout.buffer.write("
+                                   f"h.pread({length}, {offset}))"],
+                          capture_output=True, check=True, timeout=60).stdout
+
+
+def nbd_size(uri: str) -> int:
+    return int(subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
+                              check=True, timeout=60).stdout)

@@ -13,26 +13,14 @@ import pytest
 
 from pstoraged.errors import Conflict, NotFound
 
-from .daemon_util import Daemon
+from .daemon_util import Daemon, nbd_size, nbd_write
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("nbdkit") and shutil.which("nbdinfo")),
     reason="nbdkit / libnbd tools not installed (run scripts/setup)",
 )
 
-NBDSH = ["/usr/bin/python3", "-m", "nbd"]
 MiB = 1 << 20
-
-
-def nbd_write(uri: str, offset: int, data: bytes) -> None:
-    subprocess.run(NBDSH + ["-u", uri, "-c",
-                            f"import sys; h.pwrite(sys.stdin.buffer.read(), {offset}); h.flush()"],
-                   input=data, check=True, timeout=60)
-
-
-def nbd_size(uri: str) -> int:
-    return int(subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True,
-                              check=True, timeout=60).stdout)
 
 
 def show(d: Daemon, name: str) -> dict:

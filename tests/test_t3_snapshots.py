@@ -11,20 +11,9 @@ import pytest
 
 from pstoraged.errors import Conflict
 
-NBDSH = ["/usr/bin/python3", "-m", "nbd"]
+from .daemon_util import NBDSH, nbd_read, nbd_write
+
 MiB = 1 << 20
-
-
-def nbd_write(uri: str, offset: int, data: bytes) -> None:
-    subprocess.run(NBDSH + ["-u", uri, "-c",
-                            f"import sys; h.pwrite(sys.stdin.buffer.read(), {offset}); h.flush()"],
-                   input=data, check=True, timeout=60)
-
-
-def nbd_read(uri: str, offset: int, length: int) -> bytes:
-    return subprocess.run(NBDSH + ["-u", uri, "-c", f"import sys; sys.stdout.buffer.write("
-                                   f"h.pread({length}, {offset}))"],
-                          capture_output=True, check=True, timeout=60).stdout
 
 
 def test_snapshot_export_clone_restore_diff_through_nbd(daemon):
