@@ -166,14 +166,12 @@ class Executor:
         for req in batch:
             op = req.op
             try:  # the engine call, inline: this loop is the hot path of every request
-                if op == WRITE:
-                    data = req.data
-                    if isinstance(data, bytes):
-                        eng.write(req.volume, req.offset, data)  # type: ignore[arg-type]
-                    else:
-                        if not data.ready():
-                            self.read_ahead()  # keep the reducer busy while we wait for it
-                        eng.write_reduced(req.volume, req.offset, data)  # type: ignore[arg-type]
+                if op == WRITE and isinstance(req.data, bytes):
+                    eng.write(req.volume, req.offset, req.data)  # type: ignore[arg-type]
+                elif op == WRITE:  # the reducer's pending result
+                    if not req.data.ready():
+                        self.read_ahead()  # keep the reducer busy while we wait for it
+                    eng.write_reduced(req.volume, req.offset, req.data)  # type: ignore[arg-type]
                 elif op == READ:
                     req.result = eng.read(req.volume, req.offset,  # type: ignore[arg-type]
                                           req.length)
