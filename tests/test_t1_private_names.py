@@ -18,11 +18,6 @@ ROOT = Path(__file__).resolve().parent.parent / "pstoraged"
 
 # (module path relative to pstoraged/, attribute or imported name): why it is allowed
 ALLOWED: dict[tuple[str, str], str] = {
-    # DataPlane.statistics() has the count, but dataplane.py is being reworked
-    # elsewhere and tests/test_t2_background.py fakes the data plane with
-    # `protocol_errors` and `_conns` only; move to statistics() with that change
-    ("frontends/metrics.py", "_conns"):
-        "open data connections for /metrics; see the comment above",
     # argparse has no public name for the object add_subparsers() returns; the
     # CLI's per-group builders take it as a parameter and are typed with it
     ("control/cli.py", "_SubParsersAction"):

@@ -17,6 +17,7 @@ from pstoraged.analytics.sampler import engine_health_counters
 from pstoraged.engine import background
 from pstoraged.engine.cleaner import SegmentCleaner
 from pstoraged.errors import DeviceIOError
+from pstoraged.frontends.dataplane import DataPlaneStatistics
 from pstoraged.frontends.metrics import IoStats, render
 
 
@@ -34,8 +35,10 @@ def _health(engine):
 
 
 def _metrics(engine) -> dict[str, float]:
+    stats = DataPlaneStatistics(connections=0, batches=0, requests=0, max_batch=0,
+                                protocol_errors=0, commits=0)
     ctx = SimpleNamespace(engine=engine, dataplane=SimpleNamespace(
-        io=IoStats(), protocol_errors=0, _conns={}))
+        io=IoStats(), statistics=lambda: stats))
     out = {}
     for line in render(ctx, engine.statistics()).decode().splitlines():
         if line and not line.startswith("#"):

@@ -6,13 +6,17 @@ and task switches (measured: 8.5k IOPS). So the data socket is served by a
 plain epoll loop in the same thread that runs the engine, and every wake-up
 handles everything that is ready as one batch:
 
-    poll -> read all ready connections -> parse every complete frame
-         -> run the batch on the engine (FIFO) -> commit once if any request
-            in it asked for durability -> send every reply
+    poll -> read all ready connections -> parse every complete frame into an
+            executor Request -> add the requests other threads submitted
+         -> Executor.run: the batch on the engine (FIFO), replies as requests
+            finish, one commit before the durable ones' replies
 
-The trio loop (control plane) never touches the engine directly: it queues
-jobs with `call()`, which wakes this thread through an eventfd, and awaits
-the result. See docs/design.md for the concurrency rules.
+This module is the NBD-style socket's translator (frames -> requests, results
+-> reply frames) and the thread's loop; executor.py runs the requests. The
+trio loop (control plane) never touches the engine directly: it queues jobs
+with `call()` (FUSE submits its requests to the executor the same way), which
+wakes this thread through an eventfd, and awaits the result. See
+docs/design.md for the concurrency rules.
 """
 
 from __future__ import annotations
@@ -20,12 +24,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import queue
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from time import monotonic_ns
@@ -33,11 +36,11 @@ from typing import Any
 
 import trio
 
-from ..engine import codecs, reducer
 from ..engine.engine import Engine, Volume
-from ..errors import DeviceIOError, PStorageError
+from ..errors import PStorageError
+from . import executor as X
 from . import protocol as P
-from .executor import IDLE_COMMIT_SECONDS, CommitPolicy
+from .executor import IDLE_COMMIT_SECONDS, Executor, Request
 from .metrics import IoStats
 from .sockets import bind_unix_sync
 
@@ -76,20 +79,15 @@ class _Conn:
         self.closing = False  # close once the queued replies are sent
 
 
-# A batch entry: (connection or None, handle, fn, args, wants_commit, encode or control
-# callback, metrics op index (-1: not counted), bytes, monotonic ns when parsed)
-_Job = tuple[Any, int, Callable[..., Any], tuple, bool, Any, int, int, int]
-_Result = tuple[Any, int, Any, BaseException | None, bool, Any, int, int, int]
-_M_READ, _M_WRITE, _M_ZERO, _M_TRIM, _M_FLUSH, _M_EXTENTS = range(6)  # metrics.OPS order
+_DATA_OPS = {P.OP_READ: X.READ, P.OP_ZERO: X.ZERO, P.OP_TRIM: X.TRIM,
+             P.OP_EXTENTS: X.EXTENTS}  # wire op -> executor op (writes and flushes apart)
+_CHANGES = (P.OP_WRITE, P.OP_TRIM, P.OP_ZERO)
 
 
 class DataPlane:
     def __init__(self, engine: Engine, socket_path: str) -> None:
         self.engine = engine
         self.path = socket_path
-        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple, bool, Callable]] = (
-            queue.SimpleQueue()
-        )
         self._wakefd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._ep = select.epoll()
         self._conns: dict[int, _Conn] = {}
@@ -104,16 +102,16 @@ class DataPlane:
         # One receive buffer for all connections: sock.recv(1 MiB) would
         # allocate (mmap) and free a megabyte per call, ~20 us (measured).
         self._rbuf = memoryview(bytearray(RECV_SIZE))
-        self.batches = self.requests = self.max_batch = self.protocol_errors = 0
+        self.protocol_errors = 0
         self.io = IoStats()  # per-volume counters and latency histograms (/metrics)
+        # runs every front end's requests on this thread, decides commits
+        self.executor = Executor(engine, self.io, self._wake)
+        self.executor.read_ahead = self._read_ahead
+        self._answer_fn = self._answer  # bound once: every request carries it
         # 'VOL@SNAP' -> read-only snapshot view (set by the daemon: snapshots.Catalog.view)
         self.resolve: Callable[[str], Volume] | None = None
-        # hashes and compresses large writes on the other core (see reducer.py)
-        self._reducer: reducer.ReducerThread | None = None
         # requests parsed while the engine waited for the reducer: the next batch
-        self._ahead: list[_Job] = []
-        self.policy: CommitPolicy | None = None  # set by start(): this thread decides commits
-
+        self._ahead: list[Request] = []
     # ------------------------------------------------------------ control side
     def start(self) -> None:
         """Bind the data socket and start the thread (call from the trio thread)."""
@@ -122,9 +120,7 @@ class DataPlane:
         self._listener.setblocking(False)
         self._ep.register(self._listener.fileno(), select.EPOLLIN)
         self._ep.register(self._wakefd, select.EPOLLIN)
-        self._reducer = reducer.start()
-        # group commits come after the replies (_execute) or at engine safe points
-        self.policy = CommitPolicy(self.engine)
+        self.executor.start()  # the reducer thread; commits at the engine's safe points
         self._thread = threading.Thread(target=self._run, name="dataplane", daemon=True)
         self._thread.start()
 
@@ -138,12 +134,11 @@ class DataPlane:
         token = self._token
         assert token is not None
 
-        def done(res: Any, exc: BaseException | None) -> None:
-            box.append((res, exc))
+        def done(req: Request) -> None:
+            box.append((req.result, req.error))
             token.run_sync_soon(ev.set)
 
-        self._jobs.put((fn, args, flush, done))
-        self._wake()
+        self.executor.submit([X.call(fn, args, flush, done)])
         await ev.wait()
         res, exc = box[0]
         if exc is not None:
@@ -160,90 +155,94 @@ class DataPlane:
         self._thread = None
 
     def statistics(self) -> DataPlaneStatistics:
-        return DataPlaneStatistics(len(self._conns), self.batches, self.requests,
-                                   self.max_batch, self.protocol_errors, self.engine.commits)
+        ex = self.executor
+        return DataPlaneStatistics(len(self._conns), ex.batches, ex.requests,
+                                   ex.max_batch, self.protocol_errors, self.engine.commits)
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
         try:
             while not self._stopping:
-                # Background work (reclaiming deleted volumes, pruning the
-                # dedupe index) runs between batches a bounded slice at a time,
-                # small slices while clients are active, big ones once quiet.
-                background = self.engine.has_background_work()
-                timeout = IDLE_COMMIT_SECONDS
-                if background:
-                    timeout = 0 if self._background_progress else QUIET_SECONDS
-                else:  # a failed service's retry may come sooner than that
-                    retry = self.engine.supervisor.next_due_in()
-                    if retry is not None:
-                        timeout = min(timeout, retry)
-                events = self._ep.poll(0 if self._ahead else timeout)
-                done = 0
-                if background:
-                    # control jobs (the wake-up fd) do not make clients busy
-                    busy = (any(fd != self._wakefd for fd, _ in events)
-                            or time.monotonic() - self._last_io < QUIET_SECONDS)
-                    if busy and self._reducer is not None:
-                        self._read_ahead()  # the reducer works on them meanwhile
-                    done = self._guard(partial(self.engine.background_step,
-                                               BUSY_RECLAIM if busy else IDLE_RECLAIM,
-                                               busy=busy)) or 0
-                    self._background_progress = done > 0
-                if not events and self._jobs.empty() and not self._ahead:
-                    if not done:
-                        self._guard(self._policy().idle)
-                    continue
-                batch, self._ahead = self._ahead, []
-                for fd, ev in events:
-                    if fd == self._wakefd:
-                        try:
-                            os.eventfd_read(self._wakefd)
-                        except BlockingIOError:
-                            pass
-                    elif self._listener is not None and fd == self._listener.fileno():
-                        self._accept()
-                    else:
-                        conn = self._conns.get(fd)
-                        if conn is None:
-                            continue
-                        try:
-                            if ev & select.EPOLLOUT:
-                                self._flush_out(conn)
-                            if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                                self._read(conn, batch)
-                        except Exception:  # a bug must cost one connection, not the daemon
-                            log.exception("data conn %d: dropped after an internal error", conn.id)
-                            self._close(conn)
-                if batch:  # client requests (control jobs below do not make clients busy)
-                    self._last_io = time.monotonic()
-                while True:  # control jobs, after the data requests seen so far
-                    try:
-                        fn, args, flush, reply = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    batch.append((None, 0, fn, args, flush, reply, -1, 0, 0))
-                if batch:
-                    self._execute(batch)
+                self._step()
         except Exception:
             log.exception("data plane crashed")
             raise
         finally:
-            for conn in list(self._conns.values()):
-                self._close(conn)
-            if self._listener is not None:
-                self._listener.close()
-            try:
-                self.engine.close()
-            except Exception as e:
-                self.close_error = f"{type(e).__name__}: {e}"
-                log.exception("closing the pool failed")
-            if self._reducer is not None:
-                self._reducer.stop()
+            self._shut_down()
 
-    def _policy(self) -> CommitPolicy:
-        assert self.policy is not None
-        return self.policy
+    def _step(self) -> None:
+        """One wake-up: background work, then everything that is ready as one batch."""
+        background = self.engine.has_background_work()
+        events = self._ep.poll(0 if self._ahead else self._poll_timeout(background))
+        done = self._background_step(events) if background else 0
+        ex = self.executor
+        if not events and not self._ahead and ex.inbox.empty():
+            if not done:
+                self._guard(ex.policy.idle)
+            return
+        batch, self._ahead = self._ahead, []
+        for fd, ev in events:
+            conn = self._conns.get(fd)
+            if conn is None:
+                self._control_event(fd)
+                continue
+            try:
+                if ev & select.EPOLLOUT:
+                    self._flush_out(conn)
+                if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    self._read(conn, batch)
+            except Exception:  # a bug must cost one connection, not the daemon
+                log.exception("data conn %d: dropped after an internal error", conn.id)
+                self._close(conn)
+        if batch:  # client requests (submitted ones below do not make clients busy)
+            self._last_io = time.monotonic()
+        if not ex.inbox.empty():  # submitted requests, after the data requests seen so far
+            ex.take_submitted(batch)
+        if batch:
+            ex.run(batch)
+
+    def _poll_timeout(self, background: bool) -> float:
+        if background:
+            return 0 if self._background_progress else QUIET_SECONDS
+        retry = self.engine.supervisor.next_due_in()  # a failed service's retry may be sooner
+        return IDLE_COMMIT_SECONDS if retry is None else min(IDLE_COMMIT_SECONDS, retry)
+
+    def _background_step(self, events: list[tuple[int, int]]) -> int:
+        """Background work (reclaiming deleted volumes, pruning the dedupe index)
+        runs between batches a bounded slice at a time, small slices while
+        clients are active, big ones once quiet."""
+        # control jobs (the wake-up fd) do not make clients busy
+        busy = (any(fd != self._wakefd for fd, _ in events)
+                or time.monotonic() - self._last_io < QUIET_SECONDS)
+        if busy and self.executor.reducer is not None:
+            self._read_ahead()  # the reducer works on them meanwhile
+        done = self._guard(partial(self.engine.background_step,
+                                   BUSY_RECLAIM if busy else IDLE_RECLAIM, busy=busy)) or 0
+        self._background_progress = done > 0
+        return done
+
+    def _control_event(self, fd: int) -> None:
+        """The wake-up eventfd or the listening socket is ready."""
+        if fd == self._wakefd:
+            try:
+                os.eventfd_read(self._wakefd)
+            except BlockingIOError:
+                pass
+        elif self._listener is not None and fd == self._listener.fileno():
+            self._accept()
+
+    def _shut_down(self) -> None:
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        if self._listener is not None:
+            self._listener.close()
+        try:
+            self.engine.close()
+        except Exception as e:
+            self.close_error = f"{type(e).__name__}: {e}"
+            log.exception("closing the pool failed")
+        if self.executor.reducer is not None:
+            self.executor.reducer.stop()
 
     def _read_ahead(self) -> None:
         """Parse requests that arrived meanwhile, so the reducer gets them now.
@@ -295,7 +294,7 @@ class DataPlane:
             pass
         conn.sock.close()
 
-    def _read(self, conn: _Conn, batch: list[_Job]) -> None:
+    def _read(self, conn: _Conn, batch: list[Request]) -> None:
         # A large frame can be caught half sent: read on while one is
         # incomplete and more is there, rather than leaving its rest (and the
         # request) for the next poll, after the whole next batch.
@@ -313,7 +312,7 @@ class DataPlane:
             if not self._parse_frames(conn, batch):
                 return
 
-    def _parse_frames(self, conn: _Conn, batch: list[_Job]) -> bool:
+    def _parse_frames(self, conn: _Conn, batch: list[Request]) -> bool:
         """Parse every complete frame of conn.inbuf; True if an incomplete one is left."""
         buf = conn.inbuf
         pos = 0
@@ -351,7 +350,7 @@ class DataPlane:
                     errno.errorcode.get(err, str(err)))
         self._send(conn, P.reply(handle, err, msg.encode()))
 
-    def _parse(self, conn: _Conn, batch: list[_Job], op: int, flags: int, handle: int,
+    def _parse(self, conn: _Conn, batch: list[Request], op: int, flags: int, handle: int,
                offset: int, length: int, payload: bytes) -> None:
         eng = self.engine
         if flags & ~P.KNOWN_FLAGS:
@@ -369,7 +368,8 @@ class DataPlane:
         if op == P.OP_SIZE:
             return self._send(conn, P.reply(handle, 0, vol.size.to_bytes(8, "little")))
         if op == P.OP_FLUSH:
-            batch.append((conn, handle, _noop, (), True, None, _M_FLUSH, 0, monotonic_ns()))
+            batch.append(Request(X.FLUSH, vol, 0, 0, None, True, self._answer_fn, conn, handle,
+                                 monotonic_ns()))
             return None
         if offset % P.SECTOR or length % P.SECTOR:
             return self._refuse(conn, handle, errno.EINVAL,
@@ -380,36 +380,17 @@ class DataPlane:
             err = errno.ENOSPC if op in (P.OP_WRITE, P.OP_ZERO, P.OP_TRIM) else errno.EINVAL
             return self._refuse(conn, handle, err,
                                 f"{P.OP_NAMES[op]} {offset}+{length} beyond the end ({vol.size})")
-        if op in (P.OP_WRITE, P.OP_TRIM, P.OP_ZERO) and vol.readonly:
+        if op in _CHANGES and vol.readonly:
             return self._refuse(conn, handle, errno.EROFS, f"volume {vol.name} is read-only")
-        fua = bool(flags & P.FLAG_FUA)
         t0 = monotonic_ns()
-        if op == P.OP_READ:
-            batch.append((conn, handle, eng.read, (vol, offset, length), False, None,
-                          _M_READ, length, t0))
-        elif op == P.OP_WRITE:
-            fn, wargs = self.write_job(vol, offset, payload)
-            batch.append((conn, handle, fn, wargs, fua, None, _M_WRITE, length, t0))
-        elif op in (P.OP_ZERO, P.OP_TRIM):
-            batch.append((conn, handle, eng.zero, (vol, offset, length), fua, None,
-                          _M_ZERO if op == P.OP_ZERO else _M_TRIM, length, t0))
-        elif op == P.OP_EXTENTS:
-            batch.append((conn, handle, eng.extents, (vol, offset, length), False, _extents,
-                          _M_EXTENTS, 0, t0))
+        if op == P.OP_WRITE:
+            batch.append(self.executor.write(vol, offset, payload, bool(flags & P.FLAG_FUA),
+                                             self._answer_fn, conn, handle, t0))
+        else:
+            batch.append(Request(_DATA_OPS[op], vol, offset, length, None,
+                                 bool(flags & P.FLAG_FUA) and op in _CHANGES, self._answer_fn,
+                                 conn, handle, t0))
         return None
-
-    def write_job(self, vol: Volume, offset: int, data: bytes
-                  ) -> tuple[Callable[..., Any], tuple]:
-        """The engine call for a write: large aligned ones go to the reducer now.
-
-        The reducer starts on it at once (any thread may call this), while the
-        engine runs earlier requests; the engine then only does the metadata.
-        """
-        red = self._reducer
-        if red is not None and red.wants(offset, len(data)):
-            pending = red.submit(data, codecs.IDS[vol.compression])
-            return self.engine.write_reduced, (vol, offset, pending)
-        return self.engine.write, (vol, offset, data)
 
     def _open(self, conn: _Conn, handle: int, payload: bytes) -> None:
         if conn.vol is not None:
@@ -429,72 +410,21 @@ class DataPlane:
         self._send(conn, P.reply(handle, 0, body))
         return None
 
-    def _execute(self, batch: list[_Job]) -> None:
-        results: list[_Result] = []
-        want_commit = False
-        write_reduced = self.engine.write_reduced
-        for conn, handle, fn, args, flush, extra, mop, nbytes, t0 in batch:
-            exc: BaseException | None = None
-            res = None
-            if fn == write_reduced and not args[2].ready():
-                self._read_ahead()  # keep the reducer busy while we wait for it
-            try:
-                res = fn(*args)
-                want_commit |= flush
-            except PStorageError as e:
-                exc = e
-            except Exception as e:  # a bug must not take the daemon down
-                log.exception("engine %s failed", getattr(fn, "__name__", fn))
-                exc = DeviceIOError(f"internal error: {e}")
-            result = (conn, handle, res, exc, flush, extra, mop, nbytes, t0)
-            if flush:  # answered after the commit below
-                results.append(result)
-            else:
-                # Answer now, not after the batch: at low queue depth the client
-                # sends its next request sooner (128 KiB writes, QD8: ~5 %, A/B).
-                self._deliver((result,))
-        if want_commit:
-            try:
-                self.engine.flush()
-            except Exception as e:
-                log.exception("commit failed")
-                fail = e if isinstance(e, PStorageError) else DeviceIOError(str(e))
-                # Only requests that asked for durability learn of it (the
-                # others are answered already: their data is readable and a
-                # later flush retries).
-                results = [(c, h, None, fail, f, ex, m, n, t)
-                           for c, h, _, _, f, ex, m, n, t in results]
-        self.batches += 1
-        self.requests += len(batch)
-        self.max_batch = max(self.max_batch, len(batch))
-        self._deliver(results)
-        if self._policy().due():
-            # the replies are out; the reducer works on what came in while we commit
-            self._read_ahead()
-            self._guard(self.engine.commit)  # the group commit that is due
-
-    def _deliver(self, results: Iterable[_Result]) -> None:
-        now = monotonic_ns()
-        record = self.io.record
-        for conn, handle, res, failure, _, extra, mop, nbytes, t0 in results:
-            if conn is None:  # control job: extra is its completion callback
-                extra(res, failure)
-                continue
-            if mop >= 0 and conn.vol is not None:
-                record(conn.vol.name, mop, nbytes, now - t0, failure is not None)
-            target = self._conns.get(conn.fd)
-            if target is None or target is not conn:  # closed meanwhile
-                continue
-            if failure is not None:
-                err = failure.errno if isinstance(failure, PStorageError) else errno.EIO
-                log.warning("data conn %d: request %#x failed: %s", target.id, handle, failure)
-                self._send(target, P.reply(handle, err, str(failure).encode()))
-            elif extra is not None:
-                self._send(target, P.reply(handle, 0, extra(res)))
-            elif isinstance(res, bytes):
-                self._send(target, P.reply(handle, 0, res))
-            else:
-                self._send(target, P.reply(handle, 0))
+    def _answer(self, req: Request) -> None:
+        """The executor's answer to one of our requests, as a reply frame."""
+        conn: _Conn = req.origin
+        if self._conns.get(conn.fd) is not conn:  # closed meanwhile
+            return
+        failure = req.error
+        if failure is not None:
+            log.warning("data conn %d: request %#x failed: %s", conn.id, req.tag, failure)
+            self._send(conn, P.reply(req.tag, failure.errno, str(failure).encode()))
+        elif req.op == X.READ:
+            self._send(conn, P.reply(req.tag, 0, req.result))
+        elif req.op == X.EXTENTS:
+            self._send(conn, P.reply(req.tag, 0, _extents(req.result)))
+        else:
+            self._send(conn, P.reply(req.tag, 0))
 
     def _send(self, conn: _Conn, data: bytes) -> None:
         if conn.out:
@@ -543,10 +473,6 @@ class DataPlane:
         reading = conn.reading and not conn.closing and conn.outsize < MAX_OUT
         mask = (select.EPOLLIN if reading else 0) | (select.EPOLLOUT if conn.out else 0)
         self._ep.modify(conn.fd, mask)
-
-
-def _noop() -> None:
-    return None
 
 
 def _extents(runs: list[tuple[int, int]]) -> bytes:

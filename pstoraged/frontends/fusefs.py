@@ -17,9 +17,10 @@ Request flow, per wake-up of the trio loop:
       -> metadata (lookup, getattr, readdir, open, ...) answered at once from
          engine.volumes (dict reads, atomic under the GIL; see docs/design.md)
       -> data (read, write, fsync, fallocate, lseek, statfs) collected into one
-         batch -> one DataPlane.call runs the batch on the engine thread, in
-         order, with a single commit at the end if it held an fsync
-      -> the replies are written back from the trio loop
+         batch of executor Requests -> submitted to the executor, which runs
+         them on the engine thread in order (with the data socket's requests),
+         fsyncs answered after one commit
+      -> once all are answered, the replies are written back from the trio loop
 
 Memory stays bounded: at most MAX_INFLIGHT bytes of data requests are
 accepted before the reader waits for batches to finish (the kernel itself
@@ -45,7 +46,6 @@ import re
 import stat
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,9 +54,10 @@ import trio
 from ..engine.engine import Volume
 from ..engine.format import BLOCK_SIZE
 from ..errors import Conflict, PStorageError
+from . import executor as X
 from .dataplane import DataPlane
+from .executor import Request
 from .loopdev import loop_devices_on
-from .metrics import OPS
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,9 @@ MS_NOSUID, MS_NODEV, MS_NOEXEC, MNT_DETACH = 2, 4, 8, 2
 PR_SET_IO_FLUSHER = 57  # Linux 5.6+, needs CAP_SYS_RESOURCE
 
 
-class _Refuse(Exception):
-    """Answer this request with an errno (internal to the front end)."""
+class _Refuse(PStorageError):
+    """Answer this request with an errno (internal to the front end; a PStorageError
+    so that the executor passes it back when an lseek raises it)."""
 
     def __init__(self, err: int) -> None:
         super().__init__(errno.errorcode.get(err, str(err)))
@@ -140,11 +142,9 @@ class FuseStatistics:
     inflight_bytes: int
 
 
-# (unique, fn run on the engine thread or None for fsync, args, reply payload when fn
-# returns None, metrics.OPS index or -1, volume name, bytes, monotonic ns when read)
-_Op = tuple[int, Callable[..., Any] | None, tuple, bytes, int, str, int, int]
-_M_READ, _M_WRITE, _M_ZERO, _M_TRIM, _M_FLUSH = (OPS.index(o) for o in
-                                                 ("read", "write", "zero", "trim", "flush"))
+
+def _unanswered(req: Request) -> None:
+    raise AssertionError("a FUSE request ran before _run_batch set its reply")
 
 
 class FuseFrontEnd:
@@ -156,6 +156,7 @@ class FuseFrontEnd:
         left with stop(keep_mount=True) (or that survived its crash in a holder
         such as systemd's fd store) instead of mounting anew."""
         self._dp = dataplane
+        self._executor = dataplane.executor
         self._engine = dataplane.engine
         self.mountpoint = os.path.abspath(mountpoint)
         self._io_flusher = io_flusher
@@ -274,7 +275,7 @@ class FuseFrontEnd:
                 self._room = trio.Event()
                 await self._room.wait()
             await trio.lowlevel.wait_readable(fd)
-            batch: list[_Op] = []
+            batch: list[Request] = []
             nbytes = 0
             # No await from here until the batch is handed over: a cancel cannot
             # strand requests that were read but not answered.
@@ -301,28 +302,43 @@ class FuseFrontEnd:
             if self._stopping:
                 return
 
-    def _start(self, batch: list[_Op], nbytes: int) -> None:
+    def _start(self, batch: list[Request], nbytes: int) -> None:
         if batch:
             assert self._nursery is not None
             self._inflight += nbytes
             self._nursery.start_soon(self._run_batch, batch, nbytes)
 
-    async def _run_batch(self, batch: list[_Op], nbytes: int) -> None:
+    async def _run_batch(self, batch: list[Request], nbytes: int) -> None:
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        left = len(batch)
+
+        def answered(_: Request) -> None:  # engine thread
+            nonlocal left
+            left -= 1
+            if not left:
+                token.run_sync_soon(done.set)
+
+        for req in batch:
+            req.reply = answered
+        self._executor.submit(batch)
         try:
-            results = await self._dp.call(self._execute, batch)
-        except Exception:
-            log.exception("FUSE batch failed")
-            results = [(op[0], errno.EIO, b"") for op in batch]
+            await done.wait()
         finally:
             self._inflight -= nbytes
             if self._room is not None:
                 self._room.set()
         self.batches += 1
         self.max_batch = max(self.max_batch, len(batch))
-        for unique, err, payload in results:
-            if err:
+        for req in batch:
+            if req.error is not None:
                 self.io_errors += 1
-            self._reply(unique, err, payload)
+                self._reply(req.tag, req.error.errno)
+            elif req.op == X.WRITE:
+                self._reply(req.tag, 0, WRITE_OUT.pack(req.length, 0))
+            else:
+                res = req.result
+                self._reply(req.tag, 0, res if isinstance(res, bytes) else b"")
 
     def _reply(self, unique: int, err: int = 0, payload: bytes = b"") -> None:
         if err:
@@ -335,7 +351,7 @@ class FuseFrontEnd:
             if e.errno not in (errno.ENOENT, errno.ENODEV):
                 log.exception("FUSE reply to request %#x refused", unique)  # a bug of ours
 
-    def _handle(self, req: memoryview, batch: list[_Op]) -> int:
+    def _handle(self, req: memoryview, batch: list[Request]) -> int:
         """Answer a metadata request now or add a data request to the batch: its bytes."""
         _, opcode, unique, nodeid, _uid, _gid, _pid, _ext, _ = IN_HEADER.unpack_from(req)
         body = req[IN_HEADER.size:]
@@ -349,8 +365,8 @@ class FuseFrontEnd:
                 if not size:  # at or past the end
                     self._reply(unique)
                     return 0
-                batch.append((unique, self._engine.read, (vol, off, size), b"", _M_READ,
-                              vol.name, size, t0))
+                batch.append(Request(X.READ, vol, off, size, None, False, _unanswered, None,
+                                     unique, t0))
                 return size
             if opcode == WRITE:
                 fh, off, size = IO_IN.unpack_from(body)[:3]
@@ -359,9 +375,8 @@ class FuseFrontEnd:
                 if size <= 0:
                     raise _Refuse(errno.ENOSPC)
                 data = bytes(body[IO_IN.size : IO_IN.size + size])
-                fn, args = self._dp.write_job(vol, off, data)
-                batch.append((unique, fn, args, WRITE_OUT.pack(size, 0), _M_WRITE, vol.name,
-                              size, t0))
+                batch.append(self._executor.write(vol, off, data, False, _unanswered, None,
+                                                  unique, t0))
                 return size
             if opcode == FSYNC:
                 vol = self._file(FSYNC_IN.unpack_from(body)[0])
@@ -372,7 +387,8 @@ class FuseFrontEnd:
                                 "fsync", vol.name)
                     self.io_errors += 1
                     raise _Refuse(errno.EIO)
-                batch.append((unique, None, (), b"", _M_FLUSH, vol.name, 0, t0))
+                batch.append(Request(X.FLUSH, vol, 0, 0, None, True, _unanswered, None,
+                                     unique, t0))
                 return 0
             if opcode == FALLOCATE:
                 batch.append(self._fallocate(unique, body, t0))
@@ -381,11 +397,11 @@ class FuseFrontEnd:
                 fh, off, whence, _ = LSEEK_IN.unpack_from(body)
                 if whence not in (SEEK_DATA, SEEK_HOLE):  # the kernel does the others
                     raise _Refuse(errno.EINVAL)
-                batch.append((unique, self._seek, (self._file(fh), off, whence), b"", -1, "", 0,
-                              t0))
+                batch.append(X.call(self._seek, (self._file(fh), off, whence), False,
+                                    _unanswered, None, unique))
                 return 0
             if opcode == STATFS:
-                batch.append((unique, self._statfs, (), b"", -1, "", 0, t0))
+                batch.append(X.call(self._statfs, (), False, _unanswered, None, unique))
                 return 0
             if opcode in _NO_REPLY:
                 return 0
@@ -506,7 +522,7 @@ class FuseFrontEnd:
         return [(b".", ROOT_ID, DT_DIR), (b"..", ROOT_ID, DT_DIR)] + [
             (name.encode(), vid + INO_OFFSET, DT_REG) for name, vid in vols]
 
-    def _fallocate(self, unique: int, body: memoryview, t0: int) -> _Op:
+    def _fallocate(self, unique: int, body: memoryview, t0: int) -> Request:
         fh, off, length, mode, _ = FALLOCATE_IN.unpack_from(body)
         vol = self._file(fh)
         end = off + length
@@ -515,55 +531,19 @@ class FuseFrontEnd:
                 raise _Refuse(errno.EFBIG)  # the kernel would grow the file
             end = min(end, vol.size)
             if end > off and mode & FALLOC_FL_PUNCH_HOLE:
-                return (unique, self._engine.trim, (vol, off, end - off), b"", _M_TRIM,
-                        vol.name, end - off, t0)
+                return Request(X.TRIM, vol, off, end - off, None, False, _unanswered, None,
+                               unique, t0)
             if end > off:
-                return (unique, self._engine.zero, (vol, off, end - off), b"", _M_ZERO,
-                        vol.name, end - off, t0)
+                return Request(X.ZERO, vol, off, end - off, None, False, _unanswered, None,
+                               unique, t0)
         elif mode & ~FALLOC_FL_KEEP_SIZE:
             raise _Refuse(errno.EOPNOTSUPP)
         elif end > vol.size and not mode & FALLOC_FL_KEEP_SIZE:
             raise _Refuse(errno.EFBIG)
         # preallocation, or a range past the end: a thin volume has nothing to do
-        return (unique, _noop, (), b"", -1, "", 0, t0)
+        return X.call(_noop, (), False, _unanswered, None, unique)
 
     # ------------------------------------------------------------ engine thread
-    def _execute(self, batch: list[_Op]) -> list[tuple[int, int, bytes]]:
-        """Run a batch in order; fsyncs are answered after one commit at the end."""
-        results: list[tuple[int, int, bytes]] = []
-        fsyncs: list[_Op] = []
-        record = self._dp.io.record  # per-volume /metrics, like the data socket's requests
-        for op in batch:
-            unique, fn, args, ok, mop, name, nbytes, t0 = op
-            if fn is None:
-                fsyncs.append(op)
-                continue
-            err = 0
-            try:
-                res = fn(*args)
-            except (_Refuse, PStorageError) as e:
-                err = e.errno
-            except Exception:  # a bug costs this request, not the daemon
-                log.exception("FUSE %s failed", getattr(fn, "__name__", fn))
-                err = errno.EIO
-            results.append((unique, err, b"" if err else res if isinstance(res, bytes) else ok))
-            if mop >= 0:
-                record(name, mop, nbytes, time.monotonic_ns() - t0, err != 0)
-        if fsyncs:
-            err = 0
-            try:
-                self._engine.flush()
-            except PStorageError as e:
-                err = e.errno
-            except Exception:
-                log.exception("FUSE fsync failed")
-                err = errno.EIO
-            now = time.monotonic_ns()
-            for unique, _fn, _args, _ok, mop, name, _n, t0 in fsyncs:
-                results.append((unique, err, b""))
-                record(name, mop, 0, now - t0, err != 0)
-        return results
-
     def _seek(self, vol: Volume, offset: int, whence: int) -> bytes:
         """SEEK_DATA / SEEK_HOLE from the volume's map. After SEEK_BUDGET windows the
         answer is conservative (data where there may be a hole), which lseek allows."""

@@ -182,10 +182,10 @@ class _Collector(Collector):
         yield gauge("pstorage_pool_failed", "1 when the pool refuses writes after a device error",
                     1 if eng.failed else 0)
         yield CounterMetricFamily("pstorage_commits", "metadata commits", value=st.commits)
-        dp = ctx.dataplane
+        dps = ctx.dataplane.statistics()
         yield CounterMetricFamily("pstorage_protocol_errors", "malformed or refused data frames",
-                                  value=dp.protocol_errors)
-        yield gauge("pstorage_data_connections", "open data-socket connections", len(dp._conns))
+                                  value=dps.protocol_errors)
+        yield gauge("pstorage_data_connections", "open data-socket connections", dps.connections)
 
 
 def render(ctx: Any, st: Any) -> bytes:
