@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 
 import pytest
 from hypothesis import given
@@ -19,6 +20,7 @@ from pstoraged.engine.format import (
     l2p_key,
     l2p_unpack,
     record_size,
+    unpack_chunk_header,
 )
 from pstoraged.engine.units import parse_size, validate_name, validate_volume_size
 from pstoraged.errors import CorruptData, FormatError, InvalidArgument
@@ -66,6 +68,24 @@ def test_chunk_header_round_trip(fp, cid, stored):
     with pytest.raises(CorruptData):
         ChunkHeader.from_buffer(bytes(bad))
     assert record_size(stored) % 16 == 0 and record_size(stored) >= 64 + stored
+
+
+@given(st.binary(min_size=32, max_size=32), st.integers(1, 2**63), st.integers(0, 4096),
+       st.integers(0, 63), st.integers(0, 7))
+def test_the_fast_chunk_header_check_is_the_full_one(fp, cid, stored, byte, bit):
+    """unpack_chunk_header (the read path's) accepts and refuses exactly what
+    ChunkHeader.from_buffer does, with the same error."""
+    h = ChunkHeader(KIND_CHUNK, codecs.CODEC_LZ4, cid, 4096, stored, fp, 0xDEADBEEF)
+    raw = h.to_bytes()
+    assert unpack_chunk_header(raw + b"payload") == (
+        h.kind, h.codec, h.chunk_id, h.raw_len, h.stored_len, h.fingerprint, h.payload_crc)
+    bad = bytearray(raw)
+    bad[byte] ^= 1 << bit  # any single flipped bit: magic, version, a field or the CRC
+    for damaged in (bytes(bad), raw[:40]):
+        with pytest.raises((CorruptData, FormatError)) as full:
+            ChunkHeader.from_buffer(damaged)
+        with pytest.raises(full.type, match=re.escape(str(full.value))):
+            unpack_chunk_header(damaged)
 
 
 @given(st.integers(0, 2**32 - 1), st.integers(0, 2**63), st.integers(0, 2**32 - 1))

@@ -33,6 +33,7 @@ from .format import (
     crc32,
     pack_chunk_header,
     record_size,
+    unpack_chunk_header,
 )
 from .fpindex import FingerprintIndex
 from .metadata import MetaStore
@@ -178,13 +179,13 @@ class ChunkStore:
                rec: bytes | memoryview) -> bytes:
         """Verify a chunk record read from the device and return its data."""
         try:
-            h = ChunkHeader.from_buffer(rec)
+            _kind, codec, chunk_id, raw_len, stored_len, fpr, pcrc = unpack_chunk_header(rec)
             payload = memoryview(rec)[ChunkHeader.SIZE : ChunkHeader.SIZE + slen]
-            if h.chunk_id != cid or h.stored_len != slen or h.fingerprint != fp:
-                raise CorruptData(f"segment {s} offset {off} holds chunk {h.chunk_id}, not {cid}")
-            if crc32(payload) != h.payload_crc:
+            if chunk_id != cid or stored_len != slen or fpr != fp:
+                raise CorruptData(f"segment {s} offset {off} holds chunk {chunk_id}, not {cid}")
+            if _zcrc32(payload) != pcrc:
                 raise CorruptData(f"chunk {cid} (segment {s} offset {off}): payload checksum mismatch")
-            return self.comp.decompress(h.codec, payload, h.raw_len)
+            return self.comp.decompress(codec, payload, raw_len)
         except CorruptData as e:
             self.count_corruption(str(e))
 

@@ -36,10 +36,11 @@ from .background import BackgroundService, BackgroundWork, QueuedWork, Superviso
 from .chunks import ChunkStore
 from .format import (
     BLOCK_SIZE,
+    GEN_MAX,
+    L2P_KEY,
     NO_CHUNK,
     U64,
     ZERO_BLOCK,
-    l2p_key,
     l2p_unpack,
 )
 from .generations import Generations
@@ -59,6 +60,7 @@ MAX_EXTENTS = 1024  # runs per extents reply; NBD lets a reply cover less
 UNMAP_SLICE = 4096  # map entries released per slice of a trim
 RECLAIM_SLICE = 1024  # per background step: a few ms, the most a request waits for it
 
+_l2p_key = L2P_KEY.pack
 TOUCH_BATCH = 512  # accesses recorded before they are handed to the observer
 
 
@@ -334,7 +336,7 @@ class Engine:
         """Point (vol, lba) at chunk `cid` (NO_CHUNK: zeros) in the live generation."""
         txn, db = self.meta.txn, self.meta.l2p
         gen = vol.gen
-        key = l2p_key(vol.id, lba, gen)
+        key = _l2p_key(vol.id, lba, GEN_MAX - gen)  # format.l2p_key, inline: once per block
         old, own, older = NO_CHUNK, False, False
         if gen == FIRST_GEN:  # no frozen generation below: one B-tree update
             raw = txn.pop(key, db=db) if cid == NO_CHUNK else txn.replace(key, U64.pack(cid), db=db)
@@ -526,13 +528,13 @@ class Engine:
             return b""
         first = offset // BLOCK_SIZE
         count = (offset + length - 1) // BLOCK_SIZE - first + 1
-        cids = self._resolve(vol, first, count, vol.gen)
         if count == 1:
-            cid = cids[0]
+            cid = self._lookup(vol, first, vol.gen)
             if cid == NO_CHUNK:
                 return bytes(length)
             boff = offset - first * BLOCK_SIZE
             return self.read_chunk(cid)[boff : boff + length]
+        cids = self._resolve(vol, first, count, vol.gen)
         data = self._read_chunks(cids)
         out = bytearray(count * BLOCK_SIZE)
         for i, cid in enumerate(cids):
@@ -567,10 +569,14 @@ class Engine:
         blocks reduced inline, then applied like the reducer thread's results."""
         self._writable(vol)
         self._check_range(vol, offset, len(data))
-        if not len(data):
+        n = len(data)
+        if not n:
             return
-        blocks = self._blocks(vol, offset, data)
-        self._touch(vol.id, offset, len(data))
+        if n == BLOCK_SIZE and not offset % BLOCK_SIZE:  # the common 4 KiB write
+            blocks = [bytes(data)]
+        else:
+            blocks = self._blocks(vol, offset, data)
+        self._touch(vol.id, offset, n)
         red = reduce_inline(blocks, codecs.IDS[vol.compression])
         self._apply(vol, offset // BLOCK_SIZE, red, blocks)
         self._written(vol, fua)
@@ -636,7 +642,8 @@ class Engine:
             )
 
     def _writable(self, vol: Volume) -> None:
-        self._check_failed()
+        if self.failed is not None:
+            self._check_failed()
         if vol.readonly:
             raise ReadOnly(f"volume {vol.name!r} is read-only")
 

@@ -196,6 +196,27 @@ def pack_chunk_header(
     return body[:-4] + struct.pack("<I", zlib.crc32(body[:-4]))
 
 
+def unpack_chunk_header(
+    buf: bytes | memoryview,
+) -> tuple[int, int, int, int, int, bytes, int]:
+    """Hot path: (kind, codec, chunk_id, raw_len, stored_len, fingerprint,
+    payload_crc) of a chunk header, checked like ChunkHeader.from_buffer but
+    without creating a dataclass. A header that fails a check goes through
+    ChunkHeader.from_buffer, which raises with the reason."""
+    body = bytes(buf[:_CHUNK_SIZE])
+    if len(body) == _CHUNK_SIZE:
+        f = _unpack_chunk_header(body)
+        if f[0] == _CHUNK_MAGIC and f[1] in SUPPORTED_VERSIONS and zlib.crc32(body[:-4]) == f[10]:
+            return f[2], f[3], f[5], f[6], f[7], f[8], f[9]
+    h = ChunkHeader.from_buffer(buf)  # raises CorruptData or FormatError
+    raise AssertionError(f"chunk header {h} passed the full check but not the fast one")
+
+
+_CHUNK_SIZE = ChunkHeader.SIZE
+_CHUNK_MAGIC = ChunkHeader.MAGIC
+_unpack_chunk_header = ChunkHeader.STRUCT.unpack
+
+
 def record_size(stored_len: int) -> int:
     """Bytes a chunk record occupies in a segment, padding included."""
     return align_up(ChunkHeader.SIZE + stored_len, RECORD_ALIGN)
