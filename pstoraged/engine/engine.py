@@ -511,9 +511,8 @@ class Engine:
             )
 
     def _resolve(self, vol: Volume, first: int, count: int, gen: int) -> list[int]:
-        """Chunk ids of blocks [first, first + count) at `gen`, in one cursor walk."""
-        if count == 1:
-            return [self._lookup(vol, first, gen)]
+        """Chunk ids of blocks [first, first + count) at `gen`, in one cursor walk
+        (read() looks a single block up directly)."""
         out: list[int] = [NO_CHUNK] * count
         for lba, cid in self._visible(vol, first, first + count, gen):
             out[lba - first] = cid

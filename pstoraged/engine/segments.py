@@ -336,10 +336,6 @@ class SegmentLog:
         """Where the next record of segment s would go (its data end once sealed)."""
         return self.write_ptr[s]
 
-    def stream_of(self, s: int) -> int:
-        """The stream (USER, RELOCATED) segment s was opened for."""
-        return self.stream[s]
-
     def open_segment(self, stream: int) -> int:
         """The open segment of `stream`, or -1."""
         return self.open[stream]
