@@ -196,7 +196,7 @@ class ExportManager:
         if st is not None and self._dead(st):
             log.warning("export %s: nbdkit (pid %d) died; cleaning up", name, st.pid)
             self._cleanup_attach(st, force=True)
-            self._stop(st.tcp_pid)
+            terminate(st.tcp_pid)
             shutil.rmtree(self._vdir(name), ignore_errors=True)
             del self.states[name]
 
@@ -247,7 +247,7 @@ class ExportManager:
             try:
                 self._start_tcp(st, tcp, tls_opts, allow)
             except PStorageError:
-                self._stop(st.pid)
+                terminate(st.pid)
                 shutil.rmtree(vdir, ignore_errors=True)
                 raise
         self.states[name] = st
@@ -303,14 +303,10 @@ class ExportManager:
             raise Conflict(f"{_what(name)} {name!r} is attached as {st.device}", "detach it first")
         self._cleanup_attach(st, force=force)
         for pid in (st.pid, st.tcp_pid):
-            self._stop(pid)
+            terminate(pid)
         shutil.rmtree(self._vdir(name), ignore_errors=True)
         del self.states[name]
         log.info("export %s: stopped", name)
-
-    @staticmethod
-    def _stop(pid: int, timeout: float = 10) -> None:
-        terminate(pid, timeout)
 
     # attach ------------------------------------------------------------------
     def attach(self, name: str, *, readonly: bool = False) -> ExportState:
