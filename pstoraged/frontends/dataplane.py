@@ -97,7 +97,6 @@ class DataPlane:
         self._stopping = False
         self.close_error: str | None = None  # why closing the engine raised, if it did
         self._thread: threading.Thread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
         self._listener: socket.socket | None = None
         # One receive buffer for all connections: sock.recv(1 MiB) would
         # allocate (mmap) and free a megabyte per call, ~20 us (measured).
@@ -115,7 +114,6 @@ class DataPlane:
     # ------------------------------------------------------------ control side
     def start(self) -> None:
         """Bind the data socket and start the thread (call from the trio thread)."""
-        self._token = trio.lowlevel.current_trio_token()
         self._listener = bind_unix_sync(self.path)
         self._listener.setblocking(False)
         self._ep.register(self._listener.fileno(), select.EPOLLIN)
@@ -129,21 +127,12 @@ class DataPlane:
 
     async def call(self, fn: Callable[..., Any], *args: Any, flush: bool = False) -> Any:
         """Run fn(*args) on the engine thread, after all data requests queued before it."""
-        ev = trio.Event()
-        box: list[tuple[Any, BaseException | None]] = []
-        token = self._token
-        assert token is not None
-
-        def done(req: Request) -> None:
-            box.append((req.result, req.error))
-            token.run_sync_soon(ev.set)
-
-        self.executor.submit([X.call(fn, args, flush, done)])
-        await ev.wait()
-        res, exc = box[0]
-        if exc is not None:
-            raise exc
-        return res
+        assert self._thread is not None, "the data plane has not started"
+        req = X.call(fn, args, flush, X.unanswered)
+        await self.executor.run_from_trio([req])
+        if req.error is not None:
+            raise req.error
+        return req.result
 
     async def stop(self) -> None:
         """Drain, commit, close the engine cleanly (marks the pool clean)."""

@@ -37,6 +37,8 @@ from collections.abc import Callable
 from time import monotonic_ns
 from typing import Any
 
+import trio
+
 from ..engine import codecs, reducer
 from ..engine.engine import Engine, Volume
 from ..errors import DeviceIOError, PStorageError
@@ -101,6 +103,11 @@ class Request:
         self.error: PStorageError | None = None
 
 
+def unanswered(req: Request) -> None:
+    """The reply of a request built for run_from_trio, which sets the real one."""
+    raise AssertionError("a request ran before run_from_trio set its reply")
+
+
 def call(fn: Callable[..., Any], args: tuple, durable: bool,
          reply: Callable[[Request], None], origin: Any = None, tag: int = 0) -> Request:
     """A request that runs fn(*args) on the engine thread (control jobs, FUSE lseek...)."""
@@ -150,6 +157,24 @@ class Executor:
         the data requests the engine thread has seen so far."""
         self.inbox.put(requests)
         self._wake()
+
+    async def run_from_trio(self, requests: list[Request]) -> None:
+        """Submit from the trio loop and wait until every request is answered
+        (their `reply` is replaced: the answers are read from the requests)."""
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        left = len(requests)
+
+        def answered(_: Request) -> None:  # engine thread
+            nonlocal left
+            left -= 1
+            if not left:
+                token.run_sync_soon(done.set)
+
+        for req in requests:
+            req.reply = answered
+        self.submit(requests)
+        await done.wait()
 
     def take_submitted(self, batch: list[Request]) -> None:
         """Append the submitted requests to batch (engine thread)."""

@@ -142,11 +142,6 @@ class FuseStatistics:
     inflight_bytes: int
 
 
-
-def _unanswered(req: Request) -> None:
-    raise AssertionError("a FUSE request ran before _run_batch set its reply")
-
-
 class FuseFrontEnd:
     """Background service: the FUSE mount, served on the daemon's trio loop."""
 
@@ -309,21 +304,8 @@ class FuseFrontEnd:
             self._nursery.start_soon(self._run_batch, batch, nbytes)
 
     async def _run_batch(self, batch: list[Request], nbytes: int) -> None:
-        done = trio.Event()
-        token = trio.lowlevel.current_trio_token()
-        left = len(batch)
-
-        def answered(_: Request) -> None:  # engine thread
-            nonlocal left
-            left -= 1
-            if not left:
-                token.run_sync_soon(done.set)
-
-        for req in batch:
-            req.reply = answered
-        self._executor.submit(batch)
         try:
-            await done.wait()
+            await self._executor.run_from_trio(batch)
         finally:
             self._inflight -= nbytes
             if self._room is not None:
@@ -365,7 +347,7 @@ class FuseFrontEnd:
                 if not size:  # at or past the end
                     self._reply(unique)
                     return 0
-                batch.append(Request(X.READ, vol, off, size, None, False, _unanswered, None,
+                batch.append(Request(X.READ, vol, off, size, None, False, X.unanswered, None,
                                      unique, t0))
                 return size
             if opcode == WRITE:
@@ -375,7 +357,7 @@ class FuseFrontEnd:
                 if size <= 0:
                     raise _Refuse(errno.ENOSPC)
                 data = bytes(body[IO_IN.size : IO_IN.size + size])
-                batch.append(self._executor.write(vol, off, data, False, _unanswered, None,
+                batch.append(self._executor.write(vol, off, data, False, X.unanswered, None,
                                                   unique, t0))
                 return size
             if opcode == FSYNC:
@@ -387,7 +369,7 @@ class FuseFrontEnd:
                                 "fsync", vol.name)
                     self.io_errors += 1
                     raise _Refuse(errno.EIO)
-                batch.append(Request(X.FLUSH, vol, 0, 0, None, True, _unanswered, None,
+                batch.append(Request(X.FLUSH, vol, 0, 0, None, True, X.unanswered, None,
                                      unique, t0))
                 return 0
             if opcode == FALLOCATE:
@@ -398,10 +380,10 @@ class FuseFrontEnd:
                 if whence not in (SEEK_DATA, SEEK_HOLE):  # the kernel does the others
                     raise _Refuse(errno.EINVAL)
                 batch.append(X.call(self._seek, (self._file(fh), off, whence), False,
-                                    _unanswered, None, unique))
+                                    X.unanswered, None, unique))
                 return 0
             if opcode == STATFS:
-                batch.append(X.call(self._statfs, (), False, _unanswered, None, unique))
+                batch.append(X.call(self._statfs, (), False, X.unanswered, None, unique))
                 return 0
             if opcode in _NO_REPLY:
                 return 0
@@ -531,17 +513,17 @@ class FuseFrontEnd:
                 raise _Refuse(errno.EFBIG)  # the kernel would grow the file
             end = min(end, vol.size)
             if end > off and mode & FALLOC_FL_PUNCH_HOLE:
-                return Request(X.TRIM, vol, off, end - off, None, False, _unanswered, None,
+                return Request(X.TRIM, vol, off, end - off, None, False, X.unanswered, None,
                                unique, t0)
             if end > off:
-                return Request(X.ZERO, vol, off, end - off, None, False, _unanswered, None,
+                return Request(X.ZERO, vol, off, end - off, None, False, X.unanswered, None,
                                unique, t0)
         elif mode & ~FALLOC_FL_KEEP_SIZE:
             raise _Refuse(errno.EOPNOTSUPP)
         elif end > vol.size and not mode & FALLOC_FL_KEEP_SIZE:
             raise _Refuse(errno.EFBIG)
         # preallocation, or a range past the end: a thin volume has nothing to do
-        return X.call(_noop, (), False, _unanswered, None, unique)
+        return X.call(_noop, (), False, X.unanswered, None, unique)
 
     # ------------------------------------------------------------ engine thread
     def _seek(self, vol: Volume, offset: int, whence: int) -> bytes:
