@@ -86,6 +86,10 @@ def main() -> int:
              "--size", args.pool_size],
             stdout=logf, stderr=logf, start_new_session=True)  # Ctrl-C is ours to handle
     mounted = made_mount = False
+    # Ctrl-C (and a plain kill) ends the wait below and runs the cleanup, also
+    # when a shell started us in the background with SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # Everything from here on is undone in `finally`, whenever Ctrl-C comes.
     try:
         client = Client(args.control)
