@@ -39,6 +39,7 @@ def trace(kind: str) -> list[str]:
         engine.create_volume("v", 8 << 20)
         path = os.path.join(d, "data.sock")
         dp = DataPlane(engine, path)
+        HeatMap.of(engine).listen(dp.executor)  # as the daemon does
         on = threading.Event()
         calls: list[str] = []
 

@@ -18,6 +18,7 @@ from pstoraged.engine.pool import open_pool
 from pstoraged.errors import NotFound
 
 from .conftest import crash, make_pool
+from .executor_util import Front
 
 MiB = 1 << 20
 T0 = 1_800_000_000.0
@@ -40,7 +41,8 @@ def clock():
 
 
 def open_engine(path, clock) -> Engine:
-    """An engine with its heat map attached, as the daemon opens it."""
+    """An engine with its heat map attached, as the daemon opens it (accesses are
+    recorded by an executor: I/O that should count goes through `Front`)."""
     e = Engine(open_pool(str(path)), clock=clock)
     HeatMap.attach(e)
     return e
@@ -53,6 +55,12 @@ def eng(tmp_path, clock):
     yield e
     if e.pool.backing.fd >= 0:
         e.close()
+
+
+@pytest.fixture
+def io(eng):
+    """eng's I/O through an executor, which records the accesses (as in the daemon)."""
+    return Front(eng)
 
 
 def text_block(i: int) -> bytes:
@@ -68,21 +76,21 @@ def temps(eng: Engine, name: str, th: Thresholds | None = None) -> dict[str, int
     return {c: d["bytes"] for c, d in t.classes.items()} | {"untracked": t.untracked_bytes}
 
 
-def test_temperature_classes_follow_the_clock(eng, clock, tmp_path):
+def test_temperature_classes_follow_the_clock(eng, io, clock, tmp_path):
     v = eng.create_volume("v", 16 * MiB)
     for e in range(4):  # four extents, written 40, 10, 3 days and 1 hour ago
-        eng.write(v, e * MiB, os.urandom(MiB // 2))  # half an extent of data each
+        io.write(v, e * MiB, os.urandom(MiB // 2))  # half an extent of data each
         clock.advance((30, 7, 3 - 1 / 24, 1 / 24)[e])
-    eng.write(v, 8 * MiB, bytes(MiB))  # zeros: an access, but no data
+    io.write(v, 8 * MiB, bytes(MiB))  # zeros: an access, but no data
     assert temps(eng, "v") == {"hot": MiB // 2, "warm": MiB // 2, "cold": MiB // 2,
                                "frozen": MiB // 2, "untracked": 0}
     # a read warms an extent up; the thresholds are configurable
-    eng.read(v, 0, 4096)
+    io.read(v, 0, 4096)
     t = temps(eng, "v")
     assert t["frozen"] == 0 and t["hot"] == MiB
     assert temps(eng, "v", Thresholds(0.01, 0.02, 0.03))["frozen"] == 3 * MiB // 2
     # trimming data removes it from the classes; everything survives a restart
-    eng.trim(v, MiB, MiB)
+    io.trim(v, MiB, MiB)
     eng.flush()
     before = temps(eng, "v")
     assert before["cold"] == 0 and before["hot"] == MiB and before["warm"] == MiB // 2
@@ -94,14 +102,14 @@ def test_temperature_classes_follow_the_clock(eng, clock, tmp_path):
         e2.close()
 
 
-def test_temperature_memory_is_bounded_and_crash_consistent(eng, clock, tmp_path):
+def test_temperature_memory_is_bounded_and_crash_consistent(eng, io, clock, tmp_path):
     v = eng.create_volume("big", 1 << 40)  # 1 TiB thin volume: a million extents
     for e in range(MAX_PENDING + 100):
         HeatMap.of(eng).touch(v.id, e * MiB, 512)
         assert len(HeatMap.of(eng)._last) <= MAX_PENDING
-    eng.write(v, 0, os.urandom(2 * BLOCK_SIZE))
+    io.write(v, 0, os.urandom(2 * BLOCK_SIZE))
     eng.flush()
-    eng.write(v, 5 * MiB, os.urandom(BLOCK_SIZE))  # not flushed: lost in the crash
+    io.write(v, 5 * MiB, os.urandom(BLOCK_SIZE))  # not flushed: lost in the crash
     crash(eng)
     e2 = open_engine(tmp_path, clock)
     try:
@@ -150,15 +158,15 @@ def test_capacity_history_compacts_and_survives_restart(eng, clock, tmp_path):
         e2.close()
 
 
-def test_recompress_cold_data_recommendation_and_job(eng, clock, tmp_path):
+def test_recompress_cold_data_recommendation_and_job(eng, io, clock, tmp_path):
     v = eng.create_volume("logs", 32 * MiB)  # lz4 by default
     hot = eng.create_volume("hot", 8 * MiB)
     data = b"".join(text_block(i) for i in range(1024))  # 4 MiB of compressible text
-    eng.write(v, 0, data)
-    eng.write(hot, 0, b"".join(text_block(10_000 + i) for i in range(256)))
+    io.write(v, 0, data)
+    io.write(hot, 0, b"".join(text_block(10_000 + i) for i in range(256)))
     eng.flush()
     clock.advance(45)
-    eng.read(hot, 0, MiB)  # 'hot' stays hot: no recommendation for it
+    io.read(hot, 0, MiB)  # 'hot' stays hot: no recommendation for it
     t = Tiering(eng)
     recs = {r["id"]: r for r in t.recommendations()["recommendations"]}
     assert set(recs) == {"recompress-cold:logs"}
@@ -177,12 +185,12 @@ def test_recompress_cold_data_recommendation_and_job(eng, clock, tmp_path):
     assert saved > 0 and eng.live_stored == stored_before - saved
     # the estimate was in the right range (sampled, so allow a wide margin)
     assert 0.5 * saved <= rec["estimated_savings_bytes"] <= 2 * saved
-    assert eng.read(v, 0, len(data)) == data
+    assert io.read(v, 0, len(data)) == data
     eng.flush()
     eng.close()
     e2 = open_engine(tmp_path, clock)
     try:
-        assert e2.read(e2.volume("logs"), 0, len(data)) == data
+        assert Front(e2).read(e2.volume("logs"), 0, len(data)) == data
         # done: the rule no longer fires
         assert not any(r["kind"] == "recompress-cold"
                        for r in Tiering(e2).recommendations()["recommendations"])
@@ -190,10 +198,10 @@ def test_recompress_cold_data_recommendation_and_job(eng, clock, tmp_path):
         e2.close()
 
 
-def test_recompression_crash_midway_loses_nothing(eng, clock, tmp_path):
+def test_recompression_crash_midway_loses_nothing(eng, io, clock, tmp_path):
     v = eng.create_volume("logs", 32 * MiB)
     data = b"".join(text_block(i) for i in range(768))
-    eng.write(v, 0, data)
+    io.write(v, 0, data)
     eng.flush()
     clock.advance(60)
     t = Tiering(eng)
@@ -211,7 +219,7 @@ def test_recompression_crash_midway_loses_nothing(eng, clock, tmp_path):
     crash(eng)
     e2 = open_engine(tmp_path, clock)
     try:
-        assert e2.read(e2.volume("logs"), 0, len(data)) == data
+        assert Front(e2).read(e2.volume("logs"), 0, len(data)) == data
         assert e2.live_stored == stored1  # the committed half stays rewritten, the rest as before
     finally:
         e2.close()

@@ -146,3 +146,30 @@ def test_only_durable_requests_wait_for_the_commit(pool_dir):
         _serve(dp, client)
     finally:
         release.set()
+
+
+def test_the_executor_records_accesses_for_the_heat_map(pool_dir):
+    """Requests from the data socket warm their extents up: the executor records
+    them for the heat map, and they commit with the data (here, at close)."""
+    from pstoraged.analytics.temperature import HeatMap
+
+    engine = Engine(open_pool(pool_dir), clock=lambda: 1_800_000_000.0)
+    v = engine.create_volume("v", 4 << 20)
+    path = os.path.join(pool_dir, "data.sock")
+    dp = DataPlane(engine, path)
+    HeatMap.attach(engine).listen(dp.executor)  # as the daemon wires it
+
+    def client() -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(path)
+            assert _request(s, P.OP_OPEN, b"v") is not None
+            assert _request(s, P.OP_WRITE, b"x" * 4096, 4096) is not None
+            assert _request(s, P.OP_READ, length=4096) == b"x" * 4096
+
+    _serve(dp, client)
+    assert engine.closed_clean
+    again = Engine(open_pool(pool_dir))
+    try:
+        assert HeatMap.attach(again).extents(v.id) == [(0, 1_800_000_000, 1)]
+    finally:
+        again.close()

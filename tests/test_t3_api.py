@@ -17,13 +17,13 @@ import time
 import pytest
 
 from pstoraged.analytics.history import DAY, CapacityHistory, snapshot
-from pstoraged.analytics.temperature import HeatMap
 from pstoraged.control.client import Client
 from pstoraged.engine.engine import Engine
 from pstoraged.engine.pool import open_pool
 from pstoraged.errors import Unauthorized
 
 from .daemon_util import Daemon, new_daemon, remove
+from .executor_util import Front
 
 NBDSH = ["/usr/bin/python3", "-m", "nbd"]
 MiB = 1 << 20
@@ -315,12 +315,12 @@ def _seed_history_and_cold_data(pool_dir: str) -> bytes:
     now = time.time()
     clock = [now - 40 * DAY]
     eng = Engine(open_pool(pool_dir), clock=lambda: clock[0])
-    HeatMap.attach(eng)  # as the daemon opens it
+    io = Front(eng)  # the heat map, attached as the daemon does; it records the write
     try:
         v = eng.create_volume("logs", 64 * MiB)
         line = b"2026-10-20 12:00:00 INFO request served path=/index.html status=200\n"
         data = b"".join((b"%08d " % i + line * 64)[:4096] for i in range(1024))
-        eng.write(v, 0, data)
+        io.write(v, 0, data)
         h = CapacityHistory(eng.meta)
         snap = snapshot(eng)
         for i in range(20 * 24):  # hourly for 20 days: +50 MiB a day

@@ -2,9 +2,11 @@
 and how much data it holds, so data can be classed hot / warm / cold / frozen.
 
 Per extent the `heat` table holds (last access time, mapped blocks). The
-heat map is an observer of the engine (Engine.observer, attached by
-`HeatMap.attach`; the engine does not import analytics): it gets accesses in
-batches and mapping changes; they collect in two bounded dicts and are
+heat map observes the engine's map changes (Engine.observer, attached by
+`HeatMap.attach`; the engine does not import analytics) and takes the
+accesses the executor records for every front end, in batches (its access
+sink, wired by `HeatMap.listen`; the daemon does both). Both collect in two
+bounded dicts and are
 written into the transaction of each commit (or when the dicts fill), so
 memory stays bounded by MAX_PENDING however large the volumes are, and the
 table is as durable as the data. Keeping the mapped-block count per extent
@@ -26,6 +28,7 @@ from typing import Any
 from ..engine.engine import Engine
 from ..engine.format import BLOCK_SIZE
 from ..engine.metadata import MetaStore
+from ..frontends.executor import Executor
 
 EXTENT_SHIFT = 20  # 1 MiB extents
 EXTENT_SIZE = 1 << EXTENT_SHIFT
@@ -104,7 +107,8 @@ class HeatMap:
         self.clock = clock
         self._last: dict[int, int] = {}  # key -> last access (unix s)
         self._delta: dict[int, int] = {}  # key -> change in mapped blocks
-        self._pull: Callable[[], None] | None = None  # fetches accesses not handed over yet
+        # fetches the accesses not handed over yet (Executor.pass_accesses)
+        self._pull: Callable[[], None] | None = None
 
     @classmethod
     def attach(cls, engine: Engine) -> HeatMap:
@@ -114,15 +118,19 @@ class HeatMap:
             return obs
         assert obs is None, f"the engine already has an observer: {obs!r}"
         heat = cls(engine.meta, engine.clock)
-        heat._pull = engine.pass_accesses
         engine.observer = heat
         return heat
 
     of = attach
 
-    # ------------------------------------------------------------ observer (engine thread)
+    def listen(self, executor: Executor) -> None:
+        """Take the accesses of the requests `executor` runs (every front end's)."""
+        executor.set_access_sink(self)
+        self._pull = executor.pass_accesses
+
+    # ------------------------------------------------------------ observer and sink (engine thread)
     def accessed(self, touches: list[int], n: int) -> None:
-        """A batch of accesses: (volume id, offset, length, unix time) each."""
+        """A batch of accesses from the executor: (volume id, offset, length, unix time) each."""
         d = self._last
         for i in range(0, n, 4):
             base = touches[i] << _VID_SHIFT
@@ -136,10 +144,12 @@ class HeatMap:
             self.write_out()
 
     def before_commit(self) -> None:
+        if self._pull is not None:  # the accesses so far commit with the data
+            self._pull()
         self.write_out()
 
     def touch(self, vid: int, offset: int, length: int) -> None:
-        """One access now (the engine hands its accesses over in batches instead)."""
+        """One access now (the executor hands its accesses over in batches instead)."""
         self.accessed([vid, offset, length, int(self.clock())], 4)
 
     def mapped(self, vid: int, lba: int, delta: int) -> None:

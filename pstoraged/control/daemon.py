@@ -67,6 +67,9 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
     run_dir = cfg.run_dir
     data_sock = os.path.join(run_dir, "data.sock")
     dataplane = DataPlane(engine, data_sock)
+    # data temperature: the heat map observes the engine's map changes (attached
+    # in main) and takes the accesses of every front end's requests
+    HeatMap.of(engine).listen(dataplane.executor)
     dataplane.start()
     try:
         fuse_dir = cfg.fuse.path(run_dir) if cfg.fuse.active() else None
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                         segment_size=parse_size(args.segment_size), force=args.force)
             log.info("created pool in %s on %s", cfg.pool_dir, args.device)
         engine = Engine(open_pool(cfg.pool_dir))
-        HeatMap.attach(engine)  # data temperature: an observer of the engine
+        HeatMap.attach(engine)  # data temperature: an observer of the engine's maps
     except PStorageError as e:
         print(f"pstoraged: {e}", file=sys.stderr)
         return e.exit_code

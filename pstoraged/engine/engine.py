@@ -61,16 +61,13 @@ UNMAP_SLICE = 4096  # map entries released per slice of a trim
 RECLAIM_SLICE = 1024  # per background step: a few ms, the most a request waits for it
 
 _l2p_key = L2P_KEY.pack
-TOUCH_BATCH = 512  # accesses recorded before they are handed to the observer
 
 
 class Observer(Protocol):
-    """Watches the data's use and placement from outside the engine (the heat map,
+    """Watches the data's placement from outside the engine (the heat map,
     analytics/temperature.py), attached by the layer above (Engine.observer).
-    Called on the engine thread; accesses come in batches, not per request."""
-
-    def accessed(self, touches: list[int], n: int) -> None:
-        """touches[:n] holds n // 4 accesses as (volume id, offset, length, unix time)."""
+    Called on the engine thread. (Accesses are not the engine's: the executor
+    records them, frontends/executor.py.)"""
 
     def mapped(self, vid: int, lba: int, delta: int) -> None:
         """A block of a volume's live map gained (+1) or lost (-1) its data."""
@@ -119,10 +116,6 @@ class Engine:
         self.meta = pool.meta
         self.clock = clock
         self.observer: Observer | None = None  # e.g. the heat map (data temperature)
-        # accesses (volume id, offset, length, time) for the observer, handed
-        # over in batches: one preallocated list, no allocation per request
-        self._touches = [0] * (4 * TOUCH_BATCH)
-        self._ntouch = 0
         self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
         txn = self.meta.txn
         self.segs.load((bytes(k), bytes(v)) for k, v in txn.cursor(db=self.meta.segs))
@@ -522,7 +515,6 @@ class Engine:
         self._check_range(vol, offset, length)
         vol.stats.reads += 1
         vol.stats.read_bytes += length
-        self._touch(vol.id, offset, length)
         if length == 0:
             return b""
         first = offset // BLOCK_SIZE
@@ -575,7 +567,6 @@ class Engine:
             blocks = [bytes(data)]
         else:
             blocks = self._blocks(vol, offset, data)
-        self._touch(vol.id, offset, n)
         red = reduce_inline(blocks, codecs.IDS[vol.compression])
         self._apply(vol, offset // BLOCK_SIZE, red, blocks)
         self._written(vol, fua)
@@ -589,7 +580,6 @@ class Engine:
         length = len(red[1]) * BLOCK_SIZE
         self._check_range(vol, offset, length)
         assert offset % BLOCK_SIZE == 0, "the reducer takes whole blocks only"
-        self._touch(vol.id, offset, length)
         self._apply(vol, offset // BLOCK_SIZE, red, None)
         self._written(vol, fua)
 
@@ -650,7 +640,6 @@ class Engine:
         """Write zeros; whole blocks become holes (no space), edges are rewritten."""
         self._writable(vol)
         self._check_range(vol, offset, length)
-        self._touch(vol.id, offset, length)
         end = offset + length
         first = -(-offset // BLOCK_SIZE)
         last = end // BLOCK_SIZE
@@ -699,33 +688,6 @@ class Engine:
         return runs
 
     # ------------------------------------------------------------------ durability
-    def _touch(self, vid: int, offset: int, length: int) -> None:
-        """Record an access for the observer (a few stores; batches go out full)."""
-        if self.observer is None:
-            return
-        n = self._ntouch
-        t = self._touches
-        t[n] = vid
-        t[n + 1] = offset
-        t[n + 2] = length
-        t[n + 3] = int(self.clock())
-        n += 4
-        if n == len(t):
-            self.observer.accessed(t, n)
-            n = 0
-        self._ntouch = n
-
-    def pass_accesses(self) -> None:
-        """Hand the accesses recorded so far to the observer now."""
-        if self._ntouch and self.observer is not None:
-            self.observer.accessed(self._touches, self._ntouch)
-        self._ntouch = 0
-
-    def _observer_commit(self) -> None:
-        if self.observer is not None:
-            self.pass_accesses()
-            self.observer.before_commit()
-
     def _maybe_commit(self) -> None:
         """A safe point: no change is half applied, the owner may commit now."""
         if self.safe_point is not None:
@@ -756,7 +718,8 @@ class Engine:
         self._check_failed()
         try:
             self.segs.flush_data()
-            self._observer_commit()
+            if self.observer is not None:
+                self.observer.before_commit()
             self._persist_counters()
             txn = self.meta.txn
             for k, v in self.segs.dirty_records():

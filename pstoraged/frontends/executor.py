@@ -17,6 +17,12 @@ order. One place therefore decides:
 The answer goes to `request.reply(request)`, a front end's callback, called
 on the engine thread with `result` or `error` filled in.
 
+Accesses (volume id, offset, length, time) of the reads, writes, zeroes and
+trims that ran are recorded here, for every front end at once, into one
+preallocated list that goes to the access sink (the heat map, wired by the
+daemon) when it is full or when the sink pulls it (`pass_accesses`, before a
+commit); the engine's request methods know nothing of them.
+
 CommitPolicy, owned by the executor, decides when the open metadata
 transaction becomes a group commit:
 
@@ -35,7 +41,7 @@ import logging
 import queue
 from collections.abc import Callable
 from time import monotonic_ns
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -51,6 +57,15 @@ IDLE_COMMIT_SECONDS = 1.0
 
 # Request ops; the data ops are metrics.OPS indexes, so IoStats.record takes them as they are.
 READ, WRITE, ZERO, TRIM, FLUSH, EXTENTS, CALL = range(7)
+TOUCH_BATCH = 512  # accesses recorded before they are handed to the access sink
+
+
+class AccessSink(Protocol):
+    """Takes the accesses the executor records (analytics/temperature.py's HeatMap).
+    Called on the engine thread, with batches, not per request."""
+
+    def accessed(self, touches: list[int], n: int) -> None:
+        """touches[:n] holds n // 4 accesses as (volume id, offset, length, unix time)."""
 
 
 class CommitPolicy:
@@ -131,12 +146,29 @@ class Executor:
         # so that the front end hands newly arrived writes to the reducer meanwhile
         self.read_ahead: Callable[[], None] = _noop
         self.batches = self.requests = self.max_batch = 0
+        self.access_sink: AccessSink | None = None  # see set_access_sink
+        # accesses not handed over yet: one preallocated list, no allocation per request
+        self._touches = [0] * (4 * TOUCH_BATCH)
+        self._ntouch = 0
 
     def start(self) -> None:
         """The engine thread is about to serve: start the reducer, and from now on
         this executor decides the commits at the engine's safe points too."""
         self.reducer = reducer.start()
         self.engine.safe_point = self.policy.at_safe_point
+
+    def set_access_sink(self, sink: AccessSink | None) -> None:
+        """Record the accesses of the requests that run from now on for `sink`
+        (before the data plane starts: the engine thread reads it)."""
+        self.pass_accesses()
+        self.access_sink = sink
+
+    def pass_accesses(self) -> None:
+        """Hand the accesses recorded so far to the sink now (engine thread; the
+        sink calls this before a commit and before it answers a query)."""
+        if self._ntouch and self.access_sink is not None:
+            self.access_sink.accessed(self._touches, self._ntouch)
+        self._ntouch = 0
 
     def write(self, vol: Volume, offset: int, data: bytes, durable: bool,
               reply: Callable[[Request], None], origin: Any, tag: int, t0: int) -> Request:
@@ -188,6 +220,9 @@ class Executor:
         """Run a batch in order; answer each request, durable ones after one commit."""
         eng = self.engine
         durable: list[Request] = []
+        sink = self.access_sink
+        touches = self._touches
+        now = int(eng.clock()) if sink is not None else 0  # seconds: one reading per batch
         for req in batch:
             op = req.op
             try:  # the engine call, inline: this loop is the hot path of every request
@@ -213,6 +248,18 @@ class Executor:
             except Exception as e:  # a bug must not take the daemon down
                 log.exception("engine request %d failed", op)
                 req.error = DeviceIOError(f"internal error: {e}")
+            if op < FLUSH and sink is not None and req.error is None:
+                # the access, for the sink: four stores, batches go out full
+                n = self._ntouch
+                touches[n] = req.volume.id  # type: ignore[union-attr]
+                touches[n + 1] = req.offset
+                touches[n + 2] = req.length
+                touches[n + 3] = now
+                n += 4
+                if n == len(touches):
+                    sink.accessed(touches, n)
+                    n = 0
+                self._ntouch = n
             if req.durable:
                 durable.append(req)
                 continue
