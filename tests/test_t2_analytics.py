@@ -119,7 +119,7 @@ def test_temperature_memory_is_bounded_and_crash_consistent(eng, io, clock, tmp_
         assert t.classes["hot"]["bytes"] == 2 * BLOCK_SIZE and t.untracked_bytes == 0
         # deleting the volume drops its temperature records in the background
         e2.delete_volume("big")
-        while e2.background_step(1000, busy=False):
+        while e2.background.step(1000, busy=False):
             pass
         assert HeatMap.of(e2).extents(vv.id) == []
     finally:
@@ -172,17 +172,17 @@ def test_recompress_cold_data_recommendation_and_job(eng, io, clock, tmp_path):
     assert set(recs) == {"recompress-cold:logs"}
     rec = recs["recompress-cold:logs"]
     assert rec["estimated_savings_bytes"] > 0 and "sample" in rec["estimate"]
-    stored_before = eng.live_stored
+    stored_before = eng.chunks.live_stored
     out = t.apply("recompress-cold:logs")
     job = t.jobs[out["job"]["id"]]
     steps = 0
-    while eng.background_step(64, busy=False):
+    while eng.background.step(64, busy=False):
         steps += 1
         assert 0 <= job.to_dict()["progress"] <= 1
     assert job.state == "done" and job.extents_done == job.extents_total == 4
     assert job.chunks_examined == 1024 and job.chunks_rewritten > 900
     saved = job.bytes_before - job.bytes_after
-    assert saved > 0 and eng.live_stored == stored_before - saved
+    assert saved > 0 and eng.chunks.live_stored == stored_before - saved
     # the estimate was in the right range (sampled, so allow a wide margin)
     assert 0.5 * saved <= rec["estimated_savings_bytes"] <= 2 * saved
     assert io.read(v, 0, len(data)) == data
@@ -206,21 +206,21 @@ def test_recompression_crash_midway_loses_nothing(eng, io, clock, tmp_path):
     clock.advance(60)
     t = Tiering(eng)
     job = t.jobs[t.apply("recompress-cold:logs")["job"]["id"]]
-    stored0 = eng.live_stored
-    assert eng.background_step(64, busy=False)
+    stored0 = eng.chunks.live_stored
+    assert eng.background.step(64, busy=False)
     eng.flush()  # half committed ...
     committed = job.chunks_rewritten
-    stored1 = eng.live_stored
+    stored1 = eng.chunks.live_stored
     assert committed > 0 and stored1 < stored0, "nothing was rewritten before the commit"
-    assert eng.background_step(64, busy=False)  # ... the rest lost in the crash
-    assert job.chunks_rewritten > committed and eng.live_stored < stored1, \
+    assert eng.background.step(64, busy=False)  # ... the rest lost in the crash
+    assert job.chunks_rewritten > committed and eng.chunks.live_stored < stored1, \
         "nothing was rewritten between the commit and the crash"
     assert job.state != "done", "the job finished: the crash would not be midway"
     crash(eng)
     e2 = open_engine(tmp_path, clock)
     try:
         assert Front(e2).read(e2.volume("logs"), 0, len(data)) == data
-        assert e2.live_stored == stored1  # the committed half stays rewritten, the rest as before
+        assert e2.chunks.live_stored == stored1  # the committed half stays rewritten, the rest as before
     finally:
         e2.close()
 
@@ -262,14 +262,14 @@ def test_scrub_reads_every_chunk_and_reports_the_bad_one(eng, caplog):
         f.write(b"\x00\x01\x02")
     reg = JobRegistry()
     job = reg.add(lambda i: ScrubJob(i))
-    eng.start_job(ScrubRun(eng, job).step)
+    eng.background.start_job(ScrubRun(eng, job).step)
     progress = []
-    while eng.background_step(128, busy=True):
+    while eng.background.step(128, busy=True):
         progress.append(job.to_dict()["progress"])
     assert progress == sorted(progress) and progress[-1] == 1.0 and len(progress) > 10
     assert job.state == "done" and job.chunks_checked == 512 == job.chunks_total
     assert job.bad_chunks == 1 and job.bad[0]["chunk"] == cid and job.bad[0]["segment"] == s
-    assert eng.checksum_errors == 1
+    assert eng.chunks.checksum_errors == 1
 
 
 # ---------------------------------------------------------------- reduction report

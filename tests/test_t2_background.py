@@ -67,7 +67,7 @@ def test_failing_cleaner_backs_off_shows_everywhere_and_recovers(engine, caplog,
     monkeypatch.setattr(cleaner, "wanted", lambda busy: True)
     monkeypatch.setattr(cleaner, "step", broken)
 
-    assert engine.background_step(100, busy=False) == 0
+    assert engine.background.step(100, busy=False) == 0
     assert len(calls) == 1
     errors = _errors(caplog)
     assert len(errors) == 1 and errors[0].exc_info is not None  # the traceback, once
@@ -75,9 +75,9 @@ def test_failing_cleaner_backs_off_shows_everywhere_and_recovers(engine, caplog,
 
     # backing off: not retried at once, and the data plane is not kept spinning
     for _ in range(50):
-        engine.background_step(100, busy=False)
+        engine.background.step(100, busy=False)
     assert len(calls) == 1
-    assert not engine.has_background_work()
+    assert not engine.background.has_work()
     assert engine.supervisor.next_due_in() == pytest.approx(0.1)
 
     report = _health(engine)
@@ -95,7 +95,7 @@ def test_failing_cleaner_backs_off_shows_everywhere_and_recovers(engine, caplog,
         assert wait is not None
         pauses.append(round(wait, 3))
         clock.now += wait
-        engine.background_step(100, busy=False)
+        engine.background.step(100, busy=False)
     assert len(calls) == 15
     assert pauses[:4] == [0.1, 0.2, 0.4, 0.8] and max(pauses) == pauses[-1] == 60.0
     assert len(_errors(caplog)) == 1
@@ -107,8 +107,8 @@ def test_failing_cleaner_backs_off_shows_everywhere_and_recovers(engine, caplog,
     monkeypatch.undo()
     assert not cleaner.wanted(False)  # nothing to clean: only the retry makes it run
     clock.now += 60
-    assert engine.has_background_work()  # the data plane calls background_step only then
-    engine.background_step(100, busy=False)
+    assert engine.background.has_work()  # the data plane calls background.step only then
+    engine.background.step(100, busy=False)
     assert engine.supervisor.failing() == ()
     assert _health(engine).status == "healthy"
     assert _metrics(engine)["pstorage_background_failing_services"] == 0
@@ -141,7 +141,7 @@ def test_a_failing_reclaim_does_not_stop_the_cleaner(engine, caplog, monkeypatch
     svc = Service()
     engine.services.append(svc)
     for _ in range(5):
-        engine.background_step(100, busy=False)
+        engine.background.step(100, busy=False)
     assert svc.steps == 5
     assert [f.service for f in engine.supervisor.failing()] == ["reclaim"]
 
@@ -157,7 +157,7 @@ def test_a_service_whose_wanted_raises_does_not_crash_the_caller(engine, caplog)
             return 1
 
     engine.services.append(Broken())
-    assert not engine.has_background_work()  # the data plane's loop calls this unguarded
+    assert not engine.background.has_work()  # the data plane's loop calls this unguarded
     assert engine.supervisor.failing()[0].service == "Broken"
 
 
@@ -189,7 +189,7 @@ def test_device_read_errors_are_counted_and_make_health_degraded(engine):
         os.close(saved)
     assert engine.read(vol, 0, 4096)  # reads work again; the count stays
     assert engine.statistics().read_errors == 3
-    assert engine.checksum_errors == 0  # a failed read is not a checksum failure
+    assert engine.chunks.checksum_errors == 0  # a failed read is not a checksum failure
     report = _health(engine)
     assert report.status == "degraded"
     reason = next(r for r in report.reasons if "read errors" in r)

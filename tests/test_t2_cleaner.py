@@ -86,12 +86,12 @@ def check_consistency(eng: Engine, read_all: bool = True) -> None:
         chunks += 1
         stored += record_size(slen)
         if read_all:
-            eng.read_chunk(cid)  # header, lengths, fingerprint and payload CRC
+            eng.chunks.read_chunk(cid)  # header, lengths, fingerprint and payload CRC
     assert set(refs) <= {CHUNK_KEY.unpack(k)[0] for k, _ in txn.cursor(db=eng.meta.chunks)}
     for s in range(segs.count):
         assert segs.live[s] == live[s], f"segment {s}: live {segs.live[s]}, records {live[s]}"
-    assert chunks == eng.live_chunks
-    assert stored == eng.live_stored
+    assert chunks == eng.chunks.live_chunks
+    assert stored == eng.chunks.live_stored
 
 
 def fill_unique(eng: Engine, vol: Volume, model: bytearray, blocks: range,
@@ -101,7 +101,7 @@ def fill_unique(eng: Engine, vol: Volume, model: bytearray, blocks: range,
         eng.write(vol, b * BLOCK_SIZE, data)
         model[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE] = data
         if cleaner is not None:
-            eng.background_step(128, busy=True)
+            eng.background.step(128, busy=True)
 
 
 def random_overwrites(eng: Engine, vol: Volume, model: bytearray, count: int,
@@ -115,7 +115,7 @@ def random_overwrites(eng: Engine, vol: Volume, model: bytearray, count: int,
         if i % flush_every == 0:
             eng.flush()
         if background:  # what the data plane does between client batches
-            eng.background_step(128, busy=True)
+            eng.background.step(128, busy=True)
 
 
 # ---------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_crash_during_cleaning(tmp_path, point):
         assert not r.complete and r.chunks_moved > 0 and c.statistics().victim == s
         if point.endswith("client-writes"):  # unflushed: may be lost
             eng.write(vol, 0, os.urandom(8 * BLOCK_SIZE))
-            eng.background_step(128, busy=False)  # resumes the walk, still no commit
+            eng.background.step(128, busy=False)  # resumes the walk, still no commit
     else:
         r = c.clean_segment(s, flush=point == "after-commit")
         assert r.complete and eng.segs.live[s] == 0
@@ -273,7 +273,7 @@ def test_full_pool_recovers_through_the_cleaner(tmp_path):
     eng.services.append(c)
     steps = 0
     while eng.segs.free_count() <= eng.segs.reserve:
-        assert eng.background_step(128, busy=True), "the cleaner made no progress"
+        assert eng.background.step(128, busy=True), "the cleaner made no progress"
         steps += 1
         lba = rng.randrange(written)  # reads work throughout
         assert eng.read(vol, lba * BLOCK_SIZE, BLOCK_SIZE) == model[
@@ -284,7 +284,7 @@ def test_full_pool_recovers_through_the_cleaner(tmp_path):
         data = rng.randbytes(BLOCK_SIZE)
         eng.write(vol, b * BLOCK_SIZE, data)
         model[b * BLOCK_SIZE : (b + 1) * BLOCK_SIZE] = data
-        eng.background_step(128, busy=True)
+        eng.background.step(128, busy=True)
     eng.flush()
     assert eng.read(vol, 0, len(model)) == bytes(model)
     assert c.statistics().segments_cleaned >= segments // 2
@@ -296,10 +296,10 @@ def test_nothing_to_do_is_cheap_and_quiet(engine):
     c = SegmentCleaner(engine)
     engine.services.append(c)
     assert not c.wanted(False) and not c.wanted(True)
-    assert engine.background_step(2048, busy=False) == 0
+    assert engine.background.step(2048, busy=False) == 0
     assert c.step(2048, busy=False) == 0
     assert c.run_pass() == 0
-    assert not engine.has_background_work()
+    assert not engine.background.has_work()
     with pytest.raises(InvalidArgument):
         c.clean_segment(0)  # free, not sealed
     with pytest.raises(InvalidArgument):
@@ -320,7 +320,7 @@ def test_idle_compaction_of_a_fragmented_pool(tmp_path):
     free0 = eng.segs.free_count()
     assert free0 > c.high and c.dead_fraction() > 0.4
     assert not c.wanted(busy=True)  # not needed: left alone while clients are busy
-    assert eng.background_step(128, busy=True) == 0
+    assert eng.background.step(128, busy=True) == 0
     assert c.wanted(busy=False) and c.statistics().mode == "fragmentation"
     cleaned = c.run_pass()
     assert cleaned >= 8 and c.dead_fraction() <= cleaner_mod.DEAD_FRACTION_IDLE
@@ -348,10 +348,10 @@ def test_dead_copy_of_a_live_chunk_in_the_same_segment_stays_behind(engine, monk
     engine.write(vol, 0, text)
     cid = engine._lookup(vol, 0, vol.gen)
     s, off = chunk_home(engine, cid)
-    lz4_len = engine.chunk_codec(cid)[1]
+    lz4_len = engine.chunks.chunk_codec(cid)[1]
     _, zpayload = codecs.Compressor().compress(codecs.IDS["zstd"], text)
     assert len(zpayload) != lz4_len
-    engine.rewrite_chunk(cid, codecs.IDS["zstd"], zpayload)
+    engine.chunks.rewrite_chunk(cid, codecs.IDS["zstd"], zpayload)
     assert chunk_home(engine, cid)[0] == s and chunk_home(engine, cid)[1] > off
     rest = os.urandom(20 * BLOCK_SIZE)
     engine.write(vol, BLOCK_SIZE, rest)  # seals s
@@ -363,7 +363,7 @@ def test_dead_copy_of_a_live_chunk_in_the_same_segment_stays_behind(engine, monk
     r = c.clean_segment(s)
     assert r.complete and r.error is None and r.chunks_moved == live
     assert engine.segs.state[s] == SEG_FREE
-    assert engine.chunk_codec(cid) == (codecs.IDS["zstd"], len(zpayload))
+    assert engine.chunks.chunk_codec(cid) == (codecs.IDS["zstd"], len(zpayload))
     assert engine.read(vol, 0, BLOCK_SIZE) == text
     assert engine.read(vol, BLOCK_SIZE, 4 * BLOCK_SIZE) == rest[: 4 * BLOCK_SIZE]
     check_consistency(engine)
@@ -373,7 +373,7 @@ def test_running_out_of_room_mid_segment_keeps_the_moves(tmp_path, caplog):
     d = str(tmp_path)
     eng, c, vol, model = fragmented_pool(d)
     s, _ = victim_with_live_data(c)
-    real = eng.rewrite_chunk
+    real = eng.chunks.rewrite_chunk
     calls = 0
 
     def fails_third_time(*a, **k):
@@ -383,13 +383,13 @@ def test_running_out_of_room_mid_segment_keeps_the_moves(tmp_path, caplog):
             raise PoolFull("the pool is full")
         return real(*a, **k)
 
-    eng.rewrite_chunk = fails_third_time  # type: ignore[method-assign]
+    eng.chunks.rewrite_chunk = fails_third_time  # type: ignore[method-assign]
     r = c.clean_segment(s, flush=False)
     assert not r.complete and r.error == "pool full" and r.chunks_moved == 2
     assert s not in c.statistics().skipped_segments  # not a fault of the segment
     assert [m for m in caplog.messages if "no room" in m]
     check_consistency(eng)
-    del eng.rewrite_chunk
+    del eng.chunks.rewrite_chunk
     assert c.clean_segment(s).complete  # later, with room, it finishes
     assert eng.read(vol, 0, len(model)) == bytes(model)
     check_consistency(eng)
@@ -422,7 +422,7 @@ def test_read_error_leaves_the_segment(tmp_path, caplog):
     eng.segs.backing = good
     assert not r.complete and "read failed" in (r.error or "")
     assert eng.segs.live[s] == live and c.statistics().skipped_segments == (s,)
-    assert eng.failed is None and eng.checksum_errors == 0
+    assert eng.failed is None and eng.chunks.checksum_errors == 0
     assert eng.read(vol, 0, len(model)) == bytes(model)
     eng.close()
 
@@ -512,13 +512,13 @@ def test_corrupt_record_stops_the_cleaner_for_that_segment(tmp_path, caplog, wha
         assert gap % 4096 and block_home(eng, vol, 7)[1] == align_up(gap)
         corrupt_at(eng, base + gap + 16, b"garbage!")
     homes = {b: block_home(eng, vol, b) for b in range(2, blocks)}
-    errors0 = eng.checksum_errors
+    errors0 = eng.chunks.checksum_errors
     r = c.clean_segment(s)
     assert not r.complete and r.error
     assert r.chunks_moved == (5 if what == "gap-garbage" else 0)  # only what came before
     st = c.statistics()
     assert st.skipped_segments == (s,) and st.corrupt_records == 1
-    assert eng.checksum_errors == errors0 + 1
+    assert eng.chunks.checksum_errors == errors0 + 1
     assert eng.segs.state[s] == SEG_SEALED and eng.segs.live[s] > 0
     assert any("segment cleaner" in m and f"segment {s}:" in m for m in caplog.messages)
     unreadable = set()
@@ -569,11 +569,11 @@ def test_static_wear_leveling_moves_cold_data_when_idle(tmp_path):
     st = c.statistics()
     assert st.wear_spread == 37 and st.mode == "wear"
     assert not c.wanted(busy=True)
-    assert c.step(128, busy=True) == 0 and eng.background_step(128, busy=True) == 0
+    assert c.step(128, busy=True) == 0 and eng.background.step(128, busy=True) == 0
     assert segs.live[cold] > 0  # not while clients are busy
     assert c.wanted(busy=False)
     for _ in range(100):
-        if not eng.background_step(2048, busy=False):
+        if not eng.background.step(2048, busy=False):
             break
     else:
         pytest.fail("wear leveling does not stop")
@@ -640,7 +640,7 @@ class CleanerModel(RuleBasedStateMachine):
         data = (self.rng.randbytes(count * BLOCK_SIZE) if unique  # mostly unique
                 else PATTERNS[pattern] * count)
         # between client batches, as the data plane does
-        self.eng.background_step(128, busy=True)
+        self.eng.background.step(128, busy=True)
         self._after()
         self.eng.write(self.vol, lba * BLOCK_SIZE, data)
         self.model[lba * BLOCK_SIZE : (lba + count) * BLOCK_SIZE] = data
@@ -661,7 +661,7 @@ class CleanerModel(RuleBasedStateMachine):
 
     @rule(budget=st.sampled_from([4, 32, 128, 2048]), busy=st.booleans())
     def cleaner_step(self, budget, busy):
-        done = self.eng.background_step(budget, busy)
+        done = self.eng.background.step(budget, busy)
         assert done <= budget * cleaner_mod.EMERGENCY_FACTOR  # bounded work per step
         self._after()
 
@@ -728,7 +728,7 @@ def test_moved_chunks_get_their_own_open_segment_and_both_resume_after_a_crash(t
     eng, c, vol, model = fragmented_pool(d)
     segs = eng.segs
     s, _ = victim_with_live_data(c)
-    moved = [cid for cid in range(1, eng.next_chunk) if eng.meta.txn.get(CHUNK_KEY.pack(cid),
+    moved = [cid for cid in range(1, eng.chunks.next_chunk) if eng.meta.txn.get(CHUNK_KEY.pack(cid),
              db=eng.meta.chunks) is not None and chunk_home(eng, cid)[0] == s]
     r = c.clean_segment(s)
     assert r.complete and r.chunks_moved == len(moved) > 0

@@ -140,7 +140,7 @@ class EngineModel(RuleBasedStateMachine):
 
     @rule(busy=st.booleans())
     def background(self, busy):
-        self.eng.background_step(64, busy=busy)
+        self.eng.background.step(64, busy=busy)
         self._after()
 
     @rule(name=st.sampled_from(["a", "b"]), offset=offsets, length=lengths)
@@ -202,8 +202,8 @@ class EngineModel(RuleBasedStateMachine):
             for i in range(0, VOL_SIZE, BLOCK_SIZE) if any(m[i : i + BLOCK_SIZE])
         }
         # global dedupe: exactly one chunk per distinct non-zero block
-        assert self.eng.live_chunks == len(distinct)
-        assert fingerprint_index_state(self.eng) == (len(distinct), self.eng.stale_fps)
+        assert self.eng.chunks.live_chunks == len(distinct)
+        assert fingerprint_index_state(self.eng) == (len(distinct), self.eng.chunks.stale_fps)
 
     def teardown(self):
         try:
@@ -322,11 +322,11 @@ def test_resize_and_delete_release_space(engine):
     v = engine.create_volume("v", 4 << 20)
     engine.write(v, 0, os.urandom(4 << 20))
     engine.flush()
-    assert engine.live_chunks == 1024
+    assert engine.chunks.live_chunks == 1024
     with pytest.raises(InvalidArgument):
         engine.resize_volume("v", 1 << 20)
     engine.resize_volume("v", 1 << 20, shrink=True)
-    assert engine.live_chunks == 256
+    assert engine.chunks.live_chunks == 256
     engine.resize_volume("v", 8 << 20)
     assert engine.read(v, 2 << 20, 4096) == bytes(4096)  # regrown range reads zeros
     engine.delete_volume("v")
@@ -335,7 +335,7 @@ def test_resize_and_delete_release_space(engine):
     while engine.reclaim_step(100):  # ... its space comes back in the background
         pass
     engine.flush()
-    assert engine.live_chunks == 0 and engine.live_stored == 0
+    assert engine.chunks.live_chunks == 0 and engine.chunks.live_stored == 0
     # every sealed segment is dead and comes back after the commit (the open one stays)
     assert engine.segs.free_count() >= free0 - 1
     assert engine.statistics().allocated_bytes <= engine.segs.size
@@ -348,10 +348,10 @@ def test_dedupe_index_stale_entries_are_pruned(engine):
     engine.write(v, 0, b"".join(old))
     engine.write(v, 0, os.urandom(256 * BLOCK_SIZE))  # every old chunk dies
     engine.flush()
-    assert fingerprint_index_state(engine) == (256, 256) and engine.stale_fps == 256
+    assert fingerprint_index_state(engine) == (256, 256) and engine.chunks.stale_fps == 256
     # writing old content again must make new chunks, not revive the dead ones
     engine.write(v, 1 << 20, old[0] + old[1])
-    assert engine.stale_fps == 254 and engine.live_chunks == 258
+    assert engine.chunks.stale_fps == 254 and engine.chunks.live_chunks == 258
     assert engine.read(v, 1 << 20, 2 * BLOCK_SIZE) == old[0] + old[1]
     engine.flush()
     # a sweep in slices, interrupted by a crash, resumes and finishes
@@ -362,16 +362,16 @@ def test_dedupe_index_stale_entries_are_pruned(engine):
     crash(engine)
     eng = Engine(open_pool(pool_dir))
     try:
-        assert eng.prune_from is not None and eng.has_background_work()
-        while eng.background_step(100, busy=False):
+        assert eng.chunks.prune_from is not None and eng.background.has_work()
+        while eng.background.step(100, busy=False):
             pass
-        assert eng.prune_from is None and eng.stale_fps == 0
+        assert eng.chunks.prune_from is None and eng.chunks.stale_fps == 0
         assert fingerprint_index_state(eng) == (258, 0)
         vv = eng.volume("v")
         eng.write(vv, 2 << 20, old[2])  # index still dedupes live data after the sweep
-        assert eng.live_chunks == 259
+        assert eng.chunks.live_chunks == 259
         eng.write(vv, 3 << 20, old[2])
-        assert eng.live_chunks == 259
+        assert eng.chunks.live_chunks == 259
     finally:
         eng.close()
 
@@ -443,10 +443,10 @@ def test_reclaim_of_a_deleted_volume_survives_a_crash(pool_dir):
     eng.reclaim_step(100)  # not committed: lost in the crash, redone after
     crash(eng)
     eng = Engine(open_pool(pool_dir))
-    assert "gone" not in eng.volumes and eng.has_background_work()
+    assert "gone" not in eng.volumes and eng.background.has_work()
     while eng.reclaim_step(64):
         pass
     eng.flush()
-    assert eng.live_chunks == 256  # only the shared megabyte is left
+    assert eng.chunks.live_chunks == 256  # only the shared megabyte is left
     assert eng.read(eng.volume("keep"), 0, 1 << 20) == shared
     eng.close()

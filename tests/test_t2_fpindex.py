@@ -105,7 +105,7 @@ def eng(pool_dir, small_index):
 
 
 def _settle(eng, busy=False):
-    while eng.background_step(16, busy=busy):
+    while eng.background.step(16, busy=busy):
         pass
 
 
@@ -121,16 +121,16 @@ def test_new_fingerprints_wait_in_memory_and_merge_in_the_background(eng):
     idx = eng.fps
     assert len(idx.recent) == 40 and not idx.merging  # nothing in the B-tree yet
     blocks += _write_unique(eng, v, 40, 40)  # the table filled: a merge started
-    assert idx.merging and len(idx) == 80 and eng.has_background_work()
-    assert eng.background_step(16, busy=True) == 16  # a bounded slice at a time
+    assert idx.merging and len(idx) == 80 and eng.background.has_work()
+    assert eng.background.step(16, busy=True) == 16  # a bounded slice at a time
     _settle(eng, busy=True)
     assert not idx.merging and idx.upto > 1 and len(idx) <= 64
     eng.flush()
     # everything dedupes, from either tier
-    before = eng.live_chunks
+    before = eng.chunks.live_chunks
     eng.write(v, 1 << 20, b"".join(blocks))
-    assert eng.live_chunks == before
-    assert fingerprint_index_state(eng) == (before, eng.stale_fps)
+    assert eng.chunks.live_chunks == before
+    assert fingerprint_index_state(eng) == (before, eng.chunks.stale_fps)
 
 
 def test_memory_stays_bounded_when_merges_cannot_keep_up(eng):
@@ -144,19 +144,19 @@ def test_memory_stays_bounded_when_merges_cannot_keep_up(eng):
 def test_crash_during_a_merge_loses_no_index_entry(eng, pool_dir):
     v = eng.create_volume("v", 4 << 20)
     blocks = _write_unique(eng, v, 0, 100)
-    eng.background_step(16, busy=True)
+    eng.background.step(16, busy=True)
     eng.flush()  # part of the merge is committed ...
-    eng.background_step(16, busy=True)  # ... and part is lost
+    eng.background.step(16, busy=True)  # ... and part is lost
     assert eng.fps.merging  # (not finished)
     _write_unique(eng, v, 100, 10)  # never committed
     crash(eng)
     eng = Engine(open_pool(pool_dir))
     try:
-        assert eng.live_chunks == 100
-        assert fingerprint_index_state(eng) == (100, eng.stale_fps)
-        before = eng.live_chunks
+        assert eng.chunks.live_chunks == 100
+        assert fingerprint_index_state(eng) == (100, eng.chunks.stale_fps)
+        before = eng.chunks.live_chunks
         eng.write(eng.volume("v"), 1 << 20, b"".join(blocks))
-        assert eng.live_chunks == before  # all deduped
+        assert eng.chunks.live_chunks == before  # all deduped
         _settle(eng)
         eng.flush()
         assert fingerprint_index_state(eng) == (100, 0)
@@ -168,7 +168,7 @@ def test_chunks_freed_before_their_merge_leave_no_stale_entry(eng):
     v = eng.create_volume("v", 4 << 20)
     _write_unique(eng, v, 0, 50)
     _write_unique(eng, v, 0, 50)  # frees the first 50 while they are still in memory
-    assert eng.stale_fps == 0
+    assert eng.chunks.stale_fps == 0
     _settle(eng)
     eng.flush()
     assert fingerprint_index_state(eng) == (50, 0)
@@ -178,7 +178,7 @@ def test_version_2_store_is_upgraded_and_keeps_deduping(pool_dir):
     eng = Engine(open_pool(pool_dir))
     v = eng.create_volume("v", 4 << 20)
     blocks = _write_unique(eng, v, 0, 20)
-    eng.fps._start_merge(eng.next_chunk)  # as version 2 kept it: every entry in the B-tree
+    eng.fps._start_merge(eng.chunks.next_chunk)  # as version 2 kept it: every entry in the B-tree
     eng.fps.finish_merge()
     eng.meta.txn.delete(b"fp_upto", db=eng.meta.meta)
     eng.meta.put_json("format_version", 2)
@@ -193,7 +193,7 @@ def test_version_2_store_is_upgraded_and_keeps_deduping(pool_dir):
     try:
         assert eng.meta.get_json("format_version") == METADATA_VERSION
         eng.write(eng.volume("v"), 1 << 20, b"".join(blocks))
-        assert eng.live_chunks == 20
+        assert eng.chunks.live_chunks == 20
     finally:
         eng.close()
 
@@ -263,7 +263,7 @@ def test_filter_is_built_from_the_btree_while_merges_go_on(slow_build, pool_dir,
         more = _write_unique(eng, eng.volume("v"), 200, 200)
         steps = 0
         while idx.filter is None:
-            assert eng.background_step(1, busy=True)
+            assert eng.background.step(1, busy=True)
             steps += 1
         assert steps > 20 and idx.filter_statistics()["ready"]
         _settle(eng)
@@ -273,11 +273,11 @@ def test_filter_is_built_from_the_btree_while_merges_go_on(slow_build, pool_dir,
         skips = idx.filter_skips
         _write_unique(eng, eng.volume("v"), 400, 50)
         assert idx.filter_skips - skips >= 40
-        before = eng.live_chunks
+        before = eng.chunks.live_chunks
         eng.write(eng.volume("v"), 600 * BLOCK_SIZE, b"".join(blocks + more))
-        assert eng.live_chunks == before
-        assert fingerprint_index_state(eng)[1] == eng.stale_fps
-        assert eng.index_statistics()["filter"]["bytes"] == 4096
+        assert eng.chunks.live_chunks == before
+        assert fingerprint_index_state(eng)[1] == eng.chunks.stale_fps
+        assert eng.chunks.index_statistics()["filter"]["bytes"] == 4096
     finally:
         eng.close()
 

@@ -47,7 +47,7 @@ def check_references(eng: Engine) -> None:
         chunks[int.from_bytes(k, "big")] = CHUNK_META.unpack(v)[0]
     if not eng.reclaiming and not eng.dropping:
         assert dict(refs) == chunks
-        assert eng.live_chunks == len(chunks)
+        assert eng.chunks.live_chunks == len(chunks)
     for vid, rows in by_vol.items():
         vol = eng.by_id.get(vid)
         if vol is None or eng.dropping:
@@ -92,7 +92,7 @@ class SnapshotModel(RuleBasedStateMachine):
 
     def busy(self, name: str) -> bool:
         """A restore or a clone's fill into it is still running (background)."""
-        return self.eng.copy_state(self.eng.volume(name))[0] != "ready"
+        return self.eng.generations.copy_state(self.eng.volume(name))[0] != "ready"
 
     def sources(self, restores: bool = True) -> set[tuple[str, str]]:
         """Snapshots that clones are still being filled from (and volumes restored from)."""
@@ -208,7 +208,7 @@ class SnapshotModel(RuleBasedStateMachine):
     @rule(steps=st.integers(1, 50))
     def background(self, steps):
         for _ in range(steps):
-            if not self.eng.background_step(7, busy=True):
+            if not self.eng.background.step(7, busy=True):
                 break
         self._after()
 
@@ -263,7 +263,7 @@ class SnapshotModel(RuleBasedStateMachine):
 
     def teardown(self):
         try:
-            while self.eng.background_step(1000, busy=False):
+            while self.eng.background.step(1000, busy=False):
                 pass
             self.contents()  # every restore and clone finished, with the right data
             check_references(self.eng)
@@ -352,10 +352,10 @@ def test_destroyed_volume_and_snapshot_recover_intact(tmp_path):
     cat.destroy_volume("v")
     t[0] += 3601
     assert cat.eradicate_due() == 1
-    while eng.background_step(1000, busy=False):
+    while eng.background.step(1000, busy=False):
         pass
     eng.flush()
-    assert eng.live_chunks == 0 and "v" not in eng.volumes
+    assert eng.chunks.live_chunks == 0 and "v" not in eng.volumes
     eng.close()
 
 
@@ -364,9 +364,9 @@ def test_clone_is_independent_of_its_source(engine, cat):
     data = os.urandom(2 << 20)
     engine.write(v, 0, data)
     cat.create("v", "s")
-    chunks = engine.live_chunks
+    chunks = engine.chunks.live_chunks
     c = cat.clone("v", "s", "c")
-    assert engine.live_chunks == chunks  # everything shared, nothing copied
+    assert engine.chunks.live_chunks == chunks  # everything shared, nothing copied
     assert c.stats.mapped_blocks == 512
     engine.write(c, 0, bytes(4096))
     cat.delete("v", "s")
@@ -374,7 +374,7 @@ def test_clone_is_independent_of_its_source(engine, cat):
     cat.eradicate_due()  # grace period not over: still recoverable
     cat.grace_s = 0
     cat.eradicate_due()
-    while engine.background_step(100, busy=False):
+    while engine.background.step(100, busy=False):
         pass
     assert engine.read(c, 4096, (2 << 20) - 4096) == data[4096:]
     check_references(engine)
@@ -423,7 +423,7 @@ def test_clone_fills_in_the_background_and_resumes_after_a_crash(pool_dir):
     cat = Catalog(engine, grace_s=0)
     _, data = _written_volume(engine, cat, 1200)
     c = cat.clone("v", "s", "c", wait=False)
-    assert engine.copy_state(c) == ("filling", 0.0, 0)
+    assert engine.generations.copy_state(c) == ("filling", 0.0, 0)
     with pytest.raises(Conflict, match="being filled"):
         engine.read(c, 0, BLOCK_SIZE)  # half a clone is never served
     with pytest.raises(Conflict, match="still being filled"):
@@ -432,24 +432,24 @@ def test_clone_fills_in_the_background_and_resumes_after_a_crash(pool_dir):
         cat.destroy_volume("v")
     with pytest.raises(Conflict):
         cat.create("c", "early")
-    assert engine.background_step(400, busy=True) == 400  # a slice at a time
+    assert engine.background.step(400, busy=True) == 400  # a slice at a time
     engine.flush()  # one slice committed ...
-    engine.background_step(400, busy=True)  # ... and one lost
-    state, done, shared = engine.copy_state(c)
+    engine.background.step(400, busy=True)  # ... and one lost
+    state, done, shared = engine.generations.copy_state(c)
     assert state == "filling" and 0.6 < done < 0.7 and shared == 800
     crash(engine)
     engine = Engine(open_pool(pool_dir))
     cat = Catalog(engine, grace_s=0)
     c = engine.volume("c")
-    assert engine.copy_state(c)[:2] == ("filling", 400 / 1200)  # resumes after the commit
-    while engine.background_step(1000, busy=False):
+    assert engine.generations.copy_state(c)[:2] == ("filling", 400 / 1200)  # resumes after the commit
+    while engine.background.step(1000, busy=False):
         pass
-    assert engine.copy_state(c) == ("ready", 1.0, 0)
+    assert engine.generations.copy_state(c) == ("ready", 1.0, 0)
     assert engine.finished_copies[c.id] == {"kind": "fill", "blocks_shared": 1200}
     assert engine.read(c, 0, len(data)) == data
     cat.delete("v", "s")
     cat.destroy_volume("v")
-    while engine.background_step(1000, busy=False):
+    while engine.background.step(1000, busy=False):
         pass
     assert engine.read(c, 0, len(data)) == data
     check_references(engine)
@@ -469,15 +469,15 @@ def test_restore_runs_in_the_background_and_resumes_after_a_crash(pool_dir):
     with pytest.raises(Conflict, match="being restored"):
         cat.restore("v", "s")
     assert engine.read(cat.view("v@s"), 0, len(data)) == data  # snapshots stay readable
-    engine.background_step(400, busy=True)
+    engine.background.step(400, busy=True)
     engine.flush()
-    engine.background_step(400, busy=True)
+    engine.background.step(400, busy=True)
     crash(engine)
     engine = Engine(open_pool(pool_dir))
     cat = Catalog(engine)
     v = engine.volume("v")
-    assert engine.copy_state(v)[0] == "restoring"
-    while engine.background_step(1000, busy=False):
+    assert engine.generations.copy_state(v)[0] == "restoring"
+    while engine.background.step(1000, busy=False):
         pass
     assert engine.read(v, 0, len(data)) == data
     # 600 blocks differ: counted across the crash (the count is saved with the progress)
@@ -490,14 +490,14 @@ def test_restore_runs_in_the_background_and_resumes_after_a_crash(pool_dir):
 def test_deleting_a_clone_while_it_fills_stops_the_fill(engine):
     cat = Catalog(engine, grace_s=0)
     _written_volume(engine, cat, 1200)
-    chunks = engine.live_chunks
+    chunks = engine.chunks.live_chunks
     cat.clone("v", "s", "c", wait=False)
-    engine.background_step(400, busy=True)
+    engine.background.step(400, busy=True)
     cat.destroy_volume("c")
     assert not engine.filling
-    while engine.background_step(1000, busy=False):
+    while engine.background.step(1000, busy=False):
         pass
-    assert engine.live_chunks == chunks
+    assert engine.chunks.live_chunks == chunks
     check_references(engine)
 
 
@@ -531,7 +531,7 @@ def test_copies_do_not_hold_up_the_background_services(engine):
     svc = Urgent()
     engine.services.append(svc)
     for _ in range(3):
-        engine.background_step(100, busy=True)
+        engine.background.step(100, busy=True)
     assert svc.steps == 3 and engine.filling[engine.volume("c").id][2] == 0
-    engine.background_step(100, busy=True)  # then the fill goes on
+    engine.background.step(100, busy=True)  # then the fill goes on
     assert engine.filling[engine.volume("c").id][2] > 0

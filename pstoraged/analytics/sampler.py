@@ -73,7 +73,7 @@ class Analytics:
 
             raise Conflict("a scrub is already running", "follow it: pstorage jobs")
         job = self.jobs.add(lambda i: ScrubJob(i))
-        self.engine.start_job(ScrubRun(self.engine, job).step, name=f"scrub job {job.id}")
+        self.engine.background.start_job(ScrubRun(self.engine, job).step, name=f"scrub job {job.id}")
         return job.to_dict()
 
     # ------------------------------------------------------------ reports
@@ -140,8 +140,8 @@ def engine_health_counters(eng: Engine, gc_write_amplification: float | None
     # free on purpose and turns dead space into free segments on demand
     usable = ss.total * (ss.segment_size - 4096)
     return health.EngineHealthCounters(
-        free_fraction=max(0.0, 1 - eng.live_stored / usable) if usable else 0.0,
-        checksum_errors=eng.checksum_errors, io_errors=eng.io_errors,
+        free_fraction=max(0.0, 1 - eng.chunks.live_stored / usable) if usable else 0.0,
+        checksum_errors=eng.chunks.checksum_errors, io_errors=eng.io_errors,
         read_errors=backing.read_errors, last_read_error=backing.last_read_error,
         background_failures=tuple(f.reason() for f in eng.supervisor.failing()),
         pool_failed=eng.failed,

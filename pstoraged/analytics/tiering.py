@@ -102,7 +102,7 @@ def _sample_cids(engine: Engine, vol: Volume, extents: list[int], n: int) -> lis
     out: list[int] = []
     bpe = EXTENT_SIZE // BLOCK_SIZE
     for e in extents[::stride]:
-        for _lba, cid in itertools.islice(engine.visible(vol, e * bpe, (e + 1) * bpe), per):
+        for _lba, cid in itertools.islice(engine.maps.data_blocks(vol, e * bpe, (e + 1) * bpe), per):
             out.append(cid)
         if len(out) >= n:
             break
@@ -185,8 +185,8 @@ class Tiering:
 
     def _trial(self, cid: int) -> tuple[int, int]:
         """(current record size, record size at the recompression level) of a chunk."""
-        _codec, slen = self.engine.chunk_codec(cid)
-        out = self.compress_cold(self.engine.read_chunk(cid))
+        _codec, slen = self.engine.chunks.chunk_codec(cid)
+        out = self.compress_cold(self.engine.chunks.read_chunk(cid))
         return record_size(slen), min(record_size(slen), record_size(len(out)))
 
     def _volume_rules(self, vol: Volume) -> list[Recommendation]:
@@ -250,7 +250,7 @@ class Tiering:
             raise Conflict(f"a recompression job for {name} is already running",
                            "follow it: pstorage jobs")
         job = self.registry.add(lambda i: Job(i, "recompress-cold", name))
-        self.engine.start_job(RecompressRun(self, job, vol).step, name=f"recompression job {job.id}")
+        self.engine.background.start_job(RecompressRun(self, job, vol).step, name=f"recompression job {job.id}")
         log.info("job %d: recompressing cold data of %s", job.id, name)
         return {"applied": rec_id, "job": job.to_dict()}
 
@@ -288,7 +288,7 @@ class RecompressRun:
             e = self.extents[job.extents_done]
             start = self.next_lba if self.next_lba is not None else e * bpe
             room = chunks - work
-            todo = list(itertools.islice(eng.visible(self.vol, start, (e + 1) * bpe), room + 1))
+            todo = list(itertools.islice(eng.maps.data_blocks(self.vol, start, (e + 1) * bpe), room + 1))
             for lba, cid in todo[:room]:
                 self._recompress(cid)
                 self.next_lba = lba + 1
@@ -309,12 +309,12 @@ class RecompressRun:
     def _recompress(self, cid: int) -> None:
         eng, job = self.t.engine, self.job
         job.chunks_examined += 1
-        codec, slen = eng.chunk_codec(cid)
-        data = eng.read_chunk(cid)
+        codec, slen = eng.chunks.chunk_codec(cid)
+        data = eng.chunks.read_chunk(cid)
         out = self.t.compress_cold(data)
         if record_size(len(out)) >= record_size(slen) or len(out) >= BLOCK_SIZE:
             return
-        old, new = eng.rewrite_chunk(cid, CODEC_ZSTD, out)
+        old, new = eng.chunks.rewrite_chunk(cid, CODEC_ZSTD, out)
         job.chunks_rewritten += 1
         job.bytes_before += old
         job.bytes_after += new

@@ -83,7 +83,7 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
         ctx.catalog.grace_s = cfg.destroy_grace_hours * 3600
         # garbage collection and static wear leveling run between client batches
         # (built on the engine thread: it reads its counters from the metadata)
-        await dataplane.call(lambda: engine.add_service(SegmentCleaner(engine)))
+        await dataplane.call(lambda: engine.background.add_service(SegmentCleaner(engine)))
         dataplane.resolve = ctx.catalog.view  # VOL@SNAP exports
         eradicator = Eradicator(ctx.catalog, dataplane.call)
         control = ControlServer(build_app(ctx), os.path.join(run_dir, "control.sock"),

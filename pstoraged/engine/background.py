@@ -11,7 +11,8 @@ on. When it succeeds again it is back to normal (logged once). Health (`failing(
 The engine thread runs services and the trio thread reads the state and reports its own
 tasks, hence the lock.
 
-`BackgroundWork` is the engine's scheduler (Engine.background_step): queued work
+`BackgroundWork` is the engine's scheduler (`engine.background`; the data plane
+calls its `step` between client batches): queued work
 (reclaim, snapshot release, map copies, index prune), always-on services (index merge,
 segment cleaner) and one-off jobs (tiering, scrub), each under the supervisor.
 """
@@ -152,7 +153,7 @@ class Supervisor:
 
 
 class BackgroundService(Protocol):
-    """Always-on engine background work (see Engine.background_step).
+    """Always-on engine background work (see BackgroundWork.step).
 
     A `name` attribute names it in logs, health and metrics (else its class name).
     """
@@ -216,7 +217,7 @@ class BackgroundWork:
         return out
 
     def has_work(self) -> bool:
-        """Something is due that a step would run (see Engine.has_background_work)."""
+        """Something is due that a step would run (the data plane steps only then)."""
         sup = self.supervisor
         # a failed service is tried again when due even if it wants nothing now:
         # that run is what shows it works again
@@ -242,7 +243,18 @@ class BackgroundWork:
         return 0
 
     def step(self, budget: int, busy: bool) -> int:
-        """One bounded slice of background work; returns the work done (0: none)."""
+        """One bounded slice of background work; returns the work done (0: none).
+
+        A service (the segment cleaner, wear leveling, the index merge) is
+        always registered (`add_service`) and says itself whether it wants to
+        run (`wanted(busy)`) and does a bounded step (`step(budget, busy)` ->
+        work done). A job is a callable taking the budget and returning the
+        work it did; it is dropped once it returns 0 (tiering recompression
+        and scrub queue theirs with `start_job`). Each runs under the
+        supervisor: one that raises is skipped for a growing pause while the
+        others go on. Order: `first` (reclaim, snapshot release), services,
+        `then` (restore, clone fill), jobs, `last` (index prune).
+        """
         sup = self.supervisor
         done = self._queued(self.first, budget, busy)
         if done:

@@ -4,7 +4,7 @@ A log-structured pool gets space back only by emptying segments. Overwrites,
 trims and deletes leave dead records scattered over sealed segments; the
 cleaner picks a victim, moves its live chunks to the relocated stream's open
 segment (colder data, kept apart from client writes: segments.py) with
-`Engine.rewrite_chunk` (crash-safe: the old record stays in use until the
+`ChunkStore.rewrite_chunk` (crash-safe: the old record stays in use until the
 commit that repoints the chunk) and the emptied segment is freed and
 discarded after the next commit (segments.py).
 
@@ -28,7 +28,7 @@ Policy (docs/cleaner.md explains the numbers):
   and counted, and the segment is left for scrub/repair.
 
 Everything runs on the engine thread between client batches (a background
-service, see `Engine.background_step`), so no locking; each step is bounded.
+service, see `BackgroundWork.step`), so no locking; each step is bounded.
 Victim selection is one vectorised pass over the per-segment arrays (numpy
 views of segments.py's compact arrays, no per-segment Python objects), done
 once per victim.
@@ -174,7 +174,7 @@ class _Unreadable(Exception):
 class SegmentCleaner:
     """Background service: segment cleaning and static wear leveling.
 
-    Register with `engine.add_service(SegmentCleaner(engine))`; the
+    Register with `engine.background.add_service(SegmentCleaner(engine))`; the
     engine thread calls `wanted(busy)` and `step(budget, busy)` between
     client batches. `run_pass()` and `clean_segment()` drive it directly
     (tests, `pstorage gc`).
@@ -229,7 +229,7 @@ class SegmentCleaner:
     def _key(self) -> tuple[int, ...]:
         """Changes whenever a victim could have appeared or room been made."""
         eng = self.engine
-        return (eng.commits, eng.live_stored, eng.segs.next_seq, eng.segs.free_count())
+        return (eng.commits, eng.chunks.live_stored, eng.segs.next_seq, eng.segs.free_count())
 
     def dead_fraction(self) -> float:
         """Dead share of the sealed segments' capacity (O(1): from totals)."""
@@ -237,7 +237,7 @@ class SegmentCleaner:
         sealed = segs.sealed_count() - segs.pending_free_count()
         if sealed <= 0:
             return 0.0
-        live = eng.live_stored - segs.open_live_bytes()
+        live = eng.chunks.live_stored - segs.open_live_bytes()
         return max(0.0, 1.0 - live / (sealed * self.capacity))
 
     def _wear(self) -> tuple[int, int]:
@@ -460,7 +460,7 @@ class SegmentCleaner:
                         if crc32(payload) != h.payload_crc:
                             raise _Unreadable(f"chunk {h.chunk_id} at offset {off}: payload "
                                               "checksum mismatch")
-                        _, new = eng.rewrite_chunk(h.chunk_id, codec, payload, reserve_ok=True)
+                        _, new = eng.chunks.rewrite_chunk(h.chunk_id, codec, payload, reserve_ok=True)
                         self._count(v, new)
                 v.off = off + size
         except _Unreadable as e:
@@ -544,7 +544,7 @@ class SegmentCleaner:
         v.error = why
         self.corrupt_records += 1
         if checksum:
-            eng.note_checksum_error()
+            eng.chunks.note_checksum_error()
         self.skip[v.segment] = v.seq
         self._wear_cache = None
         self._victim = None

@@ -28,7 +28,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from ..errors import DeviceIOError, InvalidArgument, NotFound, ReadOnly
 from . import codecs
@@ -104,11 +104,10 @@ class Engine:
     _decref: Callable[[int], None]
     _new_chunk: Callable[..., int]
     _read_chunks: Callable[[list[int]], dict[int, bytes]]
-    read_chunk: Callable[[int], bytes]
+    _read_chunk: Callable[[int], bytes]
     _lookup: Callable[[Volume, int, int], int]
     _visible: Callable[[Volume, int, int, int], Iterator[tuple[int, int]]]
     _mapped_lbas: Callable[[Volume, int, int, int], list[int]]
-    visible: Callable[[Volume, int, int], Iterator[tuple[int, int]]]
 
     def __init__(self, pool: Pool, *, reserve_segments: int = 2,
                  clock: Callable[[], float] = time.time) -> None:
@@ -133,11 +132,11 @@ class Engine:
         self.comp = ch.comp
         self.fps = ch.fps  # the dedupe index
         self._dedupe_lookup, self._incref, self._decref = ch.dedupe_lookup, ch.incref, ch.decref
-        self._new_chunk, self.read_chunk, self._read_chunks = (
+        self._new_chunk, self._read_chunk, self._read_chunks = (
             ch.new_chunk, ch.read_chunk, ch.read_chunks)
         self.maps = L2PMap(self.meta)
         self._lookup, self._visible = self.maps.lookup, self.maps.entries
-        self._mapped_lbas, self.visible = self.maps.mapped_lbas, self.maps.data_blocks
+        self._mapped_lbas = self.maps.mapped_lbas
         # deleted volumes whose map entries are still being released: id -> next lba
         self.reclaimer = Reclaimer(self.meta, ch, self._observe_drop)
         self.reclaiming = self.reclaimer.reclaiming
@@ -163,8 +162,8 @@ class Engine:
             last=[QueuedWork("index prune", ch.prune_wanted,
                              lambda budget: self.prune_step(budget))])
         self.services = self.background.services
-        self.jobs = self.background.jobs  # (name, step): see background_step
-        self.add_service(self.fps)  # the index merge: the first always-on service
+        self.jobs = self.background.jobs  # (name, step): see BackgroundWork.step
+        self.background.add_service(self.fps)  # the index merge: the first always-on service
         self.commits = 0
         # bumped by every change of a map entry (_map); `changes` adds the chunks'
         self.map_changes = 0
@@ -189,35 +188,6 @@ class Engine:
         self.meta.commit()
 
     # ------------------------------------------------------------------ the parts' figures
-    # (read and written like the attributes they were; the parts own them)
-    @property
-    def next_chunk(self) -> int:
-        return self.chunks.next_chunk
-
-    @property
-    def live_chunks(self) -> int:
-        return self.chunks.live_chunks
-
-    @property
-    def live_stored(self) -> int:
-        return self.chunks.live_stored
-
-    @property
-    def checksum_errors(self) -> int:
-        return self.chunks.checksum_errors
-
-    @property
-    def stale_fps(self) -> int:
-        return self.chunks.stale_fps
-
-    @property
-    def prune_from(self) -> bytes | None:
-        return self.chunks.prune_from
-
-    @property
-    def next_volume(self) -> int:
-        return self.catalog.next_volume
-
     @property
     def changes(self) -> int:
         """Bumped by every change of a map entry, a reference count or a record's
@@ -229,11 +199,6 @@ class Engine:
         """The open transaction holds changes that the next idle commit must write."""
         self.dirty = True
 
-    def commit_if_due(self) -> None:
-        """A safe point for the owner's commit policy; background work (the
-        cleaner, tiering) calls this after each slice."""
-        self._maybe_commit()
-
     def _observe_mapped(self, vid: int, lba: int, delta: int) -> None:
         if self.observer is not None:
             self.observer.mapped(vid, lba, delta)
@@ -241,26 +206,9 @@ class Engine:
     def _observe_drop(self, vid: int, budget: int) -> int:
         return self.observer.drop_volume(vid, budget) if self.observer is not None else 0
 
-    def check_failed(self) -> None:
-        """DeviceIOError if the pool failed (it then refuses writes until a restart)."""
-        self._check_failed()
-
-    def note_checksum_error(self) -> None:
-        """Count a checksum error found outside the read path (the cleaner's walk)."""
-        self.chunks.note_checksum_error()
-
-    def add_service(self, svc: BackgroundService) -> None:
-        """Register an always-on background service (`wanted(busy)`, `step(budget,
-        busy)`); the data plane steps it between client batches from now on."""
-        self.background.add_service(svc)
-
     # ------------------------------------------------------------------ volumes
     def volume(self, name: str) -> Volume:
         return self.catalog.get(name)
-
-    def save_volume(self, vol: Volume) -> None:
-        """Write a changed volume record into the open transaction (flush to commit)."""
-        self.catalog.persist(vol)
 
     def create_volume(self, name: str, size: int, compression: str = "lz4") -> Volume:
         vol = self.catalog.add(name, size, compression)
@@ -269,7 +217,7 @@ class Engine:
 
     def resize_volume(self, name: str, size: int, shrink: bool = False) -> Volume:
         vol = self.volume(name)
-        self.check_ready(vol)
+        self.generations.check_ready(vol)
         validate_volume_size(size)
         if size < vol.size:
             if not shrink:
@@ -303,26 +251,12 @@ class Engine:
         vol = self.volumes.get(name)
         if vol is None:
             raise NotFound(f"no volume named {name!r}", "see 'pstorage volume list'")
-        self.check_not_copied_from(vol)
+        self.generations.check_not_copied_from(vol)
         self.generations.forget(vol.id)  # a copy into it stops
         self.catalog.remove(vol)
         self.reclaimer.start(vol.id)
         self.dirty = True
         self.flush()
-
-    # ------------------------------------------------------------------ chunks
-    def rewrite_chunk(self, cid: int, codec: int, payload: bytes | memoryview, *,
-                      reserve_ok: bool = False) -> tuple[int, int]:
-        """Store chunk `cid` again, encoded with `codec` (see ChunkStore.rewrite_chunk)."""
-        return self.chunks.rewrite_chunk(cid, codec, payload, reserve_ok=reserve_ok)
-
-    def chunk_codec(self, cid: int) -> tuple[int, int]:
-        """(codec id, stored length) of a live chunk."""
-        return self.chunks.chunk_codec(cid)
-
-    def index_statistics(self) -> dict[str, Any]:
-        """The dedupe index: entries waiting in memory, stale entries, running sweeps."""
-        return self.chunks.index_statistics()
 
     # ------------------------------------------------------------------ the map
     def _map(self, vol: Volume, lba: int, cid: int) -> None:
@@ -374,7 +308,7 @@ class Engine:
             todo = self._mapped_lbas(vol, first, end, UNMAP_SLICE)
             for lba in todo:
                 self._map(vol, lba, NO_CHUNK)
-                self._maybe_commit()
+                self.commit_if_due()
             done += len(todo)
             if len(todo) < UNMAP_SLICE:
                 return done
@@ -382,30 +316,10 @@ class Engine:
 
 
     # ------------------------------------------------------------------ background work
-    def has_background_work(self) -> bool:
-        return self.background.has_work()
-
-    def background_step(self, budget: int, busy: bool) -> int:
-        """One bounded slice of background work: reclaim, services, jobs, pruning.
-
-        A service (the segment cleaner, wear leveling) is always registered
-        (`add_service`) and says itself whether it wants to run
-        (`wanted(busy)`) and does a bounded step (`step(budget, busy)` -> work
-        done). A job is a callable taking the budget and returning the work it
-        did; it is dropped once it returns 0 (tiering recompression and scrub
-        queue theirs with `start_job`). Each runs under the supervisor: one
-        that raises is skipped for a growing pause while the others go on
-        (background.py, which also sets the order).
-        """
-        return self.background.step(budget, busy)
-
-    def start_job(self, step: Callable[[int], int], name: str = "job") -> None:
-        self.background.start_job(step, name)
-
     def prune_step(self, budget: int = RECLAIM_SLICE) -> int:
         """Look at up to `budget` dedupe index entries, delete the stale ones."""
         done = self.chunks.prune_step(budget)
-        self._maybe_commit()
+        self.commit_if_due()
         return done
 
     def reclaim_step(self, budget: int = RECLAIM_SLICE) -> int:
@@ -414,7 +328,7 @@ class Engine:
             return 0
         done = self.reclaimer.step(budget)
         self.dirty = True
-        self._maybe_commit()
+        self.commit_if_due()
         return done
 
     # ------------------------------------------------------------------ generations
@@ -423,10 +337,6 @@ class Engine:
         g = self.generations.freeze(vol)
         self.dirty = True
         return g
-
-    def view(self, vol: Volume, gen: int, name: str, size: int) -> Volume:
-        """A read-only volume object reading `vol` as of frozen generation `gen`."""
-        return self.generations.view(vol, gen, name, size)
 
     def release(self, vol: Volume, gen: int) -> None:
         """A snapshot is gone: drop (in the background) the entries only it could see."""
@@ -437,20 +347,8 @@ class Engine:
         """Drop entries of a released generation that no remaining one sees."""
         done = self.generations.drop_step(budget)
         self.dirty = True
-        self._maybe_commit()
+        self.commit_if_due()
         return done
-
-    def copy_state(self, vol: Volume) -> tuple[str, float, int]:
-        """("restoring" | "filling" | "ready", fraction done, blocks so far)."""
-        return self.generations.copy_state(vol)
-
-    def check_ready(self, vol: Volume) -> None:
-        """Conflict while a restore or a clone's fill runs into the volume."""
-        self.generations.check_ready(vol)
-
-    def check_not_copied_from(self, vol: Volume, gen: int | None = None) -> None:
-        """Conflict if a restore or a clone's fill reads from `vol` (at `gen`)."""
-        self.generations.check_not_copied_from(vol, gen)
 
     def start_restore(self, vol: Volume, gen: int, size: int) -> None:
         """Make the live generation read as frozen generation `gen`, in the background."""
@@ -461,7 +359,7 @@ class Engine:
         """Restore up to ~budget map entries of a volume (the oldest, or `vid`)."""
         done = self.generations.restore_step(budget, vid)
         self.dirty = True
-        self._maybe_commit()
+        self.commit_if_due()
         return done
 
     def start_clone(self, src: Volume, gen: int, size: int, name: str) -> Volume:
@@ -475,7 +373,7 @@ class Engine:
         """Give a clone being filled (the oldest, or `dst_id`) its next `budget` blocks."""
         done = self.generations.fill_step(budget, dst_id)
         self.dirty = True
-        self._maybe_commit()
+        self.commit_if_due()
         return done
 
     def finish_copy(self, vol: Volume) -> None:
@@ -494,7 +392,7 @@ class Engine:
     def _check_range(self, vol: Volume, offset: int, length: int) -> None:
         live = vol.base or vol
         if self.restoring or self.filling:
-            self.check_ready(vol)
+            self.generations.check_ready(vol)
         if (self.by_id.get(vol.id) is not live or live.destroyed_ns
                 or (vol.base and vol.gen not in live.frozen)):
             raise NotFound(f"volume {vol.name!r} was deleted")
@@ -524,7 +422,7 @@ class Engine:
             if cid == NO_CHUNK:
                 return bytes(length)
             boff = offset - first * BLOCK_SIZE
-            return self.read_chunk(cid)[boff : boff + length]
+            return self._read_chunk(cid)[boff : boff + length]
         cids = self._resolve(vol, first, count, vol.gen)
         data = self._read_chunks(cids)
         out = bytearray(count * BLOCK_SIZE)
@@ -536,7 +434,7 @@ class Engine:
 
     def _read_block(self, vol: Volume, lba: int) -> bytes:
         cid = self._lookup(vol, lba, vol.gen)
-        return ZERO_BLOCK if cid == NO_CHUNK else self.read_chunk(cid)
+        return ZERO_BLOCK if cid == NO_CHUNK else self._read_chunk(cid)
 
     def _blocks(self, vol: Volume, offset: int, data: bytes | memoryview) -> list[bytes]:
         """Cut a write into whole blocks, merging partial edges with what is stored."""
@@ -623,7 +521,8 @@ class Engine:
         st.dedupe_bytes += dupes * BLOCK_SIZE
         st.unique_bytes += unique * BLOCK_SIZE
 
-    def _check_failed(self) -> None:
+    def check_failed(self) -> None:
+        """DeviceIOError if the pool failed (it then refuses writes until a restart)."""
         if self.failed is not None:
             raise DeviceIOError(
                 f"the pool failed and refuses writes: {self.failed}",
@@ -632,7 +531,7 @@ class Engine:
 
     def _writable(self, vol: Volume) -> None:
         if self.failed is not None:
-            self._check_failed()
+            self.check_failed()
         if vol.readonly:
             raise ReadOnly(f"volume {vol.name!r} is read-only")
 
@@ -688,23 +587,26 @@ class Engine:
         return runs
 
     # ------------------------------------------------------------------ durability
-    def _maybe_commit(self) -> None:
-        """A safe point: no change is half applied, the owner may commit now."""
+    def commit_if_due(self) -> None:
+        """A safe point: no change is half applied, the owner may commit now (the
+        executor's CommitPolicy decides); background work (the cleaner, tiering)
+        calls this after each slice."""
         if self.safe_point is not None:
             self.safe_point()
 
     def _updated(self) -> None:
         self.dirty = True
-        self._maybe_commit()
+        self.commit_if_due()
 
     def _persist_counters(self) -> None:
         for vol in self.volumes.values():
             self.meta.put_json(f"vstats:{vol.id}", asdict(vol.stats))
+        ch = self.chunks
         self.meta.put_json("counters", {
-            "next_chunk": self.next_chunk, "next_volume": self.next_volume,
-            "live_chunks": self.live_chunks, "live_stored": self.live_stored,
-            "checksum_errors": self.checksum_errors, "io_errors": self.io_errors,
-            "stale_fps": self.stale_fps,
+            "next_chunk": ch.next_chunk, "next_volume": self.catalog.next_volume,
+            "live_chunks": ch.live_chunks, "live_stored": ch.live_stored,
+            "checksum_errors": ch.checksum_errors, "io_errors": self.io_errors,
+            "stale_fps": ch.stale_fps,
         })
 
     def commit(self) -> None:
@@ -715,7 +617,7 @@ class Engine:
         may already have dropped the dirty pages, so retrying could report
         success for data that is gone. Reads keep working.
         """
-        self._check_failed()
+        self.check_failed()
         try:
             self.segs.flush_data()
             if self.observer is not None:
@@ -760,17 +662,18 @@ class Engine:
     # ------------------------------------------------------------------ reporting
     def statistics(self) -> EngineStatistics:
         ss = self.segs.statistics()
+        ch = self.chunks
         return EngineStatistics(
             volumes=len(self.volumes),
             provisioned_bytes=sum(v.size for v in self.volumes.values()),
             logical_bytes=sum(v.stats.mapped_blocks for v in self.volumes.values()) * BLOCK_SIZE,
-            unique_bytes=self.live_chunks * BLOCK_SIZE,
-            stored_bytes=self.live_stored,
+            unique_bytes=ch.live_chunks * BLOCK_SIZE,
+            stored_bytes=ch.live_stored,
             allocated_bytes=(ss.total - ss.free) * ss.segment_size,
             capacity_bytes=ss.total * ss.segment_size,
             free_bytes=ss.free * ss.segment_size,
-            live_chunks=self.live_chunks,
-            checksum_errors=self.checksum_errors,
+            live_chunks=ch.live_chunks,
+            checksum_errors=ch.checksum_errors,
             io_errors=self.io_errors,
             read_errors=self.pool.backing.read_errors,
             commits=self.commits,

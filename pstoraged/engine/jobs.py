@@ -1,6 +1,6 @@
 """The registry of background jobs (tiering recompression, scrub): ids,
 progress reports for the API. The work itself runs as engine background
-steps (Engine.start_job); jobs live in memory and a restart forgets them."""
+steps (engine.background.start_job); jobs live in memory and a restart forgets them."""
 
 from __future__ import annotations
 

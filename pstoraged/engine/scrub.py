@@ -43,7 +43,7 @@ class ScrubRun:
         self.engine = engine
         self.job = job
         self.next_key = b""
-        job.chunks_total = engine.live_chunks
+        job.chunks_total = engine.chunks.live_chunks
 
     def step(self, budget: int) -> int:
         job, eng = self.job, self.engine
@@ -59,7 +59,7 @@ class ScrubRun:
         self.next_key = bytes(cur.key()) if ok else b""
         for cid, s, off, slen in todo:
             try:
-                eng.read_chunk(cid)
+                eng.chunks.read_chunk(cid)
             except CorruptData as e:
                 job.bad_chunks += 1
                 if len(job.bad) < MAX_LISTED:

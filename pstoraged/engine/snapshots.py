@@ -188,7 +188,7 @@ class Catalog:
 
     def delete(self, vol_name: str, snap: str) -> Snapshot:
         s = self.get(vol_name, snap)
-        self.engine.check_not_copied_from(self.volume(vol_name), s.gen)
+        self.engine.generations.check_not_copied_from(self.volume(vol_name), s.gen)
         if self._locked(s):
             raise Conflict(f"snapshot {vol_name}@{snap} is locked until "
                            f"{iso_utc(s.lock_until)}",
@@ -227,7 +227,7 @@ class Catalog:
     def _eradicate_snapshot(self, s: Snapshot) -> None:
         vol = self.engine.by_id.get(s.vol_id)
         if vol is not None:  # checked before anything changes
-            self.engine.check_not_copied_from(vol, s.gen)
+            self.engine.generations.check_not_copied_from(vol, s.gen)
         self.meta.txn.delete(self._key(s.vol_id, s.name), db=self.meta.snaps)
         if vol is not None and s.gen in vol.frozen:
             self.engine.release(vol, s.gen)
@@ -238,7 +238,7 @@ class Catalog:
         """Conflict if the volume may not be deleted (a locked snapshot, or a clone
         still being filled from it); callers check before undoing anything."""
         vol = self.volume(name)
-        self.engine.check_not_copied_from(vol)
+        self.engine.generations.check_not_copied_from(vol)
         locked = [s for s in self._all(vol.id) if self._locked(s)]
         if locked:
             s = locked[0]
@@ -250,7 +250,7 @@ class Catalog:
     def destroy_volume(self, name: str) -> Volume:
         vol = self.check_destroyable(name)
         vol.destroyed_ns = int(self.engine.clock() * 1e9)
-        self.engine.save_volume(vol)
+        self.engine.catalog.persist(vol)
         if self.grace_s <= 0:
             self._eradicate_volume(vol)
         self.engine.flush()
@@ -261,7 +261,7 @@ class Catalog:
         if not vol.destroyed_ns:
             raise Conflict(f"volume {name!r} is not destroyed")
         vol.destroyed_ns = 0
-        self.engine.save_volume(vol)
+        self.engine.catalog.persist(vol)
         self.engine.flush()
         return vol
 
@@ -274,7 +274,7 @@ class Catalog:
         self.engine.flush()
 
     def _eradicate_volume(self, vol: Volume) -> None:
-        self.engine.check_not_copied_from(vol)  # before anything changes
+        self.engine.generations.check_not_copied_from(vol)  # before anything changes
         for s in self._all(vol.id):
             self.meta.txn.delete(self._key(vol.id, s.name), db=self.meta.snaps)
         self.engine.delete_volume(vol.name)
@@ -312,7 +312,7 @@ class Catalog:
     def restore_result(self, vol_name: str, snap: str) -> dict[str, Any]:
         """Where the volume's restore is: its state, progress and blocks changed so far."""
         vol = self.volume(vol_name)
-        state, done, blocks = self.engine.copy_state(vol)
+        state, done, blocks = self.engine.generations.copy_state(vol)
         if state == "ready":
             blocks = self.engine.finished_copies.get(vol.id, {}).get("blocks_changed", 0)
         return {"volume": vol_name, "snapshot": snap, "state": state,
@@ -333,7 +333,7 @@ class Catalog:
         """'VOL@SNAP' -> a read-only volume object for the data plane."""
         vol_name, _, snap = export_name.partition("@")
         s = self.get(vol_name, snap)
-        return self.engine.view(self.volume(vol_name), s.gen, export_name, s.size)
+        return self.engine.generations.view(self.volume(vol_name), s.gen, export_name, s.size)
 
     def generations(self, vol_name: str, a: str | None, b: str | None) -> tuple[Volume, int, int]:
         """Resolve two snapshot names (None = the live volume) to generations."""

@@ -161,7 +161,7 @@ class DataPlane:
 
     def _step(self) -> None:
         """One wake-up: background work, then everything that is ready as one batch."""
-        background = self.engine.has_background_work()
+        background = self.engine.background.has_work()
         events = self._ep.poll(0 if self._ahead else self._poll_timeout(background))
         done = self._background_step(events) if background else 0
         ex = self.executor
@@ -205,7 +205,7 @@ class DataPlane:
                 or time.monotonic() - self._last_io < QUIET_SECONDS)
         if busy and self.executor.reducer is not None:
             self._read_ahead()  # the reducer works on them meanwhile
-        done = self._guard(partial(self.engine.background_step,
+        done = self._guard(partial(self.engine.background.step,
                                    BUSY_RECLAIM if busy else IDLE_RECLAIM, busy=busy)) or 0
         self._background_progress = done > 0
         return done

@@ -67,7 +67,7 @@ class Context:
     def ready_volume(self, name: str) -> Volume:
         """The volume, if no restore or clone fill is running into it (those refuse I/O)."""
         vol = self.volume(name)
-        self.engine.check_ready(vol)
+        self.engine.generations.check_ready(vol)
         return vol
 
     async def wait_copy(self, vol: Volume) -> None:
@@ -76,7 +76,7 @@ class Context:
         # (the engine thread makes the change between client batches: polling
         # costs less than waking trio from there after every slice)
         while True:
-            if self.engine.copy_state(vol)[0] == "ready" or self.engine.by_id.get(vol.id) is not vol:
+            if self.engine.generations.copy_state(vol)[0] == "ready" or self.engine.by_id.get(vol.id) is not vol:
                 return
             await trio.sleep(0.05)
 
@@ -91,7 +91,7 @@ class Context:
     def describe(self, v: Volume) -> dict[str, Any]:
         """A volume as the API shows it."""
         ex = self.exports.get(v.name)
-        state, progress, _ = self.engine.copy_state(v)
+        state, progress, _ = self.engine.generations.copy_state(v)
         return {
             "name": v.name, "size": v.size, "compression": v.compression,
             "created": v.created_ns / 1e9, "readonly": v.readonly,
