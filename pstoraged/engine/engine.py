@@ -141,7 +141,8 @@ class Engine:
         self.reclaimer = Reclaimer(self.meta, ch, self._observe_drop)
         self.reclaiming = self.reclaimer.reclaiming
         self.generations = Generations(self.meta, self.catalog, self.maps, ch,
-                                       map_block=self._map, heat_mapped=self._observe_mapped)
+                                       map_block=self._map, heat_mapped=self._observe_mapped,
+                                       mark_dirty=self.mark_dirty)
         self.dropping = self.generations.dropping  # [volume id, generation, next lba]
         self.restoring = self.generations.restoring  # volume id -> [gen, size, next lba, changed]
         self.filling = self.generations.filling  # clone id -> [source id, gen, next lba, shared]
@@ -332,28 +333,12 @@ class Engine:
         return done
 
     # ------------------------------------------------------------------ generations
-    def freeze(self, vol: Volume) -> int:
-        """Freeze the live generation for a snapshot; returns it. O(1)."""
-        g = self.generations.freeze(vol)
-        self.dirty = True
-        return g
-
-    def release(self, vol: Volume, gen: int) -> None:
-        """A snapshot is gone: drop (in the background) the entries only it could see."""
-        self.generations.release(vol, gen)
-        self.dirty = True
-
     def drop_step(self, budget: int = RECLAIM_SLICE) -> int:
         """Drop entries of a released generation that no remaining one sees."""
         done = self.generations.drop_step(budget)
         self.dirty = True
         self.commit_if_due()
         return done
-
-    def start_restore(self, vol: Volume, gen: int, size: int) -> None:
-        """Make the live generation read as frozen generation `gen`, in the background."""
-        self.generations.start_restore(vol, gen, size)
-        self.dirty = True
 
     def restore_step(self, budget: int = RECLAIM_SLICE, vid: int | None = None) -> int:
         """Restore up to ~budget map entries of a volume (the oldest, or `vid`)."""

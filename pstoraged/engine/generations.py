@@ -16,9 +16,11 @@ crash resumes them where the last commit left off. Until its copy is
 done the volume refuses I/O and snapshots (Conflict): half a restore
 or half a clone is never served. References only: no data is copied.
 
-The engine owns one `Generations` and exposes it through its methods
-(`Engine.freeze`, `start_restore`, ...); snapshots.py is their caller.
-These methods change the open transaction only; the engine commits.
+The engine owns one `Generations` (`engine.generations`): snapshots.py calls
+`freeze`, `release`, `start_restore`, `view`, `copy_state` on it directly;
+the background steps (`Engine.drop_step`, `restore_step`, `fill_step`) and
+`Engine.start_clone` go through the engine, which offers a commit after each
+slice. These methods change the open transaction only; the engine commits.
 """
 
 from __future__ import annotations
@@ -43,18 +45,21 @@ class Generations:
 
     `map_block(vol, lba, cid)` points a block of the live generation at a
     chunk (the engine's `_map`); `heat_mapped(volume id, lba, delta)` tells
-    the temperature map that blocks gained data.
+    the temperature map that blocks gained data; `mark_dirty()` tells the
+    engine that the open transaction holds a change its idle commit must write.
     """
 
     def __init__(self, meta: MetaStore, catalog: VolumeCatalog, maps: L2PMap, chunks: ChunkStore,
                  *, map_block: Callable[[Volume, int, int], None],
-                 heat_mapped: Callable[[int, int, int], None]) -> None:
+                 heat_mapped: Callable[[int, int, int], None],
+                 mark_dirty: Callable[[], None]) -> None:
         self.meta = meta
         self.catalog = catalog
         self.maps = maps
         self.chunks = chunks
         self.map_block = map_block
         self.heat_mapped = heat_mapped
+        self.mark_dirty = mark_dirty
         # released snapshot generations whose entries are still being dropped:
         # [volume id, generation, next lba]
         self.dropping: list[list[int]] = meta.get_json("dropping", [])
@@ -76,6 +81,7 @@ class Generations:
         vol.frozen.append(g)
         vol.gen += 1
         self.catalog.persist(vol)
+        self.mark_dirty()
         return g
 
     def view(self, vol: Volume, gen: int, name: str, size: int) -> Volume:
@@ -91,6 +97,7 @@ class Generations:
         self.catalog.persist(vol)
         self.dropping.append([vol.id, gen, 0])
         self.meta.put_json("dropping", self.dropping)
+        self.mark_dirty()
 
     def drop_step(self, budget: int) -> int:
         """Drop entries of a released generation that no remaining one sees."""
@@ -177,6 +184,7 @@ class Generations:
         self.check_ready(vol)
         self.restoring[vol.id] = [gen, size, 0, 0]
         self.save_copies()
+        self.mark_dirty()
 
     def restore_step(self, budget: int, vid: int | None = None) -> int:
         """Restore up to ~budget map entries of a volume (the oldest, or `vid`);

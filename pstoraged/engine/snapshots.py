@@ -1,10 +1,10 @@
 """Snapshots, clones and SafeMode: the catalog on top of the engine's frozen
 map generations.
 
-A snapshot is a name for a frozen generation of one volume (Engine.freeze:
+A snapshot is a name for a frozen generation of one volume (Generations.freeze:
 O(1), the map is never copied). Restores and clones work through the map
 (references only, no data copied), in the background: the volume refuses I/O
-until its copy is done (Engine.start_restore, Engine.start_clone).
+until its copy is done (Generations.start_restore, Engine.start_clone).
 
 SafeMode: a snapshot may carry a retention lock (`lock_until`); until then
 nothing alters or deletes it (not even --force), and the volume it belongs
@@ -158,7 +158,7 @@ class Catalog:
         if lock_until is not None and lock_until <= now:  # 409: well-formed, but past by our clock
             raise Conflict(f"the retention lock must end in the future (it is now {iso_utc(now)})",
                            "give a later time or a duration (7d)")
-        gen = self.engine.freeze(vol)
+        gen = self.engine.generations.freeze(vol)
         s = Snapshot(name, vol.name, vol.id, gen, vol.size, int(now * 1e9),
                      float(lock_until or 0.0))
         self._put(s)
@@ -230,7 +230,7 @@ class Catalog:
             self.engine.generations.check_not_copied_from(vol, s.gen)
         self.meta.txn.delete(self._key(s.vol_id, s.name), db=self.meta.snaps)
         if vol is not None and s.gen in vol.frozen:
-            self.engine.release(vol, s.gen)
+            self.engine.generations.release(vol, s.gen)
         log.info("snapshot %s@%s eradicated", s.volume, s.name)
 
     # ------------------------------------------------------------ volumes
@@ -302,7 +302,7 @@ class Catalog:
         (the volume refuses I/O meanwhile); wait=True runs it to the end here."""
         vol = self.volume(vol_name)
         s = self.get(vol_name, snap)
-        self.engine.start_restore(vol, s.gen, s.size)
+        self.engine.generations.start_restore(vol, s.gen, s.size)
         self.engine.flush()
         log.info("volume %s: restore from snapshot %s started", vol_name, snap)
         if wait:
