@@ -184,8 +184,8 @@ class ChunkStore:
             payload = memoryview(rec)[ChunkHeader.SIZE : ChunkHeader.SIZE + slen]
             if chunk_id != cid or stored_len != slen or fpr != fp:
                 raise CorruptData(f"segment {s} offset {off} holds chunk {chunk_id}, not {cid}")
-            if rseq and rseq != self.segs.seq[s] & SEQ_MASK:  # (0: a version-1 record)
-                raise CorruptData(stale_message(s, off, rseq, self.segs.seq[s]))
+            if rseq and rseq != self.segs.seq_of(s) & SEQ_MASK:  # (0: a version-1 record)
+                raise CorruptData(stale_message(s, off, rseq, self.segs.seq_of(s)))
             if _zcrc32(payload) != pcrc:
                 raise CorruptData(f"chunk {cid} (segment {s} offset {off}): payload checksum mismatch")
             return self.comp.decompress(codec, payload, raw_len)
