@@ -126,7 +126,8 @@ class CheckJob(JobRecord):
             self.problems.append({"kind": kind, "message": message, "fixed": False, **detail})
 
     def mark_fixed(self, kind: str, n: int = 1) -> None:
-        self.fixed[kind] = self.fixed.get(kind, 0) + n
+        if n:
+            self.fixed[kind] = self.fixed.get(kind, 0) + n
 
     def remaining(self) -> int:
         """Problems found and not repaired."""
