@@ -135,3 +135,11 @@ class ToolFailed(PStorageError):
     status = 500
     exit_code = 10
     code = "tool_failed"
+
+
+class CheckProblems(PStorageError):
+    """`pstorage pool check` found problems that remain (its report lists them)."""
+
+    status = 500
+    exit_code = 11
+    code = "check_problems"

@@ -78,7 +78,8 @@ def test_the_fast_chunk_header_check_is_the_full_one(fp, cid, stored, byte, bit)
     h = ChunkHeader(KIND_CHUNK, codecs.CODEC_LZ4, cid, 4096, stored, fp, 0xDEADBEEF)
     raw = h.to_bytes()
     assert unpack_chunk_header(raw + b"payload") == (
-        h.kind, h.codec, h.chunk_id, h.raw_len, h.stored_len, h.fingerprint, h.payload_crc)
+        h.kind, h.codec, h.chunk_id, h.raw_len, h.stored_len, h.fingerprint, h.payload_crc,
+        h.seq)
     bad = bytearray(raw)
     bad[byte] ^= 1 << bit  # any single flipped bit: magic, version, a field or the CRC
     for damaged in (bytes(bad), raw[:40]):
@@ -143,3 +144,23 @@ def test_names_and_sizes():
         validate_volume_size(1000)
     with pytest.raises(InvalidArgument):
         validate_volume_size(0)
+
+
+@given(st.binary(min_size=32, max_size=32), st.integers(1, 2**63), st.integers(0, 4096),
+       st.integers(1, 2**32 - 1))
+def test_chunk_record_v2_carries_its_segments_seq(fp, cid, stored, seq):
+    h = ChunkHeader(KIND_CHUNK, codecs.CODEC_LZ4, cid, 4096, stored, fp, 0xDEADBEEF, seq)
+    raw = h.to_bytes()
+    assert raw[4] == 2 and ChunkHeader.from_buffer(raw) == h
+    assert unpack_chunk_header(raw)[7] == seq
+
+
+def test_version_1_chunk_records_are_still_read():
+    """A pool written before issue 13: byte 7 reserved (0), bytes 16-19 raw_len."""
+    fp = os.urandom(32)
+    body = ChunkHeader.STRUCT.pack(ChunkHeader.MAGIC, 1, KIND_CHUNK, codecs.CODEC_LZ4, 0, 77,
+                                   4096, 1000, fp, 1234, 0)
+    raw = body[:-4] + crc32(body[:-4]).to_bytes(4, "little")
+    assert unpack_chunk_header(raw) == (KIND_CHUNK, codecs.CODEC_LZ4, 77, 4096, 1000, fp, 1234, 0)
+    assert ChunkHeader.from_buffer(raw) == ChunkHeader(
+        KIND_CHUNK, codecs.CODEC_LZ4, 77, 4096, 1000, fp, 1234, 0)

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from ..engine.units import human_bytes, parse_size
-from ..errors import InvalidArgument, PStorageError
+from ..errors import CheckProblems, InvalidArgument, PoolLocked, PStorageError
 from .client import Client
 
 
@@ -639,8 +639,70 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_report(job: dict) -> str:
+    """A check's report in plain words."""
+    what = ("checked" if not job["repair"] else "checked and repaired")
+    c = job["checked"]
+    head = (f"pool {what} ({job['mode']}): {c.get('map_entries', 0)} map entries, "
+            f"{c.get('chunks', 0)} chunks ({human_bytes(c.get('bytes_verified', 0))} of records "
+            f"verified), {c.get('segments', 0)} segments in use")
+    if job["state"] == "failed":
+        return head + f"\nthe check failed: {job['error']}"
+    if not job["counts"]:
+        return head + "\nno problems found"
+    lines = [head, *job["summary"]]
+    for p in job["problems"]:
+        mark = "repaired" if p["fixed"] else "REMAINS "
+        lines.append(f"  {mark}  {p['message']}" + (f" -> {p['repair']}" if p.get("repair") else ""))
+    listed = len(job["problems"])
+    total = sum(job["counts"].values())
+    if total > listed:
+        lines.append(f"  ... and {total - listed} more (all counted above)")
+    if job["remaining"] and not job["repair"]:
+        lines.append("repair what can be repaired: stop pstoraged, then "
+                     "'pstorage pool check --repair'")
+    return "\n".join(lines)
+
+
+def cmd_pool_check(args: argparse.Namespace) -> None:
+    if args.online:
+        if args.repair:
+            raise InvalidArgument("--repair needs the daemon stopped",
+                                  "stop pstoraged, then run 'pstorage pool check --repair'")
+        c = Client(args.socket)
+        job = c.post("/api/v1/pool/check")["job"]
+        job = _poll(args, job, lambda: c.get(f"/api/v1/jobs/{job['id']}"),
+                    lambda j: j["state"] == "running", _check_line, lambda _: "\n")
+    else:
+        from ..engine.check import check_offline
+
+        tty = not args.json and sys.stderr.isatty()
+
+        def progress(j: Any) -> None:
+            if tty:
+                print("\r" + _check_line(j.to_dict()), end="", file=sys.stderr, flush=True)
+
+        try:
+            job = check_offline(args.dir, repair=args.repair, progress=progress).to_dict()
+        except PoolLocked as e:
+            raise PoolLocked(e.message, "stop pstoraged for a check that can repair, or check "
+                             "it read-only through the daemon: 'pstorage pool check --online'"
+                             ) from None
+        finally:
+            if tty:
+                print(file=sys.stderr)
+    _emit(args, job, _check_report(job))
+    if job["state"] == "failed" or job["remaining"]:
+        raise CheckProblems(f"{job['remaining']} problems remain" if job["remaining"]
+                            else "the check did not finish")
+
+
+def _check_line(j: dict) -> str:
+    return f"checking the pool: {j['phase']}, {100 * j['progress']:.0f}%"
+
+
 def _pool_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
-    """pool create, pool show"""
+    """pool create, pool show, pool check"""
     pool = sub.add_parser("pool", help="create or inspect the pool").add_subparsers(dest="sub", required=True)
     pc = pool.add_parser("create", help="format a device or file as a pool (daemon not running)")
     pc.add_argument("--dir", default="/var/lib/pstorage", help="pool directory (metadata)")
@@ -650,6 +712,14 @@ def _pool_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     pc.add_argument("--force", action="store_true", help="overwrite existing signatures")
     pc.set_defaults(local=cmd_pool_create)
     pool.add_parser("show", help="pool capacity and state").set_defaults(fn=cmd_pool_show)
+    ck = pool.add_parser("check", help="verify maps, refcounts, chunk records and segments "
+                         "(daemon stopped; --online: read-only through the daemon)")
+    ck.add_argument("--dir", default="/var/lib/pstorage", help="pool directory (metadata)")
+    ck.add_argument("--repair", action="store_true",
+                    help="fix what can be derived (refcounts, orphans, index, live bytes)")
+    ck.add_argument("--online", action="store_true",
+                    help="check the pool of the running daemon, read-only")
+    ck.set_defaults(local=cmd_pool_check)
 
 
 def _volume_commands(sub: argparse._SubParsersAction[_Parser]) -> None:

@@ -28,11 +28,12 @@ from .format import (
     CHUNK_META,
     KIND_CHUNK,
     NO_CHUNK,
+    SEQ_MASK,
     U64,
     ChunkHeader,
     crc32,
-    pack_chunk_header,
     record_size,
+    stale_message,
     unpack_chunk_header,
 )
 from .fpindex import FingerprintIndex
@@ -138,9 +139,9 @@ class ChunkStore:
         cid = self.next_chunk
         if crc is None:
             crc = _zcrc32(payload)  # format.crc32 of one part, without the extra call
-        hdr = pack_chunk_header(KIND_CHUNK, codec, cid, BLOCK_SIZE, len(payload), fp, crc)
         try:
-            s, off, size = self.segs.append(hdr, payload)
+            s, off, size = self.segs.append_chunk(KIND_CHUNK, codec, cid, BLOCK_SIZE, fp, crc,
+                                                  payload)
         except DeviceIOError as e:  # the write-behind of full blocks failed
             self.on_failure(e)
             raise
@@ -179,10 +180,12 @@ class ChunkStore:
                rec: bytes | memoryview) -> bytes:
         """Verify a chunk record read from the device and return its data."""
         try:
-            _kind, codec, chunk_id, raw_len, stored_len, fpr, pcrc = unpack_chunk_header(rec)
+            _kind, codec, chunk_id, raw_len, stored_len, fpr, pcrc, rseq = unpack_chunk_header(rec)
             payload = memoryview(rec)[ChunkHeader.SIZE : ChunkHeader.SIZE + slen]
             if chunk_id != cid or stored_len != slen or fpr != fp:
                 raise CorruptData(f"segment {s} offset {off} holds chunk {chunk_id}, not {cid}")
+            if rseq and rseq != self.segs.seq_of(s) & SEQ_MASK:  # (0: a version-1 record)
+                raise CorruptData(stale_message(s, off, rseq, self.segs.seq_of(s)))
             if _zcrc32(payload) != pcrc:
                 raise CorruptData(f"chunk {cid} (segment {s} offset {off}): payload checksum mismatch")
             return self.comp.decompress(codec, payload, raw_len)
@@ -240,11 +243,11 @@ class ChunkStore:
         if raw is None:
             raise NotFound(f"chunk {cid} does not exist")
         rc, s, off, slen, _old_codec, slot, res, fp = _unpack_chunk(raw)
-        hdr = pack_chunk_header(KIND_CHUNK, codec, cid, BLOCK_SIZE, len(payload), fp, crc32(payload))
         try:
             # (to the relocated stream: data that outlived a segment is colder than new writes)
-            ns, noff, size = self.segs.append(hdr, bytes(payload), reserve_ok=reserve_ok,
-                                              stream=RELOCATED)
+            ns, noff, size = self.segs.append_chunk(
+                KIND_CHUNK, codec, cid, BLOCK_SIZE, fp, crc32(payload), bytes(payload),
+                reserve_ok=reserve_ok, stream=RELOCATED)
         except DeviceIOError as e:
             self.on_failure(e)
             raise

@@ -52,12 +52,14 @@ from .format import (
     CHUNK_META,
     KIND_CHUNK,
     SEG_SEALED,
+    SEQ_MASK,
     ChunkHeader,
     SegmentHeader,
     align_down,
     align_up,
     crc32,
     record_size,
+    stale_message,
 )
 from .segments import RELOCATED
 
@@ -442,6 +444,8 @@ class SegmentCleaner:
                         continue
                     raise _Unreadable(f"no chunk record at offset {off}")
                 h = ChunkHeader.from_buffer(head)
+                if h.seq and h.seq != v.seq & SEQ_MASK:  # (0: a version-1 record)
+                    raise _Unreadable(stale_message(s, off, h.seq, v.seq))
                 size = record_size(h.stored_len)
                 if h.kind != KIND_CHUNK:
                     raise _Unreadable(f"record kind {h.kind} at offset {off} is not "

@@ -15,8 +15,12 @@ from typing import ClassVar, NewType
 
 from ..errors import CorruptData, FormatError
 
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+# Record format. 2 (issue 13): a chunk record names the allocation sequence
+# number of the segment it was written into, so that a record left from an
+# earlier use of a reused segment is never taken for a live one (ChunkHeader).
+# Version-1 records in existing pools are still read.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 # Version of the metadata store's layout and rules (meta key `format_version`).
 # 2: the `fp` index is a hint (entries of freed chunks stay until pruned), and
 #    the `heat` and `hist` tables exist. A version-1 store is upgraded on open
@@ -153,7 +157,16 @@ KIND_FRAME = 2
 
 @dataclass(frozen=True, slots=True)
 class ChunkHeader(_Record):
-    """Header of a chunk record inside a segment; the payload follows it."""
+    """Header of a chunk record inside a segment; the payload follows it.
+
+    Version 2 gives two fields of version 1 new meanings, within the same 64
+    bytes: byte 7 (reserved, 0) holds raw_len in 4 KiB blocks, and bytes 16-19
+    (raw_len, always 4096 for a chunk) hold `seq`, the low 32 bits of the
+    allocation sequence number of the segment the record was written into. A
+    record whose seq differs from its segment's is left from an earlier use of
+    that segment: stale, never live. Version-1 records read with seq 0 (not
+    recorded).
+    """
 
     kind: int
     codec: int
@@ -162,52 +175,69 @@ class ChunkHeader(_Record):
     stored_len: int
     fingerprint: bytes  # SHA-256 of the raw data
     payload_crc: int
+    seq: int = 0  # low 32 bits of the segment's seq (0: a version-1 record)
 
-    # magic, version, kind, codec, reserved, chunk_id, raw_len, stored_len,
-    # fingerprint, payload_crc, header_crc
+    # magic, version, kind, codec, raw blocks (v1: reserved), chunk_id,
+    # seq (v1: raw_len), stored_len, fingerprint, payload_crc, header_crc
     STRUCT: ClassVar[struct.Struct] = struct.Struct("<4sBBBBQII32sII")
     MAGIC: ClassVar[bytes] = b"PCHK"
     SIZE: ClassVar[int] = 64
 
     def to_bytes(self) -> bytes:
+        if self.raw_len % BLOCK_SIZE or not 0 < self.raw_len // BLOCK_SIZE < 256:
+            raise ValueError(f"raw_len {self.raw_len}: not 1-255 blocks")
         return pack_chunk_header(
             self.kind, self.codec, self.chunk_id, self.raw_len, self.stored_len,
-            self.fingerprint, self.payload_crc,
+            self.fingerprint, self.payload_crc, self.seq,
         )
 
     @classmethod
     def from_buffer(cls, buf: bytes | memoryview) -> ChunkHeader:
         f = cls._check(buf, "chunk record")
-        return cls(f[2], f[3], f[5], f[6], f[7], f[8], f[9])
+        if f[1] == 1:
+            return cls(f[2], f[3], f[5], f[6], f[7], f[8], f[9], 0)
+        return cls(f[2], f[3], f[5], f[4] * BLOCK_SIZE, f[7], f[8], f[9], f[6])
 
 
 assert ChunkHeader.STRUCT.size == ChunkHeader.SIZE
+SEQ_MASK = 0xFFFFFFFF  # a chunk record holds the low 32 bits of its segment's seq
+
+
+def stale_message(segment: int, offset: int, record_seq: int, segment_seq: int) -> str:
+    """What a record left from an earlier use of a reused segment is called."""
+    return (f"segment {segment} offset {offset} holds a stale record, left from an earlier "
+            f"use of the segment (record seq {record_seq}, segment seq {segment_seq})")
 
 
 def pack_chunk_header(
     kind: int, codec: int, chunk_id: int, raw_len: int, stored_len: int,
-    fingerprint: bytes, payload_crc: int,
+    fingerprint: bytes, payload_crc: int, seq: int,
 ) -> bytes:
-    """Hot path: build a chunk header without creating a dataclass."""
+    """Hot path: build a (version 2) chunk header without creating a dataclass;
+    `seq` is the sequence number of the segment it goes into."""
     body = ChunkHeader.STRUCT.pack(
-        ChunkHeader.MAGIC, FORMAT_VERSION, kind, codec, 0, chunk_id, raw_len,
-        stored_len, fingerprint, payload_crc, 0,
+        ChunkHeader.MAGIC, FORMAT_VERSION, kind, codec, raw_len >> 12, chunk_id,
+        seq & SEQ_MASK, stored_len, fingerprint, payload_crc, 0,
     )
     return body[:-4] + struct.pack("<I", zlib.crc32(body[:-4]))
 
 
 def unpack_chunk_header(
     buf: bytes | memoryview,
-) -> tuple[int, int, int, int, int, bytes, int]:
+) -> tuple[int, int, int, int, int, bytes, int, int]:
     """Hot path: (kind, codec, chunk_id, raw_len, stored_len, fingerprint,
-    payload_crc) of a chunk header, checked like ChunkHeader.from_buffer but
-    without creating a dataclass. A header that fails a check goes through
-    ChunkHeader.from_buffer, which raises with the reason."""
+    payload_crc, seq) of a chunk header, checked like ChunkHeader.from_buffer
+    but without creating a dataclass (seq 0: a version-1 record). A header
+    that fails a check goes through ChunkHeader.from_buffer, which raises with
+    the reason."""
     body = bytes(buf[:_CHUNK_SIZE])
     if len(body) == _CHUNK_SIZE:
         f = _unpack_chunk_header(body)
-        if f[0] == _CHUNK_MAGIC and f[1] in SUPPORTED_VERSIONS and zlib.crc32(body[:-4]) == f[10]:
-            return f[2], f[3], f[5], f[6], f[7], f[8], f[9]
+        if f[0] == _CHUNK_MAGIC and zlib.crc32(body[:-4]) == f[10]:
+            if f[1] == 2:
+                return f[2], f[3], f[5], f[4] << 12, f[7], f[8], f[9], f[6]
+            if f[1] == 1:
+                return f[2], f[3], f[5], f[6], f[7], f[8], f[9], 0
     h = ChunkHeader.from_buffer(buf)  # raises CorruptData or FormatError
     raise AssertionError(f"chunk header {h} passed the full check but not the fast one")
 

@@ -44,13 +44,16 @@ from .format import (
     SEG_META,
     SEG_OPEN,
     SEG_SEALED,
+    ChunkHeader,
     SegmentHeader,
     Superblock,
     align_up,
+    pack_chunk_header,
 )
 
 log = logging.getLogger(__name__)
 
+_HEADER = ChunkHeader.SIZE
 WRITE_BEHIND = 1 << 20  # write full blocks out once this much is buffered
 USER, RELOCATED = 0, 1  # streams: client writes; chunks moved by the cleaner or tiering
 STREAMS = 2
@@ -251,19 +254,23 @@ class SegmentLog:
         if self.live[s] == 0:
             self.pending_free.add(s)
 
-    def append(self, header: bytes, payload: bytes, *, reserve_ok: bool = False,
-               stream: int = USER) -> tuple[int, int, int]:
-        """Append one record to `stream`; return (segment, offset, bytes it occupies).
+    def append_chunk(self, kind: int, codec: int, cid: int, raw_len: int, fp: bytes,
+                     crc: int, payload: bytes, *, reserve_ok: bool = False,
+                     stream: int = USER) -> tuple[int, int, int]:
+        """Append one chunk record to `stream`; return (segment, offset, bytes it occupies).
 
-        reserve_ok: the segment cleaner may open a segment from the reserve.
+        The header is built here, once the segment is known: it carries that
+        segment's sequence number (format.ChunkHeader). reserve_ok: the
+        segment cleaner may open a segment from the reserve.
         """
         # align_up(..., RECORD_ALIGN), inline: this runs once per stored chunk
-        need = (len(header) + len(payload) + RECORD_ALIGN - 1) // RECORD_ALIGN * RECORD_ALIGN
+        need = (_HEADER + len(payload) + RECORD_ALIGN - 1) // RECORD_ALIGN * RECORD_ALIGN
         s = self.open[stream]
         if s < 0 or self.write_ptr[s] + need > self.size:
             if s >= 0:
                 self._seal(s)
             s = self._allocate(stream, reserve_ok)
+        header = pack_chunk_header(kind, codec, cid, raw_len, len(payload), fp, crc, self.seq[s])
         buf = self.bufs[stream]
         off = self.write_ptr[s]
         buf[off : off + len(header)] = header

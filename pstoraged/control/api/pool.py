@@ -8,12 +8,15 @@ import time
 from dataclasses import asdict
 from typing import Annotated, Any
 
+import trio
 from fastapi import APIRouter, Path
 
+from ...engine.backing import Backing
+from ...engine.check import CheckJob, check_online
 from ...engine.engine import Volume
 from ...engine.snapshots import Snapshot
 from ...engine.usage import VolumeWalk, WalkSpec
-from ...errors import NotFound
+from ...errors import Conflict, NotFound, PStorageError
 from .context import Context, Ctx
 from .models import ERRORS, MaxAge
 
@@ -104,6 +107,38 @@ async def gc(ctx: Ctx) -> dict[str, Any]:
              summary="Start a scrub: read and verify every live chunk")
 async def scrub(ctx: Ctx) -> dict[str, Any]:
     return {"job": await ctx.call(ctx.running_analytics().start_scrub)}
+
+
+@router.post("/api/v1/pool/check", tags=["jobs"], status_code=202, responses=ERRORS,
+             summary="Start a read-only check of the pool's metadata and records")
+async def pool_check(ctx: Ctx) -> dict[str, Any]:
+    """The check reads the last commit in a worker thread (an LMDB read
+    transaction and its own read-only handle on the device): clients keep
+    being served. Repairs need the daemon stopped: `pstorage pool check --repair`."""
+    a = ctx.running_analytics()
+    if any(j.kind == "check" and j.state == "running" for j in a.jobs.jobs.values()):
+        raise Conflict("a pool check is already running", "follow it: pstorage jobs")
+    await ctx.call(ctx.engine.flush, flush=True)  # check what was acknowledged so far
+    job = a.jobs.add(lambda i: CheckJob(i, mode="online"))
+    eng = ctx.engine
+
+    def run() -> None:
+        try:  # (the engine's handle shares one O_DIRECT buffer: not from two threads)
+            backing = Backing(eng.pool.backing.path, writable=False, lock=False)
+        except PStorageError as e:
+            job.state, job.error, job.finished = "failed", e.message, time.time()
+            return
+        try:
+            check_online(eng.meta, backing, eng.pool.sb, job)  # (reports its own failures)
+        finally:
+            backing.close()
+
+    async def task() -> None:
+        # abandoned at shutdown: the thread then fails on the closed store and ends
+        await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+
+    trio.lowlevel.spawn_system_task(task, name=f"pool check job {job.id}")
+    return {"job": job.to_dict()}
 
 
 @router.get("/api/v1/jobs", tags=["jobs"], summary="Background jobs and their progress")
