@@ -36,7 +36,7 @@ def _populate(pool_dir: str) -> dict[tuple[str, int], bytes]:
         data = os.urandom(B) if lba % 3 else b"dup!" * (B // 4)  # every third block dedupes
         eng.write(v, lba * B, data)
         want["v", lba] = data
-    eng.freeze(v)  # a snapshot's generation holds the old blocks
+    eng.generations.freeze(v)  # a snapshot's generation holds the old blocks
     for lba in range(0, 40, 4):
         data = os.urandom(B)
         eng.write(v, lba * B, data)
@@ -44,7 +44,7 @@ def _populate(pool_dir: str) -> dict[tuple[str, int], bytes]:
     w = eng.create_volume("w", 1 << 20)
     eng.write(w, 0, want["v", 1])  # a dedupe across volumes
     want["w", 0] = want["v", 1]
-    eng.fps._start_merge(eng.next_chunk)  # the index in the B-tree, so it is checked
+    eng.fps._start_merge(eng.chunks.next_chunk)  # the index in the B-tree, so it is checked
     eng.fps.finish_merge()
     eng.close()
     return want
@@ -140,9 +140,9 @@ def test_check_finds_a_stale_record_and_repairs_it_from_the_valid_copy(pool_dir,
     eng.flush()
     cid = eng.maps.lookup(v, 0, v.gen)
     s, off, slen, _fp = eng.chunks.location(cid)
-    codec, _ = eng.chunk_codec(cid)
+    codec, _ = eng.chunks.chunk_codec(cid)
     rec = eng.pool.backing.pread(eng.segs.offset(s) + off + ChunkHeader.SIZE, slen)
-    eng.rewrite_chunk(cid, codec, rec)  # the cleaner's move: a valid copy elsewhere
+    eng.chunks.rewrite_chunk(cid, codec, rec)  # the cleaner's move: a valid copy elsewhere
     eng.flush()
     eng.close()
 
