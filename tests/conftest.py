@@ -8,14 +8,17 @@ import os
 import pytest
 
 from pstoraged.engine.engine import Engine
-from pstoraged.engine.pool import create_pool, open_pool
+from pstoraged.engine.pool import create_pool, default_meta_size, open_pool
 
 SMALL_SEGMENT = 64 << 10
 
 
 def make_pool(directory: str, size: int = 16 << 20, segment_size: int = SMALL_SEGMENT) -> str:
-    create_pool(directory, os.path.join(directory, "dev.img"), file_size=size,
-                segment_size=segment_size)
+    """A pool whose segment area is what `size` gave before format 2: the
+    metadata region comes on top, so tests that count segments still hold."""
+    meta = default_meta_size(size)
+    create_pool(directory, os.path.join(directory, "dev.img"), file_size=size + meta,
+                segment_size=segment_size, meta_size=meta)
     return directory
 
 
@@ -24,6 +27,8 @@ def crash(engine: Engine) -> None:
     engine.meta.abort()
     engine.meta.env.close()
     engine.segs.close()
+    if engine.pool.region is not None:
+        engine.pool.region.close()
     engine.pool.backing.close()
     os.close(engine.pool.lock_fd)
 

@@ -11,8 +11,7 @@ import pytest
 from pstoraged.engine import codecs, fpindex, reducer
 from pstoraged.engine.engine import Engine
 from pstoraged.engine.format import BLOCK_SIZE, METADATA_VERSION
-from pstoraged.engine.metadata import MetaStore
-from pstoraged.engine.pool import open_pool
+from pstoraged.engine.pool import open_pool, raw_metadata
 
 from .conftest import crash
 from .test_t2_engine_model import fingerprint_index_state
@@ -186,9 +185,8 @@ def test_version_2_store_is_upgraded_and_keeps_deduping(pool_dir):
     eng.meta.txn.delete(b"fp_upto", db=eng.meta.meta)  # the commit wrote it back
     eng.meta.commit()
     eng.close()
-    meta = MetaStore(os.path.join(pool_dir, "meta"))
-    assert meta.get_json("fp_upto") is None
-    meta.close()
+    with raw_metadata(pool_dir) as meta:
+        assert meta.get_json("fp_upto") is None
     eng = Engine(open_pool(pool_dir))
     try:
         assert eng.meta.get_json("format_version") == METADATA_VERSION

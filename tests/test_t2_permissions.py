@@ -91,9 +91,10 @@ def test_pool_create_makes_everything_owner_only(stranger, umask022, open_base):
                    check=True, capture_output=True)
     assert stat.S_IMODE(os.stat(pool_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(img).st_mode) == 0o600
-    assert os.path.exists(os.path.join(pool_dir, "meta", "data.mdb"))
+    # the metadata is inside the pool file (format 2): nothing of it on the host
+    assert not os.path.exists(os.path.join(pool_dir, "meta"))
     assert_private([img, *tree(pool_dir)])
-    for p in [img, os.path.join(pool_dir, "pool.json"), os.path.join(pool_dir, "meta", "data.mdb")]:
+    for p in [img, os.path.join(pool_dir, "pool.json")]:
         assert not can_read(stranger, p), p
 
     # a file made beforehand (truncate -s under umask 022) is tightened when formatted
@@ -112,10 +113,12 @@ def test_daemon_init_makes_everything_owner_only(stranger, umask022, open_base):
     d.args = ["--init", "--device", img, "--size", "64M", "--segment-size", "1M"]
     d.start()
     try:
-        # while it runs: LMDB's files are all there
-        assert os.path.exists(os.path.join(pool_dir, "meta", "lock.mdb"))
-        assert_private([img, *tree(pool_dir)])
-        for p in [img, os.path.join(pool_dir, "meta", "data.mdb")]:
+        # while it runs: LMDB's lock file, and its store through the region's loop device
+        assert os.path.exists(os.path.join(pool_dir, "meta.mdb-lock"))
+        assert_private([img, *(p for p in tree(pool_dir) if not os.path.islink(p))])
+        region = os.path.realpath(os.path.join(pool_dir, "meta.mdb"))
+        assert region.startswith("/dev/loop")
+        for p in [img, region, os.path.join(pool_dir, "meta.mdb-lock")]:
             assert not can_read(stranger, p), p
     finally:
         d.cleanup()

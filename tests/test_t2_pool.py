@@ -12,8 +12,7 @@ import pytest
 from pstoraged.engine.devices import DeviceHasData
 from pstoraged.engine.engine import Engine
 from pstoraged.engine.format import METADATA_VERSION, SUPERBLOCK_OFFSETS
-from pstoraged.engine.metadata import MetaStore
-from pstoraged.engine.pool import create_pool, open_pool
+from pstoraged.engine.pool import create_pool, open_pool, raw_metadata
 from pstoraged.errors import FormatError, InvalidArgument, PoolLocked
 
 from .conftest import make_pool
@@ -51,21 +50,18 @@ def test_second_open_is_refused_while_locked(pool_dir):
 
 def test_unknown_versions_and_foreign_devices_are_refused(tmp_path):
     a = make_pool(str(tmp_path / "a"))
-    meta = MetaStore(os.path.join(a, "meta"))
-    meta.put_json("format_version", 99)
-    meta.commit()
-    meta.close()
+    with raw_metadata(a) as meta:
+        meta.put_json("format_version", 99)
+        meta.commit()
     with pytest.raises(FormatError, match="version 99"):
         open_pool(a)
     # version 1 metadata (an exact dedupe index, no heat/hist tables) is upgraded on open
-    meta = MetaStore(os.path.join(a, "meta"))
-    meta.put_json("format_version", 1)
-    meta.commit()
-    meta.close()
+    with raw_metadata(a) as meta:
+        meta.put_json("format_version", 1)
+        meta.commit()
     open_pool(a).close()
-    meta = MetaStore(os.path.join(a, "meta"))
-    assert meta.get_json("format_version") == METADATA_VERSION == 4
-    meta.close()
+    with raw_metadata(a) as meta:
+        assert meta.get_json("format_version") == METADATA_VERSION == 4
     b = make_pool(str(tmp_path / "b"))
     c = make_pool(str(tmp_path / "c"))
     with open(os.path.join(b, "pool.json")) as f:

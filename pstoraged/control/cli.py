@@ -52,9 +52,11 @@ def cmd_pool_create(args: argparse.Namespace) -> None:
     from ..engine.pool import create_pool
 
     sb = create_pool(args.dir, args.device, file_size=parse_size(args.size) if args.size else None,
-                     segment_size=parse_size(args.segment_size), force=args.force)
+                     segment_size=parse_size(args.segment_size), force=args.force,
+                     label=args.label, meta_size=parse_size(args.meta_size) if args.meta_size else None)
     dev = describe(args.device)
-    data = {"uuid": sb.uuid.hex(), "device": args.device, "segments": sb.segment_count,
+    data = {"uuid": sb.uuid.hex(), "label": sb.label, "device": args.device,
+            "metadata_bytes": sb.meta_size, "segments": sb.segment_count,
             "segment_size": sb.segment_size, "capacity": sb.segment_count * sb.segment_size,
             "kind": dev.kind, "model": dev.model, "rotational": dev.rotational,
             "logical_block_size": dev.logical_block_size,
@@ -62,9 +64,53 @@ def cmd_pool_create(args: argparse.Namespace) -> None:
     what = dev.kind if dev.kind == "file" else (
         f"{dev.model or 'block device'}, {'rotational' if dev.rotational else 'non-rotational'}, "
         f"{dev.logical_block_size}/{dev.physical_block_size} B sectors, O_DIRECT")
-    _emit(args, data, f"created pool {sb.uuid.hex()} on {args.device} ({what}): "
-          f"{sb.segment_count} segments of {human_bytes(sb.segment_size)} "
-          f"({human_bytes(data['capacity'])})")
+    _emit(args, data, f"created pool {sb.uuid.hex()}{f' ({sb.label})' if sb.label else ''} "
+          f"on {args.device} ({what}): {sb.segment_count} segments of "
+          f"{human_bytes(sb.segment_size)} ({human_bytes(data['capacity'])}) and a metadata "
+          f"region of {human_bytes(sb.meta_size)}")
+
+
+def _pool_row(f: Any, state: str) -> list[str]:
+    return [f.uuid, f.sb.label or "-", f.path, human_bytes(f.sb.device_size),
+            f"format {f.sb.version}", state]
+
+
+def cmd_pool_import(args: argparse.Namespace) -> None:
+    """Without a name: the pools on this host's devices (or --device paths).
+    With one: open it here, whatever its device is called now."""
+    from ..engine import discovery
+    from ..engine.pool import import_pool, pool_state
+
+    search = args.device or None
+    if not args.name:
+        found = discovery.scan(search)
+        rows = [_pool_row(f, pool_state(f)) for f in found]
+        _emit(args, [{"uuid": f.uuid, "label": f.sb.label, "device": f.path,
+                      "device_size": f.sb.device_size, "format": f.sb.version,
+                      "state": r[-1]} for f, r in zip(found, rows, strict=True)],
+              table(rows, ["UUID", "LABEL", "DEVICE", "SIZE", "FORMAT", "STATE"]) if rows
+              else "no pools found" + (f" on {', '.join(search)}" if search else
+                                       " on this host's block devices (files: --device PATH)"))
+        return
+    pool = import_pool(args.dir, args.name, search=search, force=args.force)
+    sb, dev = pool.sb, pool.backing.path
+    pool.close()
+    _emit(args, {"uuid": sb.uuid.hex(), "label": sb.label, "device": dev, "directory": args.dir},
+          f"imported pool {sb.uuid.hex()}{f' ({sb.label})' if sb.label else ''} from {dev}; "
+          f"start pstoraged with --pool-dir {args.dir} (or pool = \"{sb.uuid.hex()}\" in its "
+          "config)")
+
+
+def cmd_pool_export(args: argparse.Namespace) -> None:
+    """Close the pool cleanly for moving its device to another host."""
+    from ..engine.pool import export_pool, open_pool
+
+    pool = open_pool(args.dir)
+    uid, dev = pool.sb.uuid.hex(), pool.backing.path
+    export_pool(pool)
+    _emit(args, {"uuid": uid, "device": dev, "state": "exported"},
+          f"exported pool {uid} on {dev}: it may be moved now and imported on any host "
+          "('pstorage pool import')")
 
 
 def cmd_devices(args: argparse.Namespace) -> None:
@@ -95,7 +141,8 @@ def cmd_pool_show(args: argparse.Namespace, c: Client) -> None:
     p = c.get("/api/v1/pool")
     s = p["statistics"]
     rows = [
-        ["uuid", p["uuid"]], ["device", p["device"]], ["directory", p["directory"]],
+        ["uuid", p["uuid"]], ["label", p.get("label") or "-"], ["device", p["device"]],
+        ["directory", p["directory"]], ["metadata", _metadata_line(p["metadata"])],
         ["capacity", human_bytes(s["capacity_bytes"])], ["allocated", human_bytes(s["allocated_bytes"])],
         ["free", human_bytes(s["free_bytes"])], ["volumes", s["volumes"]],
         ["segments", f"{p['segments']['total']} x {human_bytes(p['segment_size'])}"],
@@ -115,6 +162,14 @@ def cmd_pool_show(args: argparse.Namespace, c: Client) -> None:
                   + "\n\nrecoverable until eradicated; 'pstorage volume eradicate NAME' frees a "
                   "volume now")
     _emit(args, p, human)
+
+
+def _metadata_line(m: dict[str, Any]) -> str:
+    if m["where"] == "host":
+        return f"on this host in {m['path']} (format 1), {human_bytes(m['used_bytes'])} used"
+    pct = 100 * m["used_bytes"] / m["size"] if m["size"] else 0
+    return (f"on the device, {human_bytes(m['used_bytes'])} of {human_bytes(m['size'])} "
+            f"used ({pct:.0f}%)" + (" FULL: new data is refused" if m["full"] else ""))
 
 
 def cmd_volume_create(args: argparse.Namespace, c: Client) -> None:
@@ -702,16 +757,38 @@ def _check_line(j: dict) -> str:
 
 
 def _pool_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
-    """pool create, pool show, pool check"""
+    """pool create, show, import, export, check"""
     pool = sub.add_parser("pool", help="create or inspect the pool").add_subparsers(dest="sub", required=True)
     pc = pool.add_parser("create", help="format a device or file as a pool (daemon not running)")
-    pc.add_argument("--dir", default="/var/lib/pstorage", help="pool directory (metadata)")
+    pc.add_argument("--dir", default="/var/lib/pstorage",
+                    help="runtime directory on this host (the pool itself is all on the device)")
+    pc.add_argument("--label", default="", help="a name for the pool (up to 32 bytes), usable "
+                    "instead of its UUID")
+    pc.add_argument("--meta-size", help="metadata region size (default 5%% of the device, at "
+                    "least 4M); see docs/format.md for bytes per TiB")
     pc.add_argument("--device", required=True, help="block device (/dev/nvme0n1) or file")
     pc.add_argument("--size", help="create the file with this size, e.g. 20G")
     pc.add_argument("--segment-size", default="4M")
     pc.add_argument("--force", action="store_true", help="overwrite existing signatures")
     pc.set_defaults(local=cmd_pool_create)
     pool.add_parser("show", help="pool capacity and state").set_defaults(fn=cmd_pool_show)
+    pi = pool.add_parser(
+        "import", help="list the pools on this host's devices, or open one here (daemon not running)",
+        description="Find pools by the UUID in their superblocks. Without NAME: list them. "
+        "With NAME (UUID, 8+ digit prefix, or label): make DIR serve it, whatever its device "
+        "is called now; then start pstoraged.")
+    pi.add_argument("name", nargs="?", help="pool UUID, UUID prefix or label")
+    pi.add_argument("--device", "-d", action="append", metavar="PATH",
+                    help="look only here (a device, a pool file, or a directory of them; "
+                    "repeatable); default: every block device")
+    pi.add_argument("--dir", default="/var/lib/pstorage", help="runtime directory to serve it from")
+    pi.add_argument("--force", action="store_true",
+                    help="import a pool another host opened and never exported (that host "
+                    "must be down: two hosts writing one pool destroy it)")
+    pi.set_defaults(local=cmd_pool_import)
+    pe = pool.add_parser("export", help="close the pool cleanly to move its device (daemon stopped)")
+    pe.add_argument("--dir", default="/var/lib/pstorage", help="runtime directory that serves it")
+    pe.set_defaults(local=cmd_pool_export)
     ck = pool.add_parser("check", help="verify maps, refcounts, chunk records and segments "
                          "(daemon stopped; --online: read-only through the daemon)")
     ck.add_argument("--dir", default="/var/lib/pstorage", help="pool directory (metadata)")

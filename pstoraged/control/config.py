@@ -74,6 +74,10 @@ class FuseConfig:
 class Config:
     """Every pstoraged setting, with its default."""
 
+    # The pool to open, by its UUID (or a unique 8+ digit prefix) or label:
+    # found by its superblock on any block device, never by a /dev path.
+    # Empty: the pool pool_dir last served.
+    pool: str = ""
     pool_dir: str = DEFAULT_POOL_DIR
     run_dir: str = DEFAULT_RUN_DIR
     log_level: str = "INFO"
@@ -95,7 +99,7 @@ RELOADABLE = frozenset({"log_level", "sample_interval", "temperature_days",
 SECTIONS: dict[str, type] = {"exports": ExportsConfig, "fuse": FuseConfig}
 
 # The environment variables pstoraged has always honoured.
-ENVIRONMENT = {"pool_dir": "PSTORAGE_POOL_DIR", "run_dir": "PSTORAGE_RUN_DIR",
+ENVIRONMENT = {"pool": "PSTORAGE_POOL", "pool_dir": "PSTORAGE_POOL_DIR", "run_dir": "PSTORAGE_RUN_DIR",
                "log_level": "PSTORAGE_LOG_LEVEL"}
 
 
@@ -229,7 +233,16 @@ def _auto_or_boolean(v: Any, where: str) -> bool | str:
     return v
 
 
+def _pool_name(v: Any, where: str) -> str:
+    if not isinstance(v, str):
+        raise _wrong(where, "a pool UUID or label", v)
+    if v and not (0 < len(v.encode()) <= 36):
+        raise InvalidArgument(f"{where}: {v!r} is neither a pool UUID nor a label")
+    return v
+
+
 CHECKS: dict[str, Check] = {
+    "pool": _pool_name,
     "pool_dir": _path,
     "run_dir": _path,
     "log_level": _log_level,

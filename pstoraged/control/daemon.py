@@ -16,7 +16,7 @@ from ..analytics.temperature import HeatMap, Thresholds
 from ..engine.cleaner import SegmentCleaner
 from ..engine.engine import Engine
 from ..engine.format import DEFAULT_SEGMENT_SIZE
-from ..engine.pool import create_pool, open_pool
+from ..engine.pool import Pool, create_pool, import_pool, open_pool, serves
 from ..engine.snapshots import Eradicator
 from ..engine.units import parse_size
 from ..errors import DeviceIOError, PStorageError
@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="pstoraged", description=__doc__)
     p.add_argument("--config", metavar="FILE",
                    help=f"configuration file (default {config.DEFAULT_PATH}, if it exists)")
-    p.add_argument("--pool-dir", help=f"pool directory (default {config.DEFAULT_POOL_DIR})")
+    p.add_argument("--pool", help="the pool to open: its UUID or label (found by its superblock "
+                   "on any block device); default: the one --pool-dir last served")
+    p.add_argument("--pool-dir", help="the pool's runtime directory on this host: where it was "
+                   f"last seen, locks (default {config.DEFAULT_POOL_DIR})")
     p.add_argument("--run-dir", help=f"sockets and export state (default {config.DEFAULT_RUN_DIR})")
     p.add_argument("--init", action="store_true", help="create the pool first if there is none")
     p.add_argument("--device", help="with --init: backing block device or file")
@@ -165,6 +168,16 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
             log.error("pstoraged stopped; the pool was not closed cleanly: %s", why)
 
 
+def open_named_pool(cfg: config.Config) -> Pool:
+    """The configured pool: by name (imported into pool_dir on the first
+    start on this host, or after its device moved), else pool_dir's."""
+    if cfg.pool:
+        if not serves(cfg.pool_dir, cfg.pool):
+            log.info("importing pool %s into %s", cfg.pool, cfg.pool_dir)
+            return import_pool(cfg.pool_dir, cfg.pool)
+    return open_pool(cfg.pool_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                         file_size=parse_size(args.size) if args.size else None,
                         segment_size=parse_size(args.segment_size), force=args.force)
             log.info("created pool in %s on %s", cfg.pool_dir, args.device)
-        engine = Engine(open_pool(cfg.pool_dir))
+        engine = Engine(open_named_pool(cfg))
         HeatMap.attach(engine)  # data temperature: an observer of the engine's maps
     except PStorageError as e:
         print(f"pstoraged: {e}", file=sys.stderr)

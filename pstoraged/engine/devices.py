@@ -22,6 +22,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ..errors import Conflict, InvalidArgument
+from .format import META_OFFSET
 
 try:
     import pyudev
@@ -317,10 +318,19 @@ def describe(path: str, *, lenient: bool = False) -> DeviceInfo:
         # a loop device backed by this file is using it just like a mount would
         loops = [n for n in _ls(SYS_BLOCK)
                  if (_read(f"{SYS_BLOCK}/{n}/loop/backing_file") or "").removesuffix(" (deleted)") == real]
+        sigs = _signatures(path)
+        busy = _lockers(st)
+        # the loop device a running pool keeps over its own metadata region is
+        # the pool's business: its lock (above) says who uses the file
+        region = [n for n in loops if "pstorage" in sigs
+                  and _read(f"{SYS_BLOCK}/{n}/loop/offset") == str(META_OFFSET)]
+        loops = [n for n in loops if n not in region]
+        if region and not busy:
+            busy.append(f"the metadata region of a PStorage pool ({','.join(region)})")
         info = DeviceInfo(path, "file", st.st_size, 4096, st.st_blksize or 4096, None, None, None,
-                          False, False, _signatures(path),
+                          False, False, sigs,
                           _mounted({real}, loops + _stacked(loops)), tuple(loops), (),
-                          _pstorage_volume(None, real), tuple(_lockers(st)))
+                          _pstorage_volume(None, real), tuple(busy))
         return dataclasses.replace(info, in_use=_reasons(info))
     if not stat.S_ISBLK(st.st_mode):
         raise DeviceError(f"{path} is neither a block device nor a regular file")

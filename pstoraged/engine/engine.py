@@ -30,7 +30,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from ..errors import DeviceIOError, InvalidArgument, NotFound, ReadOnly
+import lmdb
+
+from ..errors import DeviceIOError, InvalidArgument, NotFound, PoolFull, ReadOnly
 from . import codecs
 from .background import BackgroundService, BackgroundWork, QueuedWork, Supervisor
 from .chunks import ChunkStore
@@ -175,6 +177,9 @@ class Engine:
         self.safe_point: Callable[[], None] | None = None
         self.dirty = False
         self.failed: str | None = None  # set when the device failed a write or sync
+        # the metadata region is nearly full: writes that add mappings get
+        # ENOSPC, trims and deletes (which make room) still run
+        self.meta_full = False
         self.closed_clean = False  # close() committed everything and marked the pool clean
         # Instance tracking lets a reconnecting client learn whether writes it
         # had acknowledged from the previous run could have been lost.
@@ -442,6 +447,8 @@ class Engine:
         """Write bytes: partial edge blocks are merged with what is stored, the
         blocks reduced inline, then applied like the reducer thread's results."""
         self._writable(vol)
+        if self.meta_full:
+            self._refuse_meta_full()
         self._check_range(vol, offset, len(data))
         n = len(data)
         if not n:
@@ -459,6 +466,8 @@ class Engine:
         """write() of whole blocks already reduced (hashed and compressed) by the
         reducer thread: the engine thread only does the metadata."""
         self._writable(vol)
+        if self.meta_full:
+            self._refuse_meta_full()
         red = pending.wait()
         length = len(red[1]) * BLOCK_SIZE
         self._check_range(vol, offset, length)
@@ -479,32 +488,45 @@ class Engine:
         blocks, for payloads not compressed yet (reduce_inline)."""
         fps, kinds, payloads, crcs = red
         zeros = unique = dupes = 0
-        for i, kind in enumerate(kinds):
-            if kind == KIND_ZERO:
-                zeros += 1
-                self._map(vol, lba + i, NO_CHUNK)
-                continue
-            fp = fps[32 * i : 32 * i + 32]
-            hit = self._dedupe_lookup(fp)
-            if hit is not None:
-                cid = hit[0]
-                self._incref(cid, hit[1])
-                dupes += 1
-            else:
-                payload = payloads[i]
-                if payload is None:  # reduced inline: compressed only now
-                    assert blocks is not None
-                    used, data = self.comp.compress(kind, blocks[i])
-                    cid = self._new_chunk(vol, fp, used, data)
+        try:
+            for i, kind in enumerate(kinds):
+                if kind == KIND_ZERO:
+                    zeros += 1
+                    self._map(vol, lba + i, NO_CHUNK)
+                    continue
+                fp = fps[32 * i : 32 * i + 32]
+                hit = self._dedupe_lookup(fp)
+                if hit is not None:
+                    cid = hit[0]
+                    self._incref(cid, hit[1])
+                    dupes += 1
                 else:
-                    cid = self._new_chunk(vol, fp, kind, payload, crcs[i])
-                unique += 1
-            self._map(vol, lba + i, cid)
+                    payload = payloads[i]
+                    if payload is None:  # reduced inline: compressed only now
+                        assert blocks is not None
+                        used, data = self.comp.compress(kind, blocks[i])
+                        cid = self._new_chunk(vol, fp, used, data)
+                    else:
+                        cid = self._new_chunk(vol, fp, kind, payload, crcs[i])
+                    unique += 1
+                self._map(vol, lba + i, cid)
+        except lmdb.MapFullError as e:  # past the reserve in one go: the transaction is lost
+            err = PoolFull(f"the pool's metadata region ran full: {e}")
+            self._fail(err)
+            raise err from e
         st = vol.stats
         st.written_bytes += len(kinds) * BLOCK_SIZE
         st.zero_bytes += zeros * BLOCK_SIZE
         st.dedupe_bytes += dupes * BLOCK_SIZE
         st.unique_bytes += unique * BLOCK_SIZE
+
+    def _refuse_meta_full(self) -> None:
+        u = self.meta.usage()
+        raise PoolFull(
+            f"the pool's metadata region is full ({u['used'] >> 20} of {u['size'] >> 20} MiB "
+            "in use): new data is refused",
+            "delete snapshots or volumes, or trim unused blocks; a larger --meta-size needs "
+            "a new pool")
 
     def check_failed(self) -> None:
         """DeviceIOError if the pool failed (it then refuses writes until a restart)."""
@@ -612,18 +634,22 @@ class Engine:
             for k, v in self.segs.dirty_records():
                 txn.put(k, v, db=self.meta.segs)
             self.meta.commit()
-        except DeviceIOError as e:
+        except (DeviceIOError, PoolFull) as e:
+            # the open transaction is gone with what it held: like a crash,
+            # only a restart from the last commit is safe
             self._fail(e)
             raise
         self.commits += 1
         self.dirty = False
+        if self.meta.bounded:
+            self.meta_full = self.meta.is_full()
         if self.segs.after_commit():
             # record the segments' new FREE state in the next commit
             txn = self.meta.txn
             for k, v in self.segs.dirty_records():
                 txn.put(k, v, db=self.meta.segs)
 
-    def _fail(self, e: DeviceIOError) -> None:
+    def _fail(self, e: DeviceIOError | PoolFull) -> None:
         self.failed = e.message
         self.io_errors += 1
         log.error("pool failed, writes are refused until restart: %s", e.message)

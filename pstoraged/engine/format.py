@@ -15,10 +15,12 @@ from typing import ClassVar, NewType
 
 from ..errors import CorruptData, FormatError
 
-# Record format. 2 (issue 13): a chunk record names the allocation sequence
-# number of the segment it was written into, so that a record left from an
-# earlier use of a reused segment is never taken for a live one (ChunkHeader).
-# Version-1 records in existing pools are still read.
+# Version of the device format. 2 (issue 13): the superblock names the
+# metadata region (meta_offset, meta_size) that holds the pool's metadata on
+# its own device, and a chunk record names the allocation sequence number of
+# the segment it was written into, so that a record left from an earlier use
+# of a reused segment is never taken for a live one (ChunkHeader). Version-1
+# pools (metadata in the host's pool directory, version-1 records) still open.
 FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
 # Version of the metadata store's layout and rules (meta key `format_version`).
@@ -35,7 +37,9 @@ BLOCK_SIZE = 4096  # logical block of every volume
 ALIGN = 4096  # device I/O alignment (O_DIRECT, and padding at each flush)
 RECORD_ALIGN = 16  # chunk records start on 16-byte boundaries inside a segment
 SUPERBLOCK_OFFSETS = (0, 65536)  # primary and backup copy
-DATA_OFFSET = 1 << 20  # first segment starts at 1 MiB
+META_OFFSET = 1 << 20  # the metadata region starts at 1 MiB (format 2)
+REGION_ALIGN = 1 << 20  # the region's size and the first segment are 1 MiB aligned
+DATA_OFFSET = 1 << 20  # format 1: the first segment at 1 MiB, no metadata region
 DEFAULT_SEGMENT_SIZE = 4 << 20
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 
@@ -98,17 +102,25 @@ class Superblock(_Record):
     segment_count: int
     data_offset: int
     label: str
+    meta_offset: int = 0  # the metadata region (format 2); 0, 0: metadata on the host (format 1)
+    meta_size: int = 0
+    version: int = FORMAT_VERSION
 
     # magic, version, flags, block_size, uuid, created, device_size,
-    # segment_size, segment_count, data_offset, label, reserved, crc
-    STRUCT: ClassVar[struct.Struct] = struct.Struct("<8sHHI16sQQIIQ32s32sI")
+    # segment_size, segment_count, data_offset, label, meta_offset, meta_size,
+    # reserved, crc
+    STRUCT: ClassVar[struct.Struct] = struct.Struct("<8sHHI16sQQIIQ32sQQ16sI")
     MAGIC: ClassVar[bytes] = b"PSTPOOL\0"
+
+    @property
+    def has_region(self) -> bool:
+        return self.meta_size > 0
 
     def to_bytes(self) -> bytes:
         body = self.STRUCT.pack(
-            self.MAGIC, FORMAT_VERSION, 0, BLOCK_SIZE, self.uuid, self.created_ns,
+            self.MAGIC, self.version, 0, BLOCK_SIZE, self.uuid, self.created_ns,
             self.device_size, self.segment_size, self.segment_count, self.data_offset,
-            self.label.encode()[:32], b"", 0,
+            self.label.encode()[:32], self.meta_offset, self.meta_size, b"", 0,
         )
         raw = body[:-4] + struct.pack("<I", crc32(body[:-4]))
         return raw.ljust(ALIGN, b"\0")
@@ -118,7 +130,9 @@ class Superblock(_Record):
         f = cls._check(buf, "superblock")
         if f[3] != BLOCK_SIZE:
             raise FormatError(f"superblock: block size {f[3]} unsupported")
-        return cls(f[4], f[5], f[6], f[7], f[8], f[9], f[10].rstrip(b"\0").decode())
+        meta_offset, meta_size = (f[11], f[12]) if f[1] >= 2 else (0, 0)
+        return cls(f[4], f[5], f[6], f[7], f[8], f[9], f[10].rstrip(b"\0").decode(),
+                   meta_offset, meta_size, f[1])
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,21 +16,36 @@ from typing import Any
 
 import lmdb
 
-from ..errors import DeviceIOError
+from ..errors import DeviceIOError, PoolFull
 
-DEFAULT_MAP_SIZE = 1 << 40  # address space only; the file grows as needed
+DEFAULT_MAP_SIZE = 1 << 40  # format-1 host directory: address space only, the file grows
+PAGE = 4096
+# Keep this share of a metadata region (at least FULL_RESERVE_MIN bytes, at
+# most half the region) free: past it, writes that add mappings are refused
+# with ENOSPC while the region still has room for trims, deletes and commits.
+FULL_RESERVE_SHARE = 0.05
+FULL_RESERVE_MIN = 1 << 20
 
 
 class MetaStore:
-    def __init__(self, path: str, map_size: int = DEFAULT_MAP_SIZE) -> None:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+    """`path` is a directory (format 1: metadata on the host) or, with
+    `subdir=False`, the metadata region's device (format 2), whose size is
+    the whole address space LMDB may use."""
+
+    def __init__(self, path: str, map_size: int = DEFAULT_MAP_SIZE, *, subdir: bool = True) -> None:
+        if subdir:
+            os.makedirs(path, mode=0o700, exist_ok=True)
         # sync and metasync stay on: a commit returns only once its pages and
         # its meta page are on stable storage.
         self.env = lmdb.open(
-            path, map_size=map_size, max_dbs=16, subdir=True, sync=True,
+            path, map_size=map_size, max_dbs=16, subdir=subdir, sync=True,
             metasync=True, writemap=False, readahead=False, meminit=False,
             mode=0o600,  # the maps and fingerprints: the owner's alone, whatever the umask
         )
+        self.map_size = map_size
+        self.bounded = not subdir  # a region: running full is a real limit
+        reserve = max(FULL_RESERVE_MIN, int(map_size * FULL_RESERVE_SHARE))
+        self.full_at = map_size - min(reserve, map_size // 2)
         self.l2p = self.env.open_db(b"l2p")
         self.chunks = self.env.open_db(b"chunks")
         self.fp = self.env.open_db(b"fp")
@@ -64,8 +79,34 @@ class MetaStore:
         self.pending_ops = 0
         try:
             txn.commit()
+        except lmdb.MapFullError as e:
+            raise PoolFull(f"the metadata region is full ({self.map_size >> 20} MiB): {e}",
+                           "delete snapshots or volumes, or move the pool to a device "
+                           "formatted with a larger --meta-size") from e
         except lmdb.Error as e:
             raise DeviceIOError(f"metadata commit failed: {e}") from e
+
+    def usage(self) -> dict[str, int]:
+        """Bytes of metadata in use (pages of every table, from LMDB's own counts)
+        and the high-water mark of the region; cheap, no table walk."""
+        with self.env.begin(write=False) as txn:
+            pages = 2  # the two meta pages
+            st = txn.stat()
+            pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+            for db in self.tables():
+                st = txn.stat(db)
+                pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        info = self.env.info()
+        return {"size": self.map_size if self.bounded else 0, "used": pages * PAGE,
+                "high_water": (info["last_pgno"] + 1) * PAGE}
+
+    def tables(self) -> list[Any]:
+        return [self.l2p, self.chunks, self.fp, self.segs, self.vols, self.meta, self.heat,
+                self.hist, self.snaps]
+
+    def is_full(self) -> bool:
+        """True when new mappings must be refused to keep room for the rest."""
+        return self.bounded and self.usage()["used"] >= self.full_at
 
     def abort(self) -> None:
         if self._txn is not None:

@@ -1,8 +1,15 @@
-"""Creating and opening a pool: superblock, pool directory, locks.
+"""Creating, opening, importing and exporting a pool.
 
-A pool is a backing device (or file) holding the segment log, plus a pool
-directory holding the metadata store and `pool.json`, which names the device.
-Both carry the pool UUID; a mismatch is refused.
+A pool lives entirely on its backing device (format 2): two superblocks, the
+metadata region (an LMDB environment: maps, refcounts, chunk locations,
+volumes, snapshots, segment states, history) and the segment log. The host
+keeps only a pool directory of runtime state: `pool.json`, a cache of which
+device held the pool when it was last opened (like zpool.cache: rebuilt by
+`pool import`), the lock, and LMDB's lock file. Deleting that directory loses
+nothing.
+
+Format-1 pools (metadata in `DIR/meta/` on the host) are still opened as
+they are.
 """
 
 from __future__ import annotations
@@ -11,27 +18,51 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import stat
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ..errors import CorruptData, FormatError, InsecurePermissions, InvalidArgument, PoolLocked
+from ..errors import (
+    Conflict,
+    CorruptData,
+    FormatError,
+    InsecurePermissions,
+    InvalidArgument,
+    NotFound,
+    PoolLocked,
+)
+from . import discovery
 from .backing import Backing
 from .format import (
-    DATA_OFFSET,
     DEFAULT_SEGMENT_SIZE,
+    META_OFFSET,
     METADATA_VERSION,
+    REGION_ALIGN,
     SUPERBLOCK_OFFSETS,
     SUPPORTED_METADATA_VERSIONS,
     Superblock,
+    align_up,
 )
 from .metadata import MetaStore
+from .region import RegionDevice, empty_store_image
 
 log = logging.getLogger(__name__)
 
 MIN_SEGMENTS = 8
 POOL_FILE = "pool.json"
+# Metadata region size when none is given: a share of the device, from the
+# measured metadata bytes per TiB (docs/format.md), within these bounds.
+META_SHARE = 0.05
+META_MIN = 4 << 20
+META_LOCK = "meta.mdb-lock"
+
+
+def default_meta_size(device_size: int) -> int:
+    return align_up(max(META_MIN, int(device_size * META_SHARE)), REGION_ALIGN)
 
 
 @dataclass(slots=True)
@@ -41,11 +72,30 @@ class Pool:
     sb: Superblock
     meta: MetaStore
     lock_fd: int
+    region: RegionDevice | None = None  # format 2: the metadata region's loop device
 
     def close(self) -> None:
         self.meta.close()
+        if self.region is not None:
+            self.region.close()
         self.backing.close()
         os.close(self.lock_fd)
+
+    def metadata_location(self) -> dict[str, object]:
+        if self.region is None:
+            return {"where": "host", "path": os.path.join(self.directory, "meta")}
+        return {"where": "device", "path": self.backing.path, "offset": self.sb.meta_offset,
+                "size": self.sb.meta_size}
+
+
+def host_identity() -> dict[str, str]:
+    """Who opens a pool: machine id (stable, unique) and host name (for people)."""
+    try:
+        with open("/etc/machine-id") as f:
+            machine = f.read().strip()
+    except OSError:
+        machine = ""
+    return {"machine_id": machine or socket.gethostname(), "host": socket.gethostname()}
 
 
 def check_private(path: str) -> None:
@@ -83,6 +133,41 @@ def _lock_dir(directory: str) -> int:
     return fd
 
 
+def _write_cache(directory: str, sb: Superblock, device: str) -> None:
+    """Remember where the pool was seen (a hint: opening checks the UUID)."""
+    info = {"uuid": sb.uuid.hex(), "device": os.path.abspath(device), "label": sb.label,
+            "created_ns": sb.created_ns}
+    tmp = os.path.join(directory, POOL_FILE + ".tmp")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w") as f:
+        json.dump(info, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(directory, POOL_FILE))
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _read_cache(directory: str) -> dict | None:
+    try:
+        with open(os.path.join(directory, POOL_FILE)) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable %s: %s", os.path.join(directory, POOL_FILE), e)
+        return None
+    return info if isinstance(info, dict) and "uuid" in info else None
+
+
+def serves(directory: str, name: str) -> bool:
+    """Whether `directory` last served pool `name` (UUID, prefix or label)."""
+    info = _read_cache(directory)
+    return info is not None and discovery.name_matches(info["uuid"], info.get("label", ""), name)
+
+
 def create_pool(
     directory: str,
     device: str,
@@ -91,12 +176,17 @@ def create_pool(
     segment_size: int = DEFAULT_SEGMENT_SIZE,
     force: bool = False,
     label: str = "",
+    meta_size: int | None = None,
 ) -> Superblock:
-    """Format `device` (creating a sparse file of `file_size` if asked) as a new pool."""
+    """Format `device` (creating a sparse file of `file_size` if asked) as a new
+    pool whose metadata lives in a region of the device; `directory` becomes
+    its runtime directory."""
     if segment_size % (1 << 16) or segment_size < (1 << 16) or segment_size > (1 << 30):
         raise InvalidArgument(
             f"segment size {segment_size} must be a multiple of 64 KiB between 64 KiB and 1 GiB"
         )
+    if len(label.encode()) > 32:
+        raise InvalidArgument(f"label {label!r} is longer than 32 bytes")
     _private_dir(directory)
     if os.path.exists(os.path.join(directory, POOL_FILE)) and not force:
         raise InvalidArgument(
@@ -117,45 +207,69 @@ def create_pool(
             os.chmod(device, 0o600)
         backing = Backing(device)
         try:
-            count = (backing.size - DATA_OFFSET) // segment_size
+            msize = align_up(meta_size, REGION_ALIGN) if meta_size else default_meta_size(backing.size)
+            data_offset = META_OFFSET + msize
+            count = (backing.size - data_offset) // segment_size
             if count < MIN_SEGMENTS:
                 raise InvalidArgument(
-                    f"{device} holds only {max(count, 0)} segments of {segment_size} bytes",
-                    f"use a device of at least {DATA_OFFSET + MIN_SEGMENTS * segment_size} bytes",
+                    f"{device} holds only {max(count, 0)} segments of {segment_size} bytes "
+                    f"after a metadata region of {msize >> 20} MiB",
+                    f"use a device of at least {data_offset + MIN_SEGMENTS * segment_size} bytes",
                 )
             sb = Superblock(
                 uuidlib.uuid4().bytes, time.time_ns(), backing.size, segment_size, count,
-                DATA_OFFSET, label,
+                data_offset, label, META_OFFSET, msize,
             )
+            # an empty metadata store first, then the superblocks that point at it
+            backing.pwrite(META_OFFSET, empty_store_image(msize))
+            backing.sync()
+            meta, region = _open_region(directory, backing, sb)
+            try:
+                meta.put_json("format_version", METADATA_VERSION)
+                meta.put_json("pool_uuid", sb.uuid.hex())
+                meta.put_json("pool_state", {"state": "active", **host_identity(),
+                                             "since_ns": time.time_ns()})
+                meta.commit()
+            finally:
+                meta.close()
+                region.close()
             raw = sb.to_bytes()
             for off in SUPERBLOCK_OFFSETS:
                 backing.pwrite(off, raw)
             backing.sync()
-            meta_dir = os.path.join(directory, "meta")
-            if os.path.isdir(meta_dir):
-                for name in os.listdir(meta_dir):
-                    os.unlink(os.path.join(meta_dir, name))
-            meta = MetaStore(meta_dir)
-            meta.put_json("format_version", METADATA_VERSION)
-            meta.put_json("pool_uuid", sb.uuid.hex())
-            meta.commit()
-            meta.close()
         finally:
             backing.close()
-        info = {"uuid": sb.uuid.hex(), "device": os.path.abspath(device), "created_ns": sb.created_ns}
-        tmp = os.path.join(directory, POOL_FILE + ".tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600),
-                  "w") as f:
-            json.dump(info, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, POOL_FILE))
-        dfd = os.open(directory, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
+        _clear_legacy(directory)
+        _write_cache(directory, sb, device)
         return sb
     finally:
         os.close(lock_fd)
+
+
+def _clear_legacy(directory: str) -> None:
+    """A format-1 metadata directory left by a pool this one replaces."""
+    meta_dir = os.path.join(directory, "meta")
+    if os.path.isdir(meta_dir):
+        for name in os.listdir(meta_dir):
+            os.unlink(os.path.join(meta_dir, name))
+        os.rmdir(meta_dir)
+
+
+def _open_region(directory: str, backing: Backing, sb: Superblock,
+                 ) -> tuple[MetaStore, RegionDevice]:
+    if backing.size < sb.meta_offset + sb.meta_size:
+        raise FormatError(f"{backing.path} is smaller than the pool's metadata region")
+    region = RegionDevice(backing.path, sb.meta_offset, sb.meta_size)
+    try:
+        link = region.link(directory)
+        try:  # a lock file of an earlier run: LMDB rebuilds its reader table
+            os.unlink(os.path.join(directory, META_LOCK))
+        except FileNotFoundError:
+            pass
+        return MetaStore(link, map_size=sb.meta_size, subdir=False), region
+    except BaseException:
+        region.close()
+        raise
 
 
 def read_superblock(backing: Backing) -> Superblock:
@@ -171,50 +285,206 @@ def read_superblock(backing: Backing) -> Superblock:
     )
 
 
-def open_pool(directory: str) -> Pool:
-    path = os.path.join(directory, POOL_FILE)
+def _locate(directory: str, info: dict, search: list[str] | None) -> str:
+    """The device holding the cached pool: where it was last seen, or found by UUID."""
+    dev = info.get("device", "")
+    sb = discovery.probe(dev) if dev else None
+    if sb is not None and sb.uuid.hex() == info["uuid"]:
+        return str(dev)
     try:
-        with open(path) as f:
-            info = json.load(f)
-    except FileNotFoundError:
+        found = discovery.find(info["uuid"], search)
+    except NotFound:
+        if dev and os.path.exists(dev):
+            return str(dev)  # opening it says precisely what is wrong with it
+        raise NotFound(f"the device of pool {info['uuid']} ({dev or '?'}) is gone and no "
+                       "other device holds the pool",
+                       "attach its device, or run 'pstorage pool import --device PATH'") from None
+    log.info("pool %s moved from %s to %s", info["uuid"], dev or "?", found.path)
+    return found.path
+
+
+def open_pool(directory: str, *, search: list[str] | None = None, force: bool = False) -> Pool:
+    """Open the pool that `directory` (its runtime directory) last served.
+
+    The device is taken from the cache if it still holds the pool, else
+    found by UUID (on `search`, or every block device). `force` opens a pool
+    that another host had open and did not export."""
+    info = _read_cache(directory)
+    if info is None:
         raise InvalidArgument(
-            f"no pool in {directory}", "create one with 'pstorage pool create'"
-        ) from None
+            f"no pool in {directory}",
+            "create one with 'pstorage pool create', or find one with 'pstorage pool import'")
     check_private(directory)
-    if os.path.exists(info["device"]):  # a missing one: Backing says so
-        check_private(info["device"])
     lock_fd = _lock_dir(directory)
     try:
-        backing = Backing(info["device"])
-        try:
-            sb = read_superblock(backing)
-            if sb.uuid.hex() != info["uuid"]:
-                raise FormatError(
-                    f"{info['device']} holds pool {sb.uuid.hex()}, not {info['uuid']}",
-                    "the device was reformatted or swapped; point pool.json at the right one",
-                )
-            if backing.size < sb.data_offset + sb.segment_count * sb.segment_size:
-                raise FormatError(f"{info['device']} is smaller than the pool it holds")
-            meta = MetaStore(os.path.join(directory, "meta"))
-            version = meta.get_json("format_version")
-            if version not in SUPPORTED_METADATA_VERSIONS:
-                meta.close()
-                raise FormatError(f"metadata format version {version} is not supported "
-                                  f"(this build reads {SUPPORTED_METADATA_VERSIONS})",
-                                  "upgrade pstorage")
-            if meta.get_json("pool_uuid") != info["uuid"]:
-                meta.close()
-                raise FormatError("metadata belongs to another pool")
-            if version != METADATA_VERSION:
-                log.info("upgrading metadata of pool %s from version %s to %s",
-                         info["uuid"], version, METADATA_VERSION)
-                meta.put_json("format_version", METADATA_VERSION)
-                meta.commit()
-            meta.abort()
-        except BaseException:
-            backing.close()
-            raise
+        device = _locate(directory, info, search)
+        check_private(device)
+        pool = _open_device(directory, device, lock_fd, expect=info["uuid"], force=force)
+        if device != info.get("device"):
+            _write_cache(directory, pool.sb, device)
+        return pool
     except BaseException:
         os.close(lock_fd)
         raise
-    return Pool(directory, backing, sb, meta, lock_fd)
+
+
+def _open_device(directory: str, device: str, lock_fd: int, *, expect: str | None,
+                 force: bool) -> Pool:
+    backing = Backing(device)
+    region = None
+    try:
+        sb = read_superblock(backing)
+        uid = sb.uuid.hex()
+        if expect is not None and uid != expect:
+            raise FormatError(
+                f"{device} holds pool {uid}, not {expect}",
+                "the device was reformatted or swapped; run 'pstorage pool import'",
+            )
+        if backing.size < sb.data_offset + sb.segment_count * sb.segment_size:
+            raise FormatError(f"{device} is smaller than the pool it holds")
+        if sb.has_region:
+            meta, region = _open_region(directory, backing, sb)
+        else:
+            meta = MetaStore(os.path.join(directory, "meta"))
+        try:
+            _check_metadata(meta, uid, force)
+        except BaseException:
+            meta.close()
+            raise
+    except BaseException:
+        if region is not None:
+            region.close()
+        backing.close()
+        raise
+    return Pool(directory, backing, sb, meta, lock_fd, region)
+
+
+def _check_metadata(meta: MetaStore, uid: str, force: bool) -> None:
+    version = meta.get_json("format_version")
+    if version not in SUPPORTED_METADATA_VERSIONS:
+        raise FormatError(f"metadata format version {version} is not supported "
+                          f"(this build reads {SUPPORTED_METADATA_VERSIONS})", "upgrade pstorage")
+    if meta.get_json("pool_uuid") != uid:
+        raise FormatError("metadata belongs to another pool")
+    if version != METADATA_VERSION:
+        log.info("upgrading metadata of pool %s from version %s to %s",
+                 uid, version, METADATA_VERSION)
+        meta.put_json("format_version", METADATA_VERSION)
+    me = host_identity()
+    state = meta.get_json("pool_state") or {}
+    if (state.get("state") == "active" and state.get("machine_id") not in (None, me["machine_id"])
+            and not force):
+        raise Conflict(
+            f"pool {uid} is in use by host {state.get('host', '?')} (opened there and "
+            "never exported)",
+            "export it there with 'pstorage pool export'; if that host is gone for good, "
+            "import it here with 'pstorage pool import --force'")
+    meta.put_json("pool_state", {"state": "active", **me, "since_ns": time.time_ns()})
+    meta.commit()
+
+
+def pool_state(found: discovery.Found) -> str:
+    """How a found pool was left, for listings: "exported", "active on HOST", "in use"
+    (open here now), or "format 1" (its metadata is on some host's directory)."""
+    if not found.sb.has_region:
+        return "format 1 (metadata on its host)"
+    try:
+        backing = Backing(found.path, writable=False)
+    except PoolLocked:
+        return "in use here"
+    try:
+        region = RegionDevice(found.path, found.sb.meta_offset, found.sb.meta_size, readonly=True)
+        try:
+            import lmdb
+
+            env = lmdb.open(region.path, subdir=False, readonly=True, lock=False, max_dbs=16,
+                            map_size=found.sb.meta_size)
+            try:
+                with env.begin() as txn:
+                    raw = txn.get(b"pool_state", db=env.open_db(b"meta", txn=txn, create=False))
+            finally:
+                env.close()
+        finally:
+            region.close()
+    except Exception as e:  # a listing shows what it can
+        log.debug("cannot read the state of pool %s: %s", found.uuid, e)
+        return "unreadable metadata"
+    finally:
+        backing.close()
+    st = json.loads(bytes(raw)) if raw else {}
+    if st.get("state") == "exported":
+        return "exported"
+    if st.get("machine_id") == host_identity()["machine_id"]:
+        return "active on this host"
+    return f"active on {st.get('host', '?')}"
+
+
+def import_pool(directory: str, name: str, *, search: list[str] | None = None,
+                force: bool = False) -> Pool:
+    """Find pool `name` (UUID, prefix or label) by its superblock and open it
+    with `directory` as its runtime directory, whatever path it has now."""
+    _private_dir(directory)
+    found = discovery.find(name, search)
+    cached = _read_cache(directory)
+    if cached is not None and cached["uuid"] != found.uuid:
+        raise Conflict(f"{directory} already serves pool {cached['uuid']}",
+                       "export that pool first, or import into another --dir")
+    check_private(found.path)
+    if not found.sb.has_region:
+        raise FormatError(f"pool {found.uuid} on {found.path} is a format-1 pool: its "
+                          "metadata is in the pool directory it was created with",
+                          "open it with that directory (--pool-dir)")
+    lock_fd = _lock_dir(directory)
+    try:
+        pool = _open_device(directory, found.path, lock_fd, expect=None, force=force)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    _write_cache(directory, pool.sb, found.path)
+    return pool
+
+
+def export_pool(pool: Pool) -> None:
+    """Mark the pool cleanly exported (any host may import it without --force),
+    close it and forget it on this host. The caller has closed the engine's
+    use of it: everything is committed."""
+    if pool.region is None:
+        raise FormatError("a format-1 pool cannot be exported: its metadata is on this host")
+    pool.meta.put_json("pool_state", {"state": "exported", **host_identity(),
+                                      "since_ns": time.time_ns()})
+    pool.meta.commit()
+    directory = pool.directory
+    pool.close()
+    for name in (POOL_FILE, "meta.mdb", META_LOCK, "lock"):
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+
+
+@contextmanager
+def raw_metadata(directory: str) -> Iterator[MetaStore]:
+    """The metadata store of a closed pool as it is, no version or owner
+    checks: for check/repair tools and tests that edit it on purpose."""
+    info = _read_cache(directory)
+    if info is None:
+        raise InvalidArgument(f"no pool in {directory}")
+    lock_fd = _lock_dir(directory)
+    try:
+        backing = Backing(_locate(directory, info, None))
+        try:
+            sb = read_superblock(backing)
+            if sb.has_region:
+                meta, region = _open_region(directory, backing, sb)
+            else:
+                meta, region = MetaStore(os.path.join(directory, "meta")), None
+            try:
+                yield meta
+            finally:
+                meta.close()
+                if region is not None:
+                    region.close()
+        finally:
+            backing.close()
+    finally:
+        os.close(lock_fd)

@@ -31,8 +31,12 @@ async def pool(ctx: Ctx, max_age: MaxAge = 60.0) -> dict[str, Any]:
     cstats = asdict(await ctx.call(cleaner.statistics)) if cleaner is not None else None
     ss = ctx.engine.segs.statistics()
     p = ctx.engine.pool
+    usage = await ctx.call(ctx.engine.meta.usage)
     return {
-        "uuid": p.sb.uuid.hex(), "device": p.backing.path, "directory": p.directory,
+        "uuid": p.sb.uuid.hex(), "label": p.sb.label, "format": p.sb.version,
+        "device": p.backing.path, "directory": p.directory,
+        "metadata": {**p.metadata_location(), "used_bytes": usage["used"],
+                     "high_water_bytes": usage["high_water"], "full": ctx.engine.meta_full},
         "segment_size": ss.segment_size, "segments": asdict(ss),
         "statistics": asdict(st), "instance": ctx.engine.instance.hex(),
         "failed": ctx.engine.failed,
