@@ -61,7 +61,7 @@ def test_defaults_match_the_daemon_flags(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     assert config.merge(Config(), parse_args([]), environ={}) == Config()
     top = [k for k in config.keys() if "." not in k]
-    assert top == ["pool_dir", "run_dir", "log_level", "sample_interval", "temperature_days",
+    assert top == ["pool", "pool_dir", "run_dir", "log_level", "sample_interval", "temperature_days",
                    "destroy_grace_hours", "api_listen", "api_token_file"]
     assert all(hasattr(parse_args([]), k) for k in top)  # every top-level key is a flag
 
