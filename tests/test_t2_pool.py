@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -113,3 +114,42 @@ def test_block_device_with_o_direct(tmp_path):
         eng.close()
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_full_metadata_region_refuses_new_data_and_keeps_the_old(tmp_path):
+    """A 4 MiB region fills long before the 256 MiB of segments: writes get
+    ENOSPC naming the metadata region, trims still work, nothing acknowledged
+    before is lost, and the pool reopens."""
+    from pstoraged.errors import PoolFull
+
+    d = str(tmp_path / "p")
+    create_pool(d, str(tmp_path / "dev.img"), file_size=(256 << 20) + (5 << 20),
+                segment_size=1 << 20, meta_size=4 << 20)
+    eng = Engine(open_pool(d))
+    v = eng.create_volume("v", 1 << 30)
+    seed = 0
+    written = 0
+    with pytest.raises(PoolFull, match="metadata region is full") as e:
+        while True:
+            eng.write(v, written * 4096, seed.to_bytes(8, "little") * 512)
+            written += 1
+            seed += 1
+            if written % 256 == 0:
+                eng.flush()
+    assert e.value.errno == errno.ENOSPC
+    assert eng.failed is None  # refused before the region ran out: no transaction lost
+    assert written > 1000 and eng.segs.free_count() > 0  # the segments still had room
+    eng.flush()
+    usage = eng.meta.usage()
+    assert usage["used"] < usage["size"]
+    eng.trim(v, 0, 256 * 4096)  # trims make room and are not refused
+    eng.flush()
+    eng.close()
+    eng = Engine(open_pool(d))
+    try:
+        v = eng.volume("v")
+        assert eng.read(v, 0, 4096) == bytes(4096)
+        for i in (256, written // 2, written - 1):
+            assert eng.read(v, i * 4096, 4096) == i.to_bytes(8, "little") * 512
+    finally:
+        eng.close()

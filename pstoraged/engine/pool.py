@@ -78,6 +78,10 @@ class Pool:
         self.meta.close()
         if self.region is not None:
             self.region.close()
+            try:  # LMDB's reader table: rebuilt at the next open, nothing to keep
+                os.unlink(os.path.join(self.directory, META_LOCK))
+            except FileNotFoundError:
+                pass
         self.backing.close()
         os.close(self.lock_fd)
 
