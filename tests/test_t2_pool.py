@@ -153,3 +153,47 @@ def test_a_full_metadata_region_refuses_new_data_and_keeps_the_old(tmp_path):
             assert eng.read(v, i * 4096, 4096) == i.to_bytes(8, "little") * 512
     finally:
         eng.close()
+
+
+def test_a_format_1_pool_with_its_metadata_on_the_host_still_opens(tmp_path):
+    """Pools made before format 2 keep their LMDB store in DIR/meta/ and a
+    version-1 superblock with no metadata region: they open and work as before."""
+    import time
+    import uuid as uuidlib
+
+    from pstoraged.engine.backing import Backing
+    from pstoraged.engine.format import DATA_OFFSET, Superblock
+    from pstoraged.engine.metadata import MetaStore
+
+    d, dev = str(tmp_path / "old"), str(tmp_path / "old.img")
+    os.makedirs(d, mode=0o700)
+    with open(os.open(dev, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+        f.truncate(DATA_OFFSET + 64 * (64 << 10))
+    sb = Superblock(uuidlib.uuid4().bytes, time.time_ns(), os.path.getsize(dev), 64 << 10, 64,
+                    DATA_OFFSET, "", version=1)
+    b = Backing(dev)
+    for off in SUPERBLOCK_OFFSETS:
+        b.pwrite(off, sb.to_bytes())
+    b.sync()
+    b.close()
+    meta = MetaStore(os.path.join(d, "meta"))
+    meta.put_json("format_version", 4)
+    meta.put_json("pool_uuid", sb.uuid.hex())
+    meta.commit()
+    meta.close()
+    with open(os.path.join(d, "pool.json"), "w") as f:
+        json.dump({"uuid": sb.uuid.hex(), "device": dev, "created_ns": sb.created_ns}, f)
+    os.chmod(os.path.join(d, "pool.json"), 0o600)
+
+    eng = Engine(open_pool(d))
+    assert eng.pool.region is None and eng.pool.sb.version == 1
+    assert eng.pool.metadata_location()["where"] == "host"
+    v = eng.create_volume("v", 1 << 20)
+    data = os.urandom(64 << 10)
+    eng.write(v, 0, data)
+    eng.close()
+    eng = Engine(open_pool(d))
+    try:
+        assert eng.read(eng.volume("v"), 0, len(data)) == data
+    finally:
+        eng.close()
