@@ -28,17 +28,22 @@ HOUR, DAY = 3600, 86400
 RAW_KEEP = 2 * DAY
 HOURLY_KEEP = 90 * DAY
 _BUCKET = {RAW: 1, HOURLY: HOUR, DAILY: DAY}
-POOL_FIELDS = ("capacity", "allocated", "stored", "logical", "unique", "provisioned")
+# meta_capacity/meta_used: the metadata region (0 for a format-1 pool, whose
+# metadata is on the host); samples older than them read as missing
+POOL_FIELDS = ("capacity", "allocated", "stored", "logical", "unique", "provisioned",
+               "meta_capacity", "meta_used")
 VOLUME_FIELDS = ("provisioned", "logical", "written", "stored")
 
 
 def snapshot(engine: Any) -> dict[str, Any]:
     """One sample of the figures the forecast and capacity reports use."""
     st = engine.statistics()
+    mu = engine.meta.usage()
     return {
         "pool": {"capacity": st.capacity_bytes, "allocated": st.allocated_bytes,
                  "stored": st.stored_bytes, "logical": st.logical_bytes,
-                 "unique": st.unique_bytes, "provisioned": st.provisioned_bytes},
+                 "unique": st.unique_bytes, "provisioned": st.provisioned_bytes,
+                 "meta_capacity": mu["size"], "meta_used": mu["used"]},
         "volumes": {v.name: {"provisioned": v.size, "logical": v.stats.mapped_blocks * 4096,
                              "written": v.stats.written_bytes, "stored": v.stats.stored_bytes}
                     for v in engine.volumes.values()},

@@ -92,6 +92,26 @@ class Analytics:
                "samples": len(series), "sample_interval_s": self.sample_interval}
         if include_history:
             out["history"] = [[t, u] for t, u in zip(times, used, strict=True)]
+        out["metadata"] = await self._metadata_forecast(series, horizons, include_history)
+        return out
+
+    async def _metadata_forecast(self, series: list[tuple[int, dict[str, Any]]],
+                                 horizons: list[float], include_history: bool,
+                                 ) -> dict[str, Any] | None:
+        """The metadata region fills on its own schedule (maps grow with logical
+        data, snapshots and clones, not with stored bytes): forecast it too."""
+        size = self.engine.meta.usage()["size"]
+        if not size:
+            return None  # format 1: metadata on the host, no region to fill
+        rows = [(float(t), r["pool"]) for t, r in series if r["pool"].get("meta_capacity")]
+        times = [t for t, _ in rows]
+        used = [float(p["meta_used"]) for _, p in rows]
+        result = await trio.to_thread.run_sync(
+            lambda: fc.forecast(times, used, float(size), horizons_days=horizons))
+        out = {"metric": "metadata region used (LMDB pages)", **result.to_dict(),
+               "samples": len(rows)}
+        if include_history:
+            out["history"] = [[t, u] for t, u in zip(times, used, strict=True)]
         return out
 
     async def health(self) -> dict[str, Any]:

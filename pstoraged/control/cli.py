@@ -534,9 +534,24 @@ def cmd_forecast(args: argparse.Namespace, c: Client) -> None:
         lines.append(f"method: {r['method']}" + (
             f", backtest error {human_bytes(won['mae_bytes'])}" if won and won["mae_bytes"] else "")
             + f"\n  {r['reason']}")
+    m = r.get("metadata")
+    if m is not None:
+        lines.append("\nmetadata region: " + _metadata_outlook(m))
     if args.png:
         lines.append(f"wrote {args.png}")
     print("\n".join(lines))
+
+
+def _metadata_outlook(m: dict[str, Any]) -> str:
+    used = m.get("current_used_bytes")
+    head = (f"{human_bytes(used)} of {human_bytes(m['capacity_bytes'])} used"
+            if used is not None else f"{human_bytes(m['capacity_bytes'])}")
+    if m["status"] != "ok":
+        return f"{head}; {m['message']}"
+    du = m["days_until"]
+    last = m["horizons"][-1] if m["horizons"] else None
+    return (f"{head}; " + (f"{last['days']:g} d: {100 * last['used_fraction']:.1f}%, "
+                           if last else "") + f"full: {_days(du.get('100'))}")
 
 
 def cmd_health(args: argparse.Namespace, c: Client) -> None:
