@@ -564,7 +564,7 @@ def test_static_wear_leveling_moves_cold_data_when_idle(tmp_path):
     assert c.statistics().mode is None  # nothing to do: no spread, no dead space
     # the rest of the pool has been through many more program/erase cycles
     for s in range(segs.count):
-        segs.erase[s] = 40 if s != cold else 3
+        segs.set_erase_count(s, 40 if s != cold else 3)
     eng.flush()
     st = c.statistics()
     assert st.wear_spread == 37 and st.mode == "wear"
@@ -759,7 +759,7 @@ def test_moved_data_parks_on_the_most_worn_free_segment(engine):
     segs = engine.segs
     free = [s for s in range(segs.count) if segs.state[s] == SEG_FREE]
     for i, s in enumerate(free):
-        segs.erase[s] = 10 + (i * 7) % len(free)  # distinct counts, in no particular order
+        segs.set_erase_count(s, 10 + (i * 7) % len(free))  # distinct counts, in no particular order
     worn = max(free, key=lambda s: segs.erase[s])
     fresh = min(free, key=lambda s: segs.erase[s])
     if segs.open[USER] >= 0:

@@ -48,12 +48,14 @@ from .format import (
     Superblock,
     align_up,
 )
+from .freespace import FreeSegments
 
 log = logging.getLogger(__name__)
 
 WRITE_BEHIND = 1 << 20  # write full blocks out once this much is buffered
 USER, RELOCATED = 0, 1  # streams: client writes; chunks moved by the cleaner or tiering
 STREAMS = 2
+_FREE_TO_ONE = bytes(int(i == SEG_FREE) for i in range(256))  # translate(): SEG_FREE -> 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,9 @@ class SegmentLog:
         self.open = [-1] * STREAMS  # the open segment of each stream, or -1
         self.flushed = [0] * STREAMS  # bytes of it already on the device
         self.bufs = [mmap.mmap(-1, self.size) for _ in range(STREAMS)]  # its image
+        # free segments ready to hand out, by erase count (O(log n) allocation)
+        self._free = FreeSegments(self.erase, b"\1" * n)  # (load() rebuilds it)
+        self._nfree, self._nsealed = n, 0  # segments in state SEG_FREE, SEG_SEALED
 
     # persistence -------------------------------------------------------------
     def load(self, items: Iterator[tuple[bytes, bytes]]) -> None:
@@ -128,6 +133,21 @@ class SegmentLog:
                 self.pending_free.add(s)  # freed by a commit, then a crash
         for s in sorted(opened, key=lambda x: self.seq[x]):
             self._reopen(s)
+        self._recount()
+
+    def _recount(self) -> None:
+        """Rebuild the counts and the free-segment order from the state array."""
+        self._nfree = self.state.count(SEG_FREE)
+        self._nsealed = self.state.count(SEG_SEALED)
+        avail = self.state.translate(_FREE_TO_ONE)
+        for s in self.discarding:
+            avail[s] = 0
+        self._free.build(avail)
+
+    def set_erase_count(self, s: int, n: int) -> None:
+        """Set segment s's erase count (tests and tools: a pool with a known wear history)."""
+        self.erase[s] = n
+        self._free.update(s)
 
     def _reopen(self, s: int) -> None:
         """Continue an open segment after its last committed record.
@@ -159,12 +179,12 @@ class SegmentLog:
         return self.sb.data_offset + s * self.size
 
     def free_count(self) -> int:
-        return self.state.count(SEG_FREE)
+        return self._nfree
 
     def _allocatable(self) -> int:
         """Free segments that can be handed out now (discard finished)."""
         self._reap_discards()
-        return self.state.count(SEG_FREE) - len(self.discarding)
+        return self._free.count
 
     # discards ----------------------------------------------------------------
     def _discard(self, s: int) -> None:
@@ -187,7 +207,10 @@ class SegmentLog:
 
     def _reap_discards(self) -> None:
         while self._discarded:
-            self.discarding.discard(self._discarded.popleft())
+            s = self._discarded.popleft()
+            self.discarding.discard(s)
+            if self.state[s] == SEG_FREE:
+                self._free.add(s)
 
     def wait_discards(self) -> None:
         self._discard_q.join()
@@ -209,24 +232,12 @@ class SegmentLog:
         # Wear leveling: client writes (hot) get the least-erased free segment;
         # moved chunks (cold, rarely rewritten) park on the most-erased one, so
         # that worn segments rest and fresh ones take the churn. Ties by position.
-        if stream == RELOCATED:
-            best, best_erase = -1, -1
-            for s in range(self.count):
-                if (self.state[s] == SEG_FREE and self.erase[s] > best_erase
-                        and s not in self.discarding):
-                    best, best_erase = s, self.erase[s]
-        else:
-            best, best_erase = -1, 1 << 32
-            for s in range(self.count):
-                if (self.state[s] == SEG_FREE and self.erase[s] < best_erase
-                        and s not in self.discarding):
-                    best, best_erase = s, self.erase[s]
-                    if best_erase == 0 and self.seq[s] == 0:
-                        break  # never used: cannot do better
-        s = best
+        s = self._free.most_worn() if stream == RELOCATED else self._free.least_worn()
+        self._free.remove(s)
         if self.seq[s]:
             self.erase[s] += 1  # reuse after a discard = one program/erase cycle
         self.state[s] = SEG_OPEN
+        self._nfree -= 1
         self.seq[s] = self.next_seq
         self.next_seq += 1
         self.live[s] = 0
@@ -245,6 +256,7 @@ class SegmentLog:
         stream = self.stream[s]
         self._write_out(stream, full=True)
         self.state[s] = SEG_SEALED
+        self._nsealed += 1
         self.sealed_ns[s] = time.time_ns()
         self.dirty.add(s)
         self.open[stream] = -1
@@ -309,6 +321,8 @@ class SegmentLog:
             if self.state[s] != SEG_SEALED or self.live[s] != 0:
                 continue
             self.state[s] = SEG_FREE
+            self._nfree += 1
+            self._nsealed -= 1
             self.write_ptr[s] = 0
             self.dirty.add(s)
             self._discard(s)
@@ -346,7 +360,7 @@ class SegmentLog:
 
     def sealed_count(self) -> int:
         """Sealed segments, including those waiting to be freed by a commit."""
-        return self.state.count(SEG_SEALED)
+        return self._nsealed
 
     def pending_free_count(self) -> int:
         """Sealed segments with no live data left: freed by the next commit."""
@@ -380,8 +394,7 @@ class SegmentLog:
             self.pending_free.add(s)
 
     def statistics(self) -> SegmentStatistics:
-        free = self.state.count(SEG_FREE)
-        sealed = self.state.count(SEG_SEALED)
+        free, sealed = self._nfree, self._nsealed
         return SegmentStatistics(
             total=self.count, free=free, open=self.count - free - sealed, sealed=sealed,
             reclaimable=len(self.pending_free), segment_size=self.size,
