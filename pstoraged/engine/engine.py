@@ -47,7 +47,7 @@ from .generations import Generations
 from .maps import L2PMap, Reclaimer
 from .pool import Pool
 from .reducer import KIND_ZERO, Pending, Reduction, reduce_inline
-from .segments import SegmentLog
+from .segments import TAIL_KEYS, SegmentLog
 from .units import validate_volume_size
 from .volumes import FIRST_GEN, Volume, VolumeCatalog, VolumeStats
 
@@ -125,7 +125,9 @@ class Engine:
         self._ntouch = 0
         self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
         txn = self.meta.txn
-        self.segs.load((bytes(k), bytes(v)) for k, v in txn.cursor(db=self.meta.segs))
+        self.segs.load(((bytes(k), bytes(v)) for k, v in txn.cursor(db=self.meta.segs)),
+                       {k: bytes(v) for k in TAIL_KEYS
+                        if (v := txn.get(k, db=self.meta.meta)) is not None})
         c = self.meta.get_json("counters", {})
         self.io_errors = c.get("io_errors", 0)
         self.catalog = VolumeCatalog(self.meta, c.get("next_volume", 1))
@@ -761,6 +763,8 @@ class Engine:
             txn = self.meta.txn
             for k, v in self.segs.dirty_records():
                 txn.put(k, v, db=self.meta.segs)
+            for k, v in self.segs.tail_records():
+                txn.put(k, v, db=self.meta.meta)
             self.meta.commit()
         except DeviceIOError as e:
             self._fail(e)
