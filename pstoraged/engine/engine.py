@@ -43,6 +43,7 @@ from .format import (
     ZERO_BLOCK,
     l2p_unpack,
 )
+from .fpindex import DEFAULT_QUOTA as DEFAULT_INDEX_MEMORY
 from .generations import Generations
 from .maps import L2PMap, Reclaimer
 from .pool import Pool
@@ -114,7 +115,9 @@ class Engine:
     visible: Callable[[Volume, int, int], Iterator[tuple[int, int]]]
 
     def __init__(self, pool: Pool, *, reserve_segments: int = 2,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 index_memory: int = DEFAULT_INDEX_MEMORY) -> None:
+        """index_memory: the dedupe index's memory quota (fpindex.py)."""
         self.pool = pool
         self.meta = pool.meta
         self.clock = clock
@@ -133,11 +136,9 @@ class Engine:
         self.catalog = VolumeCatalog(self.meta, c.get("next_volume", 1))
         self.volumes = self.catalog.volumes  # name -> Volume
         self.by_id = self.catalog.by_id  # id -> Volume
-        sb = pool.sb
         self.chunks = ChunkStore(
             self.meta, self.segs, c, on_failure=self._fail, mark_dirty=self.mark_dirty,
-            on_index_update=self._updated,
-            capacity_blocks=sb.segment_count * sb.segment_size // BLOCK_SIZE)
+            on_index_update=self._updated, index_memory=index_memory)
         ch = self.chunks
         self.comp = ch.comp
         self.fps = ch.fps  # the dedupe index
