@@ -22,6 +22,8 @@ Run as root (attach needs loop devices and FUSE):
     scripts/bench --json out.json --targets pstorage,file
     scripts/bench --space         # snapshot creation time, GC write amplification
                                   # (benchmarks/space.py; --quick for a short run)
+    scripts/bench --scale         # 1 GiB vs 10 TiB: allocation, open, index memory,
+                                  # metadata bytes per TiB, flush-heavy writes (scale.py)
 scripts/bench runs this with the repository's .venv python (scripts/setup).
 """
 
@@ -36,7 +38,7 @@ import sys
 from pstoraged.engine.units import parse_size
 from pstoraged.errors import PStorageError
 
-from . import space
+from . import scale, space
 from .bench import ALL_TARGETS, Bench
 from .system import MiB, log
 
@@ -92,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--space" in argv:  # snapshot creation time, GC write amplification (space.py)
         return space.main([x for x in argv if x != "--space"])
+    if "--scale" in argv:  # allocation and memory at 10 TiB, metadata per TiB (scale.py)
+        return scale.main([x for x in argv if x != "--scale"])
     args = parse_args(argv)
     if os.geteuid() != 0 and ("pstorage" in args.targets and not args.no_attach
                               or args.baseline_attach):

@@ -232,3 +232,12 @@ def test_every_key_is_documented():
                    if re.search(rf"^\| `{re.escape(k)}` \|[^|]*\|[^|]*\| reload \|", table, re.M)}
     assert reload_rows == config.RELOADABLE
 
+
+
+def test_dedupe_index_memory(tmp_path):
+    assert config.load(write(tmp_path, '[dedupe]\nindex_memory = "4G"\n')).dedupe.index_memory == 4 << 30
+    assert config.load(write(tmp_path, "[dedupe]\nindex_memory = 67108864\n")
+                       ).dedupe.index_memory == 64 << 20
+    for bad, words in (('"lots"', 'size like "1G"'), ('"512K"', "at least 1M"),
+                       ("true", 'size like "1G"')):
+        assert words in error(tmp_path, f"[dedupe]\nindex_memory = {bad}\n")

@@ -13,7 +13,8 @@ from pstoraged.engine.engine import Engine
 from pstoraged.engine.format import BLOCK_SIZE, METADATA_VERSION
 from pstoraged.engine.pool import open_pool, raw_metadata
 
-from .conftest import crash
+from .conftest import crash, make_pool
+from .test_t2_cleaner import check_consistency
 from .test_t2_engine_model import fingerprint_index_state
 
 # the compiled reducer is part of the product: CI builds it (scripts/setup)
@@ -298,3 +299,65 @@ def test_filter_is_rebuilt_when_freed_chunks_fill_it(slow_build, monkeypatch, po
     assert all(idx.filter.maybe(k) for k in _btree_keys(eng))
     assert fingerprint_index_state(eng)[0] == 100
     eng.close()
+
+
+# ---------------------------------------------------------------------------
+# The memory quota and sparse mode
+
+
+def test_filter_plan_follows_unique_chunks_within_the_quota():
+    assert fpindex.filter_plan(0, 1 << 30) == (fpindex.FILTER_MIN_BYTES, 0)
+    size, shift = fpindex.filter_plan(10 << 20, 1 << 30)  # 40 GiB of unique data
+    assert shift == 0 and size == 32 << 20  # 1.25 x 12 bits each, a power of two
+    # 10 TiB of unique 4 KiB chunks: sparse under the default quota, at most half of it
+    size, shift = fpindex.filter_plan(10 << 28, 1 << 30)
+    assert size == 512 << 20 and shift == 4  # 5 GiB at full rate: 1 in 16
+    assert (10 << 28) * 1.25 / (1 << shift) * fpindex.FILTER_BITS_PER_ENTRY <= size * 8
+    # a quota large enough for everything: full mode, <= 30 bits per entry
+    size, shift = fpindex.filter_plan(10 << 28, 16 << 30)
+    assert shift == 0 and size * 8 <= 30 * (10 << 28)
+
+
+def test_sparse_mode_bounds_memory_and_lookups_and_still_dedupes_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(fpindex, "FILTER_MIN_BYTES", 64)
+    quota = 1024  # a 512-byte filter: full mode up to ~270 entries
+    eng = Engine(open_pool(make_pool(str(tmp_path), 64 << 20)), index_memory=quota)
+    try:
+        idx = eng.fps
+        idx.table_entries = 128
+        v = eng.create_volume("v", 6000 * BLOCK_SIZE)
+        blocks: list[bytes] = []
+        for i in range(20):
+            blocks += _write_unique(eng, v, i * 100, 100)
+            _settle(eng)
+            st = idx.filter_statistics()
+            assert st["bytes"] <= quota
+        _settle(eng)
+        eng.flush()
+        st = idx.filter_statistics()
+        assert st["sparse"] and st["ready"] and st["sample_rate"] <= 1 / 8
+        assert st["false_maybe_rate"] < 0.02  # the filter stays at its design load
+        # new data: almost no lookup reaches the B-tree
+        skipped = st["skipped_lookups"] + st["sparse_skips"]
+        for _ in range(4000):
+            assert idx.get(os.urandom(32)) is None
+        st = idx.filter_statistics()
+        reads = 4000 - (st["skipped_lookups"] + st["sparse_skips"] - skipped)
+        assert reads < 40  # < 1 %: 1 in 2**shift sampled, then the filter's false "maybe"
+        # a copy of the first 1000 blocks (one run in write order) dedupes after its
+        # first sampled block; isolated duplicates may be stored again
+        before = eng.chunks.live_chunks
+        eng.write(v, 4000 * BLOCK_SIZE, b"".join(blocks[:1000]))
+        assert eng.chunks.live_chunks - before < 100
+        st = idx.filter_statistics()
+        assert st["locality_hits"] > 800
+        assert st["locality_entries"] <= fpindex.CACHE_CHAPTERS * fpindex.CHAPTER
+        # never a wrong chunk: every block reads back, also after overwrites free chunks
+        eng.write(v, 0, b"".join(os.urandom(BLOCK_SIZE) for _ in range(500)))
+        eng.write(v, 5000 * BLOCK_SIZE, b"".join(blocks[:1000]))
+        assert eng.read(v, 4000 * BLOCK_SIZE, 1000 * BLOCK_SIZE) == b"".join(blocks[:1000])
+        assert eng.read(v, 5000 * BLOCK_SIZE, 1000 * BLOCK_SIZE) == b"".join(blocks[:1000])
+        assert eng.read(v, 500 * BLOCK_SIZE, 1500 * BLOCK_SIZE) == b"".join(blocks[500:2000])
+        check_consistency(eng)
+    finally:
+        eng.close()

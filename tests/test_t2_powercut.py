@@ -101,7 +101,7 @@ class PowerCutModel(RuleBasedStateMachine):
         self.eng = Engine(pool)
         self.cat = Catalog(self.eng, grace_s=0)  # delete = eradicate (in the background)
         self.cleaner = SegmentCleaner(self.eng)
-        self.eng.add_service(self.cleaner)
+        self.eng.background.add_service(self.cleaner)
 
     def _committed(self) -> None:
         """A metadata commit returned: what the model says now is durable."""
@@ -213,7 +213,7 @@ class PowerCutModel(RuleBasedStateMachine):
     def background(self, steps, cut):
         def run():
             for _ in range(steps):
-                if not self.eng.background_step(16, busy=False):
+                if not self.eng.background.step(16, busy=False):
                     break
         self._do(cut, run)
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.units import parse_size
 from ..errors import InvalidArgument, NotFound
 
 DEFAULT_PATH = "/etc/pstorage/pstoraged.toml"
@@ -71,6 +72,15 @@ class FuseConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DedupeConfig:
+    """[dedupe]: the dedupe index (engine/fpindex.py); read at start."""
+
+    # memory for the index's Bloom filter; beyond it the index goes sparse
+    # (samples fingerprints: some isolated duplicates are stored again)
+    index_memory: int = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Every pstoraged setting, with its default."""
 
@@ -88,6 +98,7 @@ class Config:
     api_token_file: str | None = None
     exports: ExportsConfig = field(default_factory=ExportsConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
 
 
 # What SIGHUP applies to the running daemon. Everything else needs a restart:
@@ -96,7 +107,8 @@ class Config:
 RELOADABLE = frozenset({"log_level", "sample_interval", "temperature_days",
                         "destroy_grace_hours"})
 
-SECTIONS: dict[str, type] = {"exports": ExportsConfig, "fuse": FuseConfig}
+SECTIONS: dict[str, type] = {"exports": ExportsConfig, "fuse": FuseConfig,
+                             "dedupe": DedupeConfig}
 
 # The environment variables pstoraged has always honoured.
 ENVIRONMENT = {"pool": "PSTORAGE_POOL", "pool_dir": "PSTORAGE_POOL_DIR", "run_dir": "PSTORAGE_RUN_DIR",
@@ -241,6 +253,19 @@ def _pool_name(v: Any, where: str) -> str:
     return v
 
 
+def _memory(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise _wrong(where, 'a size like "1G" or "512M"', v)
+    try:
+        n = parse_size(v)
+    except InvalidArgument:
+        raise InvalidArgument(f"{where} must be a size like \"1G\" or \"512M\", not {v!r}"
+                              ) from None
+    if n < 1 << 20:
+        raise InvalidArgument(f"{where} must be at least 1M, not {v!r}")
+    return n
+
+
 CHECKS: dict[str, Check] = {
     "pool": _pool_name,
     "pool_dir": _path,
@@ -258,6 +283,7 @@ CHECKS: dict[str, Check] = {
     "exports.allow": _networks,
     "fuse.mountpoint": _path_or_empty,
     "fuse.enabled": _auto_or_boolean,
+    "dedupe.index_memory": _memory,
 }
 
 

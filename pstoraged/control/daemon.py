@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                         file_size=parse_size(args.size) if args.size else None,
                         segment_size=parse_size(args.segment_size), force=args.force)
             log.info("created pool in %s on %s", cfg.pool_dir, args.device)
-        engine = Engine(open_named_pool(cfg))
+        engine = Engine(open_named_pool(cfg), index_memory=cfg.dedupe.index_memory)
         HeatMap.attach(engine)  # data temperature: an observer of the engine's maps
     except PStorageError as e:
         print(f"pstoraged: {e}", file=sys.stderr)

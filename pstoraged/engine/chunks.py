@@ -63,7 +63,7 @@ class ChunkStore:
 
     def __init__(self, meta: MetaStore, segs: SegmentLog, counters: dict[str, Any], *,
                  on_failure: Callable[[DeviceIOError], None], mark_dirty: Callable[[], None],
-                 on_index_update: Callable[[], None], capacity_blocks: int) -> None:
+                 on_index_update: Callable[[], None], index_memory: int) -> None:
         self.meta = meta
         self.segs = segs
         self.comp = codecs.Compressor()
@@ -81,7 +81,7 @@ class ChunkStore:
         # (the engine adds its map changes: Engine.map_changes)
         self.changes = 0
         self.fps = FingerprintIndex(meta, self.next_chunk, on_index_update,
-                                    capacity_blocks=capacity_blocks)
+                                    quota=index_memory)
 
     # ------------------------------------------------------------------ references
     def dedupe_lookup(self, fp: bytes) -> tuple[int, bytes | memoryview] | None:

@@ -45,11 +45,12 @@ from .format import (
     ZERO_BLOCK,
     l2p_unpack,
 )
+from .fpindex import DEFAULT_QUOTA as DEFAULT_INDEX_MEMORY
 from .generations import Generations
 from .maps import L2PMap, Reclaimer
 from .pool import Pool
 from .reducer import KIND_ZERO, Pending, Reduction, reduce_inline
-from .segments import SegmentLog
+from .segments import TAIL_KEYS, SegmentLog
 from .units import validate_volume_size
 from .volumes import FIRST_GEN, Volume, VolumeCatalog, VolumeStats
 
@@ -112,24 +113,26 @@ class Engine:
     _mapped_lbas: Callable[[Volume, int, int, int], list[int]]
 
     def __init__(self, pool: Pool, *, reserve_segments: int = 2,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 index_memory: int = DEFAULT_INDEX_MEMORY) -> None:
+        """index_memory: the dedupe index's memory quota (fpindex.py)."""
         self.pool = pool
         self.meta = pool.meta
         self.clock = clock
         self.observer: Observer | None = None  # e.g. the heat map (data temperature)
         self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
         txn = self.meta.txn
-        self.segs.load((bytes(k), bytes(v)) for k, v in txn.cursor(db=self.meta.segs))
+        self.segs.load(((bytes(k), bytes(v)) for k, v in txn.cursor(db=self.meta.segs)),
+                       {k: bytes(v) for k in TAIL_KEYS
+                        if (v := txn.get(k, db=self.meta.meta)) is not None})
         c = self.meta.get_json("counters", {})
         self.io_errors = c.get("io_errors", 0)
         self.catalog = VolumeCatalog(self.meta, c.get("next_volume", 1))
         self.volumes = self.catalog.volumes  # name -> Volume
         self.by_id = self.catalog.by_id  # id -> Volume
-        sb = pool.sb
         self.chunks = ChunkStore(
             self.meta, self.segs, c, on_failure=self._fail, mark_dirty=self.mark_dirty,
-            on_index_update=self._updated,
-            capacity_blocks=sb.segment_count * sb.segment_size // BLOCK_SIZE)
+            on_index_update=self._updated, index_memory=index_memory)
         ch = self.chunks
         self.comp = ch.comp
         self.fps = ch.fps  # the dedupe index
@@ -633,6 +636,8 @@ class Engine:
             txn = self.meta.txn
             for k, v in self.segs.dirty_records():
                 txn.put(k, v, db=self.meta.segs)
+            for k, v in self.segs.tail_records():
+                txn.put(k, v, db=self.meta.meta)
             self.meta.commit()
         except (DeviceIOError, PoolFull) as e:
             # the open transaction is gone with what it held: like a crash,

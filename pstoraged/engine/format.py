@@ -298,5 +298,12 @@ SEG_KEY = struct.Struct(">I")
 SEG_META = struct.Struct("<BBHQIIIQ")
 SEG_FREE, SEG_OPEN, SEG_SEALED = 0, 1, 2
 
+# meta: b"seg_tail:<stream>" -> the open segment's unflushed tail, committed
+# with the metadata instead of padding the segment at every flush (segments.py):
+# segment u32 (0xFFFFFFFF: none), seq u64, start u32 (4 KiB aligned), then the
+# bytes [start, write_ptr) of the segment
+SEG_TAIL = struct.Struct("<IQI")
+SEG_TAIL_NONE = 0xFFFFFFFF
+
 # vols: name (utf-8) -> JSON volume record
 # meta: ascii key -> value (format version, pool uuid, counters as JSON)

@@ -22,11 +22,29 @@ from memory. It is built in the background by walking the B-tree (lookups go
 to the B-tree until it is complete), merges add to it, and since freed
 entries cannot be taken out it is rebuilt once it has taken more entries
 than it was sized for. Without the compiled module there is no filter.
+
+Memory. The filter is sized by the index's entries (unique chunks), not by
+the pool's capacity: 15-30 bits per entry when (re)built, rebuilt larger
+once it holds 12 bits per entry (~0.5 % false "maybe"). It never takes more
+than half of the configured quota (`[dedupe] index_memory`), so that a
+rebuild, which keeps the old filter in use until the new one is complete,
+stays within the quota. Beyond that the index goes sparse, as dm-vdo's
+sparse index does: only sampled fingerprints (1 in 2**shift, by bits of the
+fingerprint) are in the filter and looked up in the B-tree; the others are
+looked up only in memory (the tables above and a bounded locality cache).
+A sampled hit loads the fingerprints of the chunks written just after the
+one it found (a "chapter" of the chunk table, in write order) into that
+cache, so a run of duplicates (a copied file, a cloned VM image) dedupes
+after its first sampled block; an isolated duplicate that is not sampled is
+stored again. So beyond the quota the false "maybe" rate and the memory stay
+at their design values, and dedupe, not speed, is what degrades.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from collections import OrderedDict
 from collections.abc import Callable
 from itertools import islice
 from typing import Any
@@ -45,13 +63,19 @@ try:
 except ImportError:  # built without a C compiler: every miss asks the B-tree
     FingerprintFilter = None
 
-# Sized for every block of the pool's capacity at 12 bits each (~0.5 % false
-# "maybe"), within bounds: a 40 GiB pool gets 16 MiB. Past the cap (a pool of
-# ~700 GiB or more), the false rate rises instead of the memory.
+# 12 bits per entry: ~0.5 % false "maybe". A filter is (re)built with room for
+# a quarter more entries than the index holds, as a power of two of bytes.
 FILTER_BITS_PER_ENTRY = 12
+FILTER_HEADROOM = 1.25
 FILTER_MIN_BYTES = 64 << 10
-FILTER_MAX_BYTES = 256 << 20
+FILTER_MAX_BYTES = 1 << 40  # (the quota is the real bound; tests lower this)
 FILTER_BUILD_SLICE = 4096  # B-tree keys read per background step while (re)building
+DEFAULT_QUOTA = 1 << 30  # [dedupe] index_memory
+MAX_SHIFT = 16  # sparse mode samples at least 1 fingerprint in 65536
+
+# the locality cache of sparse mode: chapters of the chunk table, in write order
+CHAPTER = 256  # chunk ids per chapter
+CACHE_CHAPTERS = 256  # chapters held (~65k fingerprints, a few MiB)
 
 
 def filter_bytes(entries: int) -> int:
@@ -62,11 +86,39 @@ def filter_bytes(entries: int) -> int:
     return size
 
 
+def filter_plan(entries: int, quota: int) -> tuple[int, int]:
+    """(filter bytes, sampling shift) for an index of `entries` fingerprints
+    under a memory quota: the filter takes at most half of it (a rebuild holds
+    two); past that, 1 in 2**shift fingerprints is sampled."""
+    cap = FILTER_MIN_BYTES
+    while cap * 2 <= min(quota // 2, FILTER_MAX_BYTES):
+        cap *= 2
+    shift = 0
+    want = int(entries * FILTER_HEADROOM) + 1
+    while filter_bytes(want >> shift) > cap and shift < MAX_SHIFT:
+        shift += 1
+    return min(filter_bytes(want >> shift), cap), shift
+
+
+def sampled(fp: bytes | memoryview, shift: int) -> bool:
+    """Whether sparse mode at `shift` indexes fp (bytes 16..19: the filter uses 0..15)."""
+    return not shift or not (int.from_bytes(fp[16:20], "little") & ((1 << shift) - 1))
+
+
+def false_maybe_rate(nbytes: int, added: int) -> float:
+    """The expected false "maybe" rate of a filter of `nbytes` holding `added`
+    fingerprints (the Bloom formula, K=6; the blocked layout adds a little)."""
+    if not nbytes:
+        return 1.0
+    return float((1 - math.exp(-6 * added / (nbytes * 8))) ** 6)
+
+
 class FingerprintIndex:
     name = "index merge"  # as a background service (Engine.services)
 
     def __init__(self, meta: MetaStore, next_chunk: int, after_step: Callable[[], None],
-                 table_entries: int | None = None, capacity_blocks: int = 0) -> None:
+                 table_entries: int | None = None, quota: int = DEFAULT_QUOTA,
+                 use_filter: bool = True) -> None:
         self.meta = meta
         self.after_step = after_step  # the engine's "updates made" hook (dirty, maybe commit)
         self.table_entries = table_entries or TABLE_ENTRIES
@@ -86,13 +138,21 @@ class FingerprintIndex:
         self.filter: Any = None
         self._building: Any = None
         self._build_from: bytes | None = None
-        self._walked = 0  # keys the current or last build walked
+        self._walked = 0  # keys the current or last build added
         self.filter_skips = 0  # lookups the filter answered without the B-tree
-        self._filter_size = filter_bytes(capacity_blocks)
-        if FingerprintFilter is not None and capacity_blocks:
+        self.quota = quota
+        # sparse mode: the filter holds (and the B-tree is asked for) only the
+        # fingerprints sampled at `shift`; `_building_shift` is the new filter's
+        self.shift = self._building_shift = 0
+        self._filter_size = 0
+        self.sparse_skips = 0  # lookups not sampled, answered from memory alone
+        self.near_hits = 0  # of those and the others: found in the locality cache
+        self._near: dict[bytes, int] = {}  # the locality cache: fingerprint -> chunk id
+        self._chapters: OrderedDict[int, list[bytes]] = OrderedDict()  # loaded, LRU order
+        if FingerprintFilter is not None and use_filter:
             self._start_build()
             if not meta.txn.stat(meta.fp)["entries"]:  # nothing to walk
-                self.filter, self._building = self._building, None
+                self._take_built()
 
     def _load_tail(self) -> None:
         """Rebuild the table from the chunk records not yet merged (after a restart)."""
@@ -116,16 +176,62 @@ class FingerprintIndex:
         if cid is None:
             cid = self.merging.get(fp)
             if cid is None:
+                if self.shift and self.filter is not None:
+                    return self._sparse_get(fp)
                 hit = self._btree_get(fp)
                 if hit is None:
                     return None
                 cid = U64.unpack(hit)[0]
         return cid
 
+    def _sparse_get(self, fp: bytes) -> int | None:
+        """Sparse mode: the locality cache, then the B-tree for sampled fps only."""
+        cid = self._near.get(fp)
+        if cid is not None:
+            self.near_hits += 1
+        elif not sampled(fp, self.shift):
+            self.sparse_skips += 1
+            return None
+        else:
+            hit = self._btree_get(fp)
+            if hit is None:
+                return None
+            cid = U64.unpack(hit)[0]
+        # a run of duplicates goes on where this one was written: have it at hand
+        self._load_chapter(cid // CHAPTER)
+        if cid % CHAPTER >= CHAPTER * 3 // 4:
+            self._load_chapter(cid // CHAPTER + 1)
+        return cid
+
+    def _load_chapter(self, ch: int) -> None:
+        """Put the fingerprints of chunks ch*CHAPTER.. (live ones) in the locality cache."""
+        chapters = self._chapters
+        if ch in chapters:
+            chapters.move_to_end(ch)
+            return
+        txn, fps = self.meta.txn, []
+        cur = txn.cursor(db=self.meta.chunks)
+        ok = cur.set_range(CHUNK_KEY.pack(ch * CHAPTER))
+        end = CHUNK_KEY.pack((ch + 1) * CHAPTER)
+        near = self._near
+        while ok and bytes(cur.key()) < end:
+            fp = bytes(cur.value()[-32:])
+            near[fp] = CHUNK_KEY.unpack(cur.key())[0]
+            fps.append(fp)
+            ok = cur.next()
+        chapters[ch] = fps
+        if len(chapters) > CACHE_CHAPTERS:
+            old_ch, old = chapters.popitem(last=False)
+            lo, hi = old_ch * CHAPTER, (old_ch + 1) * CHAPTER
+            for fp in old:
+                held = near.get(fp)
+                if held is not None and lo <= held < hi:
+                    del near[fp]
+
     def _btree_get(self, fp: bytes) -> bytes | memoryview | None:
         """The B-tree's entry for fp; a ready filter answers most misses without it."""
         flt = self.filter
-        if flt is not None and not flt.maybe(fp):
+        if flt is not None and sampled(fp, self.shift) and not flt.maybe(fp):
             self.filter_skips += 1
             return None
         return self.meta.txn.get(fp, db=self.meta.fp)
@@ -140,6 +246,8 @@ class FingerprintIndex:
         An entry still in memory is simply dropped (it never reaches the
         B-tree). A B-tree entry for fp stays, stale, until pruned or replaced.
         """
+        if self._near.get(fp) == cid:
+            del self._near[fp]  # (the cache holds live chunks only)
         for table in (self.recent, self.merging):
             held = table.get(fp)
             if held is None:
@@ -188,9 +296,9 @@ class FingerprintIndex:
         keys = self._order[self._pos : end]
         cur.putmulti([(fp, U64.pack(cid)) for fp in keys
                       if (cid := merging.get(fp)) is not None])  # freed meanwhile: skipped
-        for flt in (self.filter, self._building):
+        for flt, shift in ((self.filter, self.shift), (self._building, self._building_shift)):
             if flt is not None:  # (the freed ones too: a false "maybe" at worst)
-                flt.add_many(keys)
+                flt.add_many(keys if not shift else [k for k in keys if sampled(k, shift)])
         done = end - self._pos
         self.meta.pending_ops += done
         self._pos = end
@@ -201,17 +309,32 @@ class FingerprintIndex:
             self.merging, self._order, self._pos = {}, [], 0
             flt = self.filter
             if (flt is not None and self._building is None
-                    and flt.added > max(self._filter_size * 8 // FILTER_BITS_PER_ENTRY,
-                                        2 * self._walked)):
-                # full of freed chunks' bits: its false "maybe"s grow
+                    and flt.added > self._filter_size * 8 // FILTER_BITS_PER_ENTRY
+                    and (self._plan() != (self._filter_size, self.shift)
+                         or flt.added > 2 * self._walked)):
+                # full (the index grew, or freed chunks' bits fill it): its
+                # false "maybe"s grow. A rebuild sized for the index as it is now.
                 self._start_build()
         self.after_step()
         return done
 
+    def _plan(self) -> tuple[int, int]:
+        """(bytes, shift) of a filter for the index as it is now."""
+        return filter_plan(self.meta.txn.stat(self.meta.fp)["entries"] + len(self), self.quota)
+
     def _start_build(self) -> None:
-        self._building = FingerprintFilter(self._filter_size)
+        size, self._building_shift = self._plan()
+        self._building = FingerprintFilter(size)
         self._build_from = None
         self._walked = 0
+
+    def _take_built(self) -> None:
+        """The filter being built holds every key: it takes over."""
+        self.filter, self._building = self._building, None
+        self.shift, self._filter_size = self._building_shift, self.filter.nbytes
+        if not self.shift:
+            self._near.clear()
+            self._chapters.clear()
 
     def _build_step(self, budget: int) -> int:
         """Add the next `budget` keys of the B-tree to the filter being built.
@@ -222,21 +345,30 @@ class FingerprintIndex:
         cur = self.meta.txn.cursor(db=self.meta.fp)
         ok = cur.first() if self._build_from is None else cur.set_range(self._build_from)
         keys = list(islice(cur.iternext(values=False), budget)) if ok else []
-        self._building.add_many(keys)
-        self._walked += len(keys)
+        shift = self._building_shift
+        sample = keys if not shift else [k for k in keys if sampled(k, shift)]
+        self._building.add_many(sample)
+        self._walked += len(sample)
         if len(keys) < budget:
-            self.filter, self._building = self._building, None
-            log.info("dedupe index: filter of %d MiB ready over %d fingerprints",
-                     self._filter_size >> 20, self._walked)
+            self._take_built()
+            log.info("dedupe index: filter of %d KiB ready over %d fingerprints%s",
+                     self._filter_size >> 10, self._walked,
+                     f" (sparse: 1 in {1 << shift} sampled)" if shift else "")
         else:
             self._build_from = bytes(keys[-1]) + b"\0"
         return len(keys) or 1
 
     def filter_statistics(self) -> dict[str, Any]:
-        flt = self.filter or self._building
-        return {"bytes": flt.nbytes if flt is not None else 0,
-                "ready": self.filter is not None, "building": self._building is not None,
-                "skipped_lookups": self.filter_skips}
+        flt, b = self.filter, self._building
+        return {"bytes": (flt.nbytes if flt is not None else 0) + (b.nbytes if b is not None else 0),
+                "quota": self.quota,
+                "ready": flt is not None, "building": b is not None,
+                "entries": flt.added if flt is not None else 0,
+                "false_maybe_rate": (round(false_maybe_rate(flt.nbytes, flt.added), 6)
+                                     if flt is not None else None),
+                "sparse": bool(self.shift), "sample_rate": 1 / (1 << self.shift),
+                "skipped_lookups": self.filter_skips, "sparse_skips": self.sparse_skips,
+                "locality_hits": self.near_hits, "locality_entries": len(self._near)}
 
     def finish_merge(self) -> None:
         while self.merging:

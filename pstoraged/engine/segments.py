@@ -7,8 +7,15 @@ segment cleaner (or tiering) moves go to RELOCATED. Moved chunks survived
 at least one segment's worth of overwrites, so they are colder than new
 writes; keeping them apart makes segments that die (or stay) together,
 which is what lets the cleaner find nearly empty ones (hot/cold separation,
-as in LFS and F2FS). A block that reached the device is never rewritten: at each flush
-the tail is padded to the next 4 KiB boundary. A sealed segment is immutable
+as in LFS and F2FS). A block that reached the device is never rewritten while
+the segment is in use. A flush writes the complete 4 KiB blocks only; the
+open segment's partial last block (its "tail", < 4 KiB) goes into the metadata
+commit instead (`tail_records`, the meta key `seg_tail:<stream>`), and reaches
+the segment once it is full or the segment is sealed. Padding the tail at each
+flush, as before, stored every FUA'd 4 KiB write in a whole block and undid
+its compression; re-writing the partial block in place would be unsafe, since
+a torn write on a power cut could destroy records acknowledged by an earlier
+flush (docs/format.md "Segment"). A sealed segment is immutable
 until every chunk in it is dead; then, once the metadata saying so is
 committed, it is discarded and becomes free again. Discards run on their
 own thread (punching a hole or BLKDISCARD can take milliseconds); a segment
@@ -44,12 +51,15 @@ from .format import (
     SEG_META,
     SEG_OPEN,
     SEG_SEALED,
+    SEG_TAIL,
+    SEG_TAIL_NONE,
     ChunkHeader,
     SegmentHeader,
     Superblock,
     align_up,
     pack_chunk_header,
 )
+from .freespace import FreeSegments
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +67,8 @@ _HEADER = ChunkHeader.SIZE
 WRITE_BEHIND = 1 << 20  # write full blocks out once this much is buffered
 USER, RELOCATED = 0, 1  # streams: client writes; chunks moved by the cleaner or tiering
 STREAMS = 2
+TAIL_KEYS = [b"seg_tail:%d" % stream for stream in range(STREAMS)]  # in the meta table
+_FREE_TO_ONE = bytes(int(i == SEG_FREE) for i in range(256))  # translate(): SEG_FREE -> 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +123,19 @@ class SegmentLog:
         self.next_seq = 1
         self.open = [-1] * STREAMS  # the open segment of each stream, or -1
         self.flushed = [0] * STREAMS  # bytes of it already on the device
+        self._tail_dirty = [True] * STREAMS  # its tail changed since the last commit
         self.bufs = [mmap.mmap(-1, self.size) for _ in range(STREAMS)]  # its image
+        # free segments ready to hand out, by erase count (O(log n) allocation)
+        self._tails: dict[bytes, bytes] = {}  # tail records, while load() runs
+        self._free = FreeSegments(self.erase, b"\1" * n)  # (load() rebuilds it)
+        self._nfree, self._nsealed = n, 0  # segments in state SEG_FREE, SEG_SEALED
 
     # persistence -------------------------------------------------------------
-    def load(self, items: Iterator[tuple[bytes, bytes]]) -> None:
+    def load(self, items: Iterator[tuple[bytes, bytes]],
+             tails: dict[bytes, bytes] | None = None) -> None:
+        """Load the `segs` table, then reopen the open segments; `tails` holds
+        the meta table's tail records (key: TAIL_KEYS[stream])."""
+        self._tails = tails or {}
         opened = []
         for k, v in items:
             (s,) = SEG_KEY.unpack(k)
@@ -131,23 +152,55 @@ class SegmentLog:
                 self.pending_free.add(s)  # freed by a commit, then a crash
         for s in sorted(opened, key=lambda x: self.seq[x]):
             self._reopen(s)
+        self._tails = {}
+        self._recount()
+
+    def _recount(self) -> None:
+        """Rebuild the counts and the free-segment order from the state array."""
+        self._nfree = self.state.count(SEG_FREE)
+        self._nsealed = self.state.count(SEG_SEALED)
+        avail = self.state.translate(_FREE_TO_ONE)
+        for s in self.discarding:
+            avail[s] = 0
+        self._free.build(avail)
+
+    def set_erase_count(self, s: int, n: int) -> None:
+        """Set segment s's erase count (tests and tools: a pool with a known wear history)."""
+        self.erase[s] = n
+        self._free.update(s)
 
     def _reopen(self, s: int) -> None:
         """Continue an open segment after its last committed record.
 
         Anything past write_ptr on the device was never committed, so it is
-        overwritten. The image is rebuilt from the device up to write_ptr.
+        overwritten. The image is rebuilt from the device up to the last
+        complete block below write_ptr, and from the committed tail record
+        past it (that block on the device, if any, was never committed).
         """
         stream = self.stream[s]
         if self.open[stream] >= 0:  # two open in one stream: keep the newer
             self._seal(self.open[stream])
         self.open[stream] = s
         wp = self.write_ptr[s]
+        start = wp // ALIGN * ALIGN
+        tail = b""
+        if wp > start:
+            raw = self._tails.get(TAIL_KEYS[stream], b"")
+            if len(raw) >= SEG_TAIL.size:
+                seg, seq, at = SEG_TAIL.unpack_from(raw)
+                if (seg, seq, at) == (s, self.seq[s], start):
+                    tail = raw[SEG_TAIL.size:]
+            if len(tail) != wp - start:
+                raise CorruptData(
+                    f"open segment {s}: the metadata has no tail record for its last "
+                    f"{wp - start} bytes", "run `pstorage pool check`")
         buf = self.bufs[stream]
         buf[:] = bytes(self.size)
-        if wp:
-            buf[:wp] = self.backing.pread(self.offset(s), wp)
-        self.flushed[stream] = wp
+        if start:
+            buf[:start] = self.backing.pread(self.offset(s), start)
+        buf[start:wp] = tail
+        self.flushed[stream] = start
+        self._tail_dirty[stream] = True
 
     def dirty_records(self) -> Iterator[tuple[bytes, bytes]]:
         for s in sorted(self.dirty):
@@ -162,12 +215,12 @@ class SegmentLog:
         return self.sb.data_offset + s * self.size
 
     def free_count(self) -> int:
-        return self.state.count(SEG_FREE)
+        return self._nfree
 
     def _allocatable(self) -> int:
         """Free segments that can be handed out now (discard finished)."""
         self._reap_discards()
-        return self.state.count(SEG_FREE) - len(self.discarding)
+        return self._free.count
 
     # discards ----------------------------------------------------------------
     def _discard(self, s: int) -> None:
@@ -190,7 +243,10 @@ class SegmentLog:
 
     def _reap_discards(self) -> None:
         while self._discarded:
-            self.discarding.discard(self._discarded.popleft())
+            s = self._discarded.popleft()
+            self.discarding.discard(s)
+            if self.state[s] == SEG_FREE:
+                self._free.add(s)
 
     def wait_discards(self) -> None:
         self._discard_q.join()
@@ -212,24 +268,12 @@ class SegmentLog:
         # Wear leveling: client writes (hot) get the least-erased free segment;
         # moved chunks (cold, rarely rewritten) park on the most-erased one, so
         # that worn segments rest and fresh ones take the churn. Ties by position.
-        if stream == RELOCATED:
-            best, best_erase = -1, -1
-            for s in range(self.count):
-                if (self.state[s] == SEG_FREE and self.erase[s] > best_erase
-                        and s not in self.discarding):
-                    best, best_erase = s, self.erase[s]
-        else:
-            best, best_erase = -1, 1 << 32
-            for s in range(self.count):
-                if (self.state[s] == SEG_FREE and self.erase[s] < best_erase
-                        and s not in self.discarding):
-                    best, best_erase = s, self.erase[s]
-                    if best_erase == 0 and self.seq[s] == 0:
-                        break  # never used: cannot do better
-        s = best
+        s = self._free.most_worn() if stream == RELOCATED else self._free.least_worn()
+        self._free.remove(s)
         if self.seq[s]:
             self.erase[s] += 1  # reuse after a discard = one program/erase cycle
         self.state[s] = SEG_OPEN
+        self._nfree -= 1
         self.seq[s] = self.next_seq
         self.next_seq += 1
         self.live[s] = 0
@@ -240,6 +284,7 @@ class SegmentLog:
         buf[: len(hdr)] = hdr
         self.write_ptr[s] = len(hdr)
         self.flushed[stream] = 0
+        self._tail_dirty[stream] = True
         self.open[stream] = s
         self.dirty.add(s)
         return s
@@ -248,9 +293,11 @@ class SegmentLog:
         stream = self.stream[s]
         self._write_out(stream, full=True)
         self.state[s] = SEG_SEALED
+        self._nsealed += 1
         self.sealed_ns[s] = time.time_ns()
         self.dirty.add(s)
         self.open[stream] = -1
+        self._tail_dirty[stream] = True
         if self.live[s] == 0:
             self.pending_free.add(s)
 
@@ -278,6 +325,7 @@ class SegmentLog:
         self.write_ptr[s] = off + need
         self.live[s] += need
         self.dirty.add(s)
+        self._tail_dirty[stream] = True
         if self.write_ptr[s] - self.flushed[stream] >= WRITE_BEHIND:
             self._write_out(stream, full=False)
         return s, off, need
@@ -285,8 +333,8 @@ class SegmentLog:
     def _write_out(self, stream: int, full: bool) -> None:
         """Write buffered bytes of the stream's open segment to the device.
 
-        full=False writes only complete blocks; full=True pads the tail to the
-        block boundary (wasting < 4 KiB) so no written block is ever rewritten.
+        full=False writes only complete blocks; full=True (sealing) pads the
+        tail to the block boundary (wasting < 4 KiB once per segment).
         """
         s = self.open[stream]
         if s < 0:
@@ -304,10 +352,28 @@ class SegmentLog:
             self.dirty.add(s)
 
     def flush_data(self) -> None:
-        """Make every appended record durable (before the metadata that points at it)."""
+        """Make the complete blocks of every appended record durable, before the
+        metadata that points at them; the partial tails go into that metadata
+        (tail_records), which makes every appended record durable."""
         for stream in range(STREAMS):
-            self._write_out(stream, full=True)
+            self._write_out(stream, full=False)
         self.backing.sync()
+
+    def tail_records(self) -> Iterator[tuple[bytes, bytes]]:
+        """For the meta table, in the commit after flush_data: each stream's
+        unflushed tail (the bytes of its open segment past the last complete
+        block), where it changed."""
+        for stream in range(STREAMS):
+            if not self._tail_dirty[stream]:
+                continue
+            self._tail_dirty[stream] = False
+            s = self.open[stream]
+            if s < 0:
+                yield TAIL_KEYS[stream], SEG_TAIL.pack(SEG_TAIL_NONE, 0, 0)
+                continue
+            start = self.flushed[stream]
+            yield TAIL_KEYS[stream], (SEG_TAIL.pack(s, self.seq[s], start)
+                                      + self.bufs[stream][start : self.write_ptr[s]])
 
     def after_commit(self) -> list[int]:
         """The commit recorded these segments as dead: free and discard them."""
@@ -316,6 +382,8 @@ class SegmentLog:
             if self.state[s] != SEG_SEALED or self.live[s] != 0:
                 continue
             self.state[s] = SEG_FREE
+            self._nfree += 1
+            self._nsealed -= 1
             self.write_ptr[s] = 0
             self.dirty.add(s)
             self._discard(s)
@@ -353,7 +421,7 @@ class SegmentLog:
 
     def sealed_count(self) -> int:
         """Sealed segments, including those waiting to be freed by a commit."""
-        return self.state.count(SEG_SEALED)
+        return self._nsealed
 
     def pending_free_count(self) -> int:
         """Sealed segments with no live data left: freed by the next commit."""
@@ -387,8 +455,7 @@ class SegmentLog:
             self.pending_free.add(s)
 
     def statistics(self) -> SegmentStatistics:
-        free = self.state.count(SEG_FREE)
-        sealed = self.state.count(SEG_SEALED)
+        free, sealed = self._nfree, self._nsealed
         return SegmentStatistics(
             total=self.count, free=free, open=self.count - free - sealed, sealed=sealed,
             reclaimable=len(self.pending_free), segment_size=self.size,
