@@ -16,11 +16,13 @@ from pstoraged.engine.format import (
     CHUNK_META,
     SEG_KEY,
     SEG_META,
+    SEG_TAIL,
     ChunkHeader,
     SegmentHeader,
     l2p_key,
 )
 from pstoraged.engine.pool import open_pool
+from pstoraged.engine.segments import TAIL_KEYS
 from pstoraged.errors import CorruptData, PoolLocked
 
 B = 4096
@@ -141,7 +143,7 @@ def test_check_finds_a_stale_record_and_repairs_it_from_the_valid_copy(pool_dir,
     cid = eng.maps.lookup(v, 0, v.gen)
     s, off, slen, _fp = eng.chunks.location(cid)
     codec, _ = eng.chunks.chunk_codec(cid)
-    rec = eng.pool.backing.pread(eng.segs.offset(s) + off + ChunkHeader.SIZE, slen)
+    rec = eng.segs.read(s, off + ChunkHeader.SIZE, slen)  # (its tail may be in memory)
     eng.chunks.rewrite_chunk(cid, codec, rec)  # the cleaner's move: a valid copy elsewhere
     eng.flush()
     eng.close()
@@ -154,6 +156,12 @@ def test_check_finds_a_stale_record_and_repairs_it_from_the_valid_copy(pool_dir,
         # chunk X survived at `off` (e.g. a write of the new use was lost)
         t.put(SEG_KEY.pack(s), SEG_META.pack(raw[0], raw[1], raw[2], seq, *raw[4:]),
               db=pool.meta.segs)
+        for key in TAIL_KEYS:  # an open segment's committed tail follows its new seq
+            tail = t.get(key, db=pool.meta.meta)
+            if tail is not None and SEG_TAIL.unpack_from(tail)[0] == s:
+                _, _, start = SEG_TAIL.unpack_from(tail)
+                t.put(key, SEG_TAIL.pack(s, seq, start) + bytes(tail[SEG_TAIL.size:]),
+                      db=pool.meta.meta)
         hdr = SegmentHeader(s, seq, pool.sb.uuid, 1).to_bytes()
         pool.backing.pwrite(pool.sb.data_offset + s * pool.sb.segment_size, hdr)
         _set_chunk(pool, cid, s=s, off=off)  # and X's entry points at it

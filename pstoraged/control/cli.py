@@ -779,7 +779,7 @@ def _pool_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
                     help="runtime directory on this host (the pool itself is all on the device)")
     pc.add_argument("--label", default="", help="a name for the pool (up to 32 bytes), usable "
                     "instead of its UUID")
-    pc.add_argument("--meta-size", help="metadata region size (default 5%% of the device, at "
+    pc.add_argument("--meta-size", help="metadata region size (default 10%% of the device, at "
                     "least 4M); see docs/format.md for bytes per TiB")
     pc.add_argument("--device", required=True, help="block device (/dev/nvme0n1) or file")
     pc.add_argument("--size", help="create the file with this size, e.g. 20G")

@@ -62,6 +62,7 @@ from .format import (
     SEG_KEY,
     SEG_META,
     SEG_SEALED,
+    SEG_TAIL,
     SEQ_MASK,
     U64,
     ChunkHeader,
@@ -76,6 +77,7 @@ from .format import (
 from .jobs import JobRecord, fraction
 from .metadata import MetaStore
 from .pool import open_pool
+from .segments import TAIL_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -218,22 +220,33 @@ class _RefCounts:
 
 @dataclass(slots=True)
 class _Segments:
-    """The committed `segs` table as arrays (one entry per segment)."""
+    """The committed `segs` table as arrays (one entry per segment), and the
+    open segments' tails that live in the metadata (segments.py: a flush
+    writes whole blocks only; the partial last block is committed as
+    `seg_tail:<stream>`): segment -> (start, bytes from start to write_ptr)."""
 
     state: bytearray
     seq: array
     write_ptr: array
     live: array
+    tails: dict[int, tuple[int, bytes]]
 
     @classmethod
     def load(cls, txn: lmdb.Transaction, meta: MetaStore, count: int) -> _Segments:
         out = cls(bytearray(count), array("Q", bytes(8 * count)), array("I", bytes(4 * count)),
-                  array("I", bytes(4 * count)))
+                  array("I", bytes(4 * count)), {})
         for k, v in txn.cursor(db=meta.segs):
             (s,) = SEG_KEY.unpack(k)
             if s < count:
                 st, _stream, _, seq, wp, live, _erase, _sealed = SEG_META.unpack(v)
                 out.state[s], out.seq[s], out.write_ptr[s], out.live[s] = st, seq, wp, live
+        for key in TAIL_KEYS:
+            raw = txn.get(key, db=meta.meta)
+            if raw is None or len(raw) < SEG_TAIL.size:
+                continue
+            s, seq, start = SEG_TAIL.unpack_from(raw)
+            if s < count and seq == out.seq[s]:
+                out.tails[s] = (start, bytes(raw[SEG_TAIL.size:]))
         return out
 
 
@@ -401,6 +414,17 @@ class Checker:
     def _offset(self, s: int) -> int:
         return self.sb.data_offset + s * self.sb.segment_size
 
+    def _read(self, s: int, off: int, n: int) -> bytes:
+        """Committed bytes of segment s: the device, and past an open segment's
+        last full block, the tail committed with the metadata."""
+        tail = self.segs.tails.get(s)
+        if tail is None or off + n <= tail[0]:
+            return self.backing.pread(self._offset(s) + off, n)
+        start, data = tail
+        head = self.backing.pread(self._offset(s) + off, start - off) if off < start else b""
+        lo = max(off, start) - start
+        return head + data[lo : off + n - start]
+
     def _verify_record(self, cid: int, s: int, off: int, slen: int, codec: int,
                        fp: bytes) -> None:
         sg = self.segs
@@ -412,7 +436,7 @@ class Checker:
             if off + ChunkHeader.SIZE + slen > sg.write_ptr[s]:
                 raise CorruptData(f"segment {s} offset {off} is past the segment's written end "
                                   f"({sg.write_ptr[s]})")
-            rec = self.backing.pread(self._offset(s) + off, ChunkHeader.SIZE + slen)
+            rec = self._read(s, off, ChunkHeader.SIZE + slen)
             kind, rcodec, rcid, raw_len, rlen, rfp, pcrc, rseq = unpack_chunk_header(rec)
             if rseq and rseq != sg.seq[s] & SEQ_MASK:
                 self.job.problem("stale_record", f"chunk {cid}: "
@@ -524,7 +548,7 @@ class Checker:
         for s in range(self.sb.segment_count):
             if sg.state[s] == SEG_FREE or len(found) == len(want):
                 continue
-            data = self.backing.pread(self._offset(s), min(sg.write_ptr[s], size))
+            data = self._read(s, 0, min(sg.write_ptr[s], size))
             off = SegmentHeader.SIZE
             while off + ChunkHeader.SIZE <= len(data):
                 if data[off : off + 4] != ChunkHeader.MAGIC:

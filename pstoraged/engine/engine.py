@@ -647,7 +647,8 @@ class Engine:
         self.commits += 1
         self.dirty = False
         if self.meta.bounded:
-            self.meta_full = self.meta.is_full()
+            self.meta.refresh()
+            self.meta_full = self.meta.full
         if self.segs.after_commit():
             # record the segments' new FREE state in the next commit
             txn = self.meta.txn

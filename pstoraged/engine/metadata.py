@@ -25,6 +25,12 @@ PAGE = 4096
 # with ENOSPC while the region still has room for trims, deletes and commits.
 FULL_RESERVE_SHARE = 0.05
 FULL_RESERVE_MIN = 1 << 20
+# A transaction copies every page it changes (copy-on-write) and frees the
+# old ones only when it commits: an update can take a leaf and its branch
+# path, so a transaction of N updates may need 4 N new pages. Near the end of
+# a region, group commits come sooner to stay within what is free.
+PAGES_PER_UPDATE = 4
+MIN_OP_BUDGET = 256
 
 
 class MetaStore:
@@ -46,6 +52,8 @@ class MetaStore:
         self.bounded = not subdir  # a region: running full is a real limit
         reserve = max(FULL_RESERVE_MIN, int(map_size * FULL_RESERVE_SHARE))
         self.full_at = map_size - min(reserve, map_size // 2)
+        self.full = False  # past full_at: new data is refused (refresh())
+        self.op_budget = 1 << 62  # updates the open transaction may take (refresh())
         self.l2p = self.env.open_db(b"l2p")
         self.chunks = self.env.open_db(b"chunks")
         self.fp = self.env.open_db(b"fp")
@@ -58,6 +66,7 @@ class MetaStore:
         self._txn: lmdb.Transaction | None = None
         self._owner = 0  # thread that began the open transaction
         self.pending_ops = 0  # updates in the open transaction
+        self.refresh()
 
     @property
     def txn(self) -> lmdb.Transaction:
@@ -104,9 +113,14 @@ class MetaStore:
         return [self.l2p, self.chunks, self.fp, self.segs, self.vols, self.meta, self.heat,
                 self.hist, self.snaps]
 
-    def is_full(self) -> bool:
-        """True when new mappings must be refused to keep room for the rest."""
-        return self.bounded and self.usage()["used"] >= self.full_at
+    def refresh(self) -> None:
+        """After a commit: is the region full, and how many updates may the next
+        transaction take before it must commit (see PAGES_PER_UPDATE)."""
+        if not self.bounded:
+            return
+        used = self.usage()["used"]
+        self.full = used >= self.full_at
+        self.op_budget = max(MIN_OP_BUDGET, (self.map_size - used) // PAGE // PAGES_PER_UPDATE)
 
     def abort(self) -> None:
         if self._txn is not None:

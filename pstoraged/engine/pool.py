@@ -56,7 +56,7 @@ MIN_SEGMENTS = 8
 POOL_FILE = "pool.json"
 # Metadata region size when none is given: a share of the device, from the
 # measured metadata bytes per TiB (docs/format.md), within these bounds.
-META_SHARE = 0.05
+META_SHARE = 0.10
 META_MIN = 4 << 20
 META_LOCK = "meta.mdb-lock"
 

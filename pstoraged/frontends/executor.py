@@ -79,11 +79,13 @@ class CommitPolicy:
         self.every = every
 
     def due(self) -> bool:
-        """The open transaction is big enough for a group commit."""
-        return self.engine.meta.pending_ops >= self.every
+        """The open transaction is big enough for a group commit (or as big as
+        the free part of the metadata region allows: MetaStore.refresh)."""
+        m = self.engine.meta
+        return m.pending_ops >= self.every or m.pending_ops >= m.op_budget
 
     def at_safe_point(self) -> None:
-        if self.engine.meta.pending_ops >= self.every:
+        if self.due():
             self.engine.commit()
 
     def idle(self) -> None:
