@@ -49,7 +49,8 @@ TimeoutAbortSec=3
 RestartSec=1
 """
 
-CONFIG = """pool_dir = "/var/lib/pstorage"
+CONFIG = """pool = "pst-systemd"
+pool_dir = "/var/lib/pstorage"
 run_dir = "/run/pstorage"
 sample_interval = 3600
 [fuse]
@@ -130,6 +131,8 @@ class Container:
             ["systemd-nspawn", "--directory", str(self.root), "--register=no", "--keep-unit",
              "--link-journal=no", "--machine=pstorage-test", "--quiet",
              "--bind=/dev/fuse",
+             # the pool's metadata region is a loop device (engine/region.py)
+             "--bind=/dev/loop-control",
              # the checkout may be under /tmp, which nspawn gives its own tmpfs
              f"--bind-ro={ROOT}", "-b",
              "systemd.unit=pstorage-test.target"],
@@ -257,7 +260,7 @@ def test_the_container_sees_none_of_the_hosts_pstorage_state(tmp_path):
 def test_the_unit_under_systemd(container):
     c = container
     c.run(str(VENV / "bin/pstorage"), "pool", "create", "--dir", "/var/lib/pstorage",
-          "--device", "/var/lib/pstorage/pool.img", "--size", "256M")
+          "--device", "/var/lib/pstorage/pool.img", "--size", "256M", "--label", "pst-systemd")
 
     # Type=notify: 'systemctl start' returns once READY=1 came, and not before
     c.run("systemctl", "start", "pstoraged.service", timeout=120)

@@ -263,7 +263,7 @@ def _open_region(directory: str, backing: Backing, sb: Superblock,
                  ) -> tuple[MetaStore, RegionDevice]:
     if backing.size < sb.meta_offset + sb.meta_size:
         raise FormatError(f"{backing.path} is smaller than the pool's metadata region")
-    region = RegionDevice(backing.path, sb.meta_offset, sb.meta_size)
+    region = RegionDevice(backing.path, sb.meta_offset, sb.meta_size, node_dir=directory)
     try:
         link = region.link(directory)
         try:  # a lock file of an earlier run: LMDB rebuilds its reader table

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 import tempfile
 import time
@@ -50,13 +51,16 @@ LINK_NAME = "meta.mdb"  # in the runtime directory; LMDB's lock file is meta.mdb
 class RegionDevice:
     """A loop device over [offset, offset + size) of `backing_path`, held open."""
 
-    def __init__(self, backing_path: str, offset: int, size: int, *, readonly: bool = False) -> None:
+    def __init__(self, backing_path: str, offset: int, size: int, *, readonly: bool = False,
+                 node_dir: str = "/run") -> None:
         self.backing_path = backing_path
+        self.node_dir = node_dir  # where to make the loop node if /dev has none (containers)
         self.offset = offset
         self.size = size
         self.fd = -1
         self.path = ""
         self.link_path = ""
+        self.own_node = ""  # a node we made (no devtmpfs node in a container's /dev)
         src = os.open(backing_path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         try:
             flags = LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO | (LO_FLAGS_READ_ONLY if readonly else 0)
@@ -77,7 +81,7 @@ class RegionDevice:
             for _ in range(64):  # another process may take the free device first
                 n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
                 path = f"/dev/loop{n}"
-                fd = self._open_node(path, readonly)
+                fd, path = self._open_node(path, readonly)
                 try:
                     fcntl.ioctl(fd, LOOP_CONFIGURE, cfg)
                 except OSError as e:
@@ -93,16 +97,37 @@ class RegionDevice:
         finally:
             os.close(ctl)
 
-    @staticmethod
-    def _open_node(path: str, readonly: bool) -> int:
-        deadline = time.monotonic() + 5
-        while True:  # devtmpfs creates the node right after GET_FREE; udev may lag
+    def _open_node(self, path: str, readonly: bool) -> tuple[int, str]:
+        """Open the loop device's node; where /dev is a container's own and
+        the kernel's new node never shows up in it, make one of our own."""
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        deadline = time.monotonic() + 2
+        while True:  # devtmpfs creates the node right after GET_FREE
             try:
-                return os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+                return os.open(path, flags), path
             except FileNotFoundError:
                 if time.monotonic() > deadline:
-                    raise DeviceIOError(f"{path} did not appear") from None
+                    break
                 time.sleep(0.01)
+        name = os.path.basename(path)
+        try:
+            with open(f"/sys/class/block/{name}/dev") as f:
+                major, minor = (int(x) for x in f.read().split(":"))
+        except (OSError, ValueError):
+            raise DeviceIOError(f"{path} did not appear", "is /dev a devtmpfs?") from None
+        own = os.path.join(self.node_dir, name)
+        try:
+            os.unlink(own)
+        except FileNotFoundError:
+            pass
+        try:
+            os.mknod(own, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+            self.own_node = own
+            return os.open(own, flags), own
+        except OSError as e:
+            raise DeviceIOError(f"{path} did not appear and {own} cannot be made: {e.strerror}",
+                                "give the daemon loop devices (/dev/loop-control and block-loop)"
+                                ) from e
 
     def link(self, runtime_dir: str) -> str:
         """Point `runtime_dir/meta.mdb` at the loop device; LMDB opens that path."""
@@ -128,6 +153,12 @@ class RegionDevice:
             except FileNotFoundError:
                 pass
             self.link_path = ""
+        if self.own_node:
+            try:
+                os.unlink(self.own_node)
+            except FileNotFoundError:
+                pass
+            self.own_node = ""
 
 
 def empty_store_image(map_size: int) -> bytes:
