@@ -47,6 +47,9 @@ Environment=PSTORAGE_PLUGIN={ROOT}/plugins/pstorage.py
 WatchdogSec=4
 TimeoutAbortSec=3
 RestartSec=1
+# the container's /dev is not a devtmpfs: the daemon makes the node of its
+# metadata region's loop device itself (systemd/README.md, "Containers")
+CapabilityBoundingSet=CAP_MKNOD
 """
 
 CONFIG = """pool = "pst-systemd"
