@@ -249,6 +249,12 @@ def test_curl_openapi_docs_healthz_and_metrics(daemon):
     assert lines['pstorage_volume_request_latency_seconds_bucket{le="+Inf",op="flush",volume="m"}'] >= 1
     assert lines['pstorage_volume_logical_bytes{volume="m"}'] == 65536
     assert lines["pstorage_pool_capacity_bytes"] > 0 and lines["pstorage_checksum_errors_total"] == 0
+    pool = d.client.get("/api/v1/pool")
+    assert lines["pstorage_metadata_region_bytes"] == pool["metadata"]["size"] > 0
+    assert 0 < lines["pstorage_metadata_used_bytes"] < lines["pstorage_metadata_region_bytes"]
+    assert lines["pstorage_metadata_full"] == 0
+    assert lines["pstorage_dedupe_index_sample_rate"] == 1
+    assert lines["pstorage_dedupe_index_quota_bytes"] == pool["dedupe_index"]["filter"]["quota"]
 
 
 

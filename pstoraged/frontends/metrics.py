@@ -186,6 +186,24 @@ class _Collector(Collector):
         yield CounterMetricFamily("pstorage_protocol_errors", "malformed or refused data frames",
                                   value=dps.protocol_errors)
         yield gauge("pstorage_data_connections", "open data-socket connections", dps.connections)
+        mu = eng.meta.usage()
+        if mu["size"]:  # format 2: the metadata region on the pool's device
+            yield gauge("pstorage_metadata_region_bytes", "size of the metadata region", mu["size"])
+            yield gauge("pstorage_metadata_used_bytes", "metadata pages in use in the region",
+                        mu["used"])
+            yield gauge("pstorage_metadata_full",
+                        "1 when the metadata region is full and new data is refused",
+                        1 if eng.meta_full else 0)
+        fs = eng.fps.filter_statistics()
+        yield gauge("pstorage_dedupe_index_memory_bytes", "dedupe filter memory", fs["bytes"])
+        yield gauge("pstorage_dedupe_index_quota_bytes", "dedupe index memory quota", fs["quota"])
+        yield gauge("pstorage_dedupe_index_sample_rate",
+                    "share of fingerprints the index holds (1: all; below: sparse mode)",
+                    fs["sample_rate"])
+        if fs["false_maybe_rate"] is not None:
+            yield gauge("pstorage_dedupe_index_false_maybe_rate",
+                        "expected share of new blocks that cost a metadata lookup",
+                        fs["false_maybe_rate"])
 
 
 def render(ctx: Any, st: Any) -> bytes:
