@@ -155,9 +155,9 @@ def test_a_full_metadata_region_refuses_new_data_and_keeps_the_old(tmp_path):
         eng.close()
 
 
-def test_a_format_1_pool_with_its_metadata_on_the_host_still_opens(tmp_path):
-    """Pools made before format 2 keep their LMDB store in DIR/meta/ and a
-    version-1 superblock with no metadata region: they open and work as before."""
+def make_format_1_pool(d: str, dev: str, segments: int = 64, segment_size: int = 64 << 10) -> None:
+    """A pool as releases before format 2 made it: a version-1 superblock with
+    no metadata region, the LMDB store in d/meta."""
     import time
     import uuid as uuidlib
 
@@ -165,12 +165,11 @@ def test_a_format_1_pool_with_its_metadata_on_the_host_still_opens(tmp_path):
     from pstoraged.engine.format import DATA_OFFSET, Superblock
     from pstoraged.engine.metadata import MetaStore
 
-    d, dev = str(tmp_path / "old"), str(tmp_path / "old.img")
     os.makedirs(d, mode=0o700)
     with open(os.open(dev, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
-        f.truncate(DATA_OFFSET + 64 * (64 << 10))
-    sb = Superblock(uuidlib.uuid4().bytes, time.time_ns(), os.path.getsize(dev), 64 << 10, 64,
-                    DATA_OFFSET, "", version=1)
+        f.truncate(DATA_OFFSET + segments * segment_size)
+    sb = Superblock(uuidlib.uuid4().bytes, time.time_ns(), os.path.getsize(dev), segment_size,
+                    segments, DATA_OFFSET, "", version=1)
     b = Backing(dev)
     for off in SUPERBLOCK_OFFSETS:
         b.pwrite(off, sb.to_bytes())
@@ -185,6 +184,12 @@ def test_a_format_1_pool_with_its_metadata_on_the_host_still_opens(tmp_path):
         json.dump({"uuid": sb.uuid.hex(), "device": dev, "created_ns": sb.created_ns}, f)
     os.chmod(os.path.join(d, "pool.json"), 0o600)
 
+
+def test_a_format_1_pool_with_its_metadata_on_the_host_still_opens(tmp_path):
+    """Pools made before format 2 keep their LMDB store in DIR/meta/ and a
+    version-1 superblock with no metadata region: they open and work as before."""
+    d, dev = str(tmp_path / "old"), str(tmp_path / "old.img")
+    make_format_1_pool(d, dev)
     eng = Engine(open_pool(d))
     assert eng.pool.region is None and eng.pool.sb.version == 1
     assert eng.pool.metadata_location()["where"] == "host"
@@ -197,3 +202,62 @@ def test_a_format_1_pool_with_its_metadata_on_the_host_still_opens(tmp_path):
         assert eng.read(eng.volume("v"), 0, len(data)) == data
     finally:
         eng.close()
+
+
+def test_a_format_1_pool_is_upgraded_onto_its_device(tmp_path):
+    """pool upgrade moves DIR/meta into a region carved from free tail
+    segments, or behind the segments on a grown device; refused (nothing
+    changed) while the tail segments hold data."""
+    from pstoraged.engine.pool import upgrade_pool
+    from pstoraged.errors import Conflict
+
+    d, dev = str(tmp_path / "old"), str(tmp_path / "old.img")
+    make_format_1_pool(d, dev, segments=40, segment_size=1 << 20)
+    eng = Engine(open_pool(d))
+    v = eng.create_volume("v", 64 << 20)
+    blocks = {i: os.urandom(4096) for i in range(0, 36 * 256, 7)}  # ~5 MiB spread out
+    for i, data in blocks.items():
+        eng.write(v, i * 4096, data)
+    eng.generations.freeze(v)
+    eng.write(v, 0, b"new!" * 1024)
+    eng.close()
+    # a 4 MiB region needs the last 4 segments free: they are
+    sb = upgrade_pool(d, meta_size=4 << 20)
+    assert sb.version == 2 and sb.segment_count == 36 and sb.meta_size == 4 << 20
+    assert sb.meta_offset == sb.data_offset + 36 * (1 << 20)
+    assert not os.path.exists(os.path.join(d, "meta"))
+    eng = Engine(open_pool(d))
+    try:
+        assert eng.pool.region is not None
+        v = eng.volume("v")
+        assert eng.read(v, 0, 4096) == b"new!" * 1024
+        for i, data in list(blocks.items())[1:]:
+            assert eng.read(v, i * 4096, 4096) == data
+    finally:
+        eng.close()
+    from pstoraged.engine.check import check_offline
+
+    assert check_offline(d).counts == {}
+
+    # a pool whose tail segments hold data: refused and left as it was
+    d2, dev2 = str(tmp_path / "full"), str(tmp_path / "full.img")
+    make_format_1_pool(d2, dev2, segments=12, segment_size=1 << 20)
+    eng = Engine(open_pool(d2))
+    v = eng.create_volume("v", 64 << 20)
+    for i in range(0, 9 * 256):
+        eng.write(v, i * 4096, os.urandom(4096))
+    eng.close()
+    with pytest.raises(Conflict, match="grow the device by 4 MiB"):
+        upgrade_pool(d2, meta_size=4 << 20)
+    assert os.path.isdir(os.path.join(d2, "meta"))
+    # grown by the region's size: the region goes behind the segments
+    with open(dev2, "r+b") as f:
+        f.truncate(os.path.getsize(dev2) + (4 << 20))
+    sb = upgrade_pool(d2, meta_size=4 << 20)
+    assert sb.segment_count == 12 and sb.meta_offset >= sb.data_offset + 12 * (1 << 20)
+    eng = Engine(open_pool(d2))
+    try:
+        assert eng.pool.region is not None and len(eng.read(eng.volume("v"), 0, 8192)) == 8192
+    finally:
+        eng.close()
+    assert check_offline(d2).counts == {}

@@ -101,6 +101,18 @@ def cmd_pool_import(args: argparse.Namespace) -> None:
           "config)")
 
 
+def cmd_pool_upgrade(args: argparse.Namespace) -> None:
+    """Move a format-1 pool's metadata from the host onto its device."""
+    from ..engine.pool import upgrade_pool
+
+    sb = upgrade_pool(args.dir, meta_size=parse_size(args.meta_size) if args.meta_size else None)
+    _emit(args, {"uuid": sb.uuid.hex(), "format": sb.version, "metadata_offset": sb.meta_offset,
+                 "metadata_bytes": sb.meta_size, "segments": sb.segment_count},
+          f"pool {sb.uuid.hex()} keeps its metadata on its device now: a "
+          f"{human_bytes(sb.meta_size)} region at byte {sb.meta_offset}; {sb.segment_count} "
+          f"segments ({human_bytes(sb.segment_count * sb.segment_size)})")
+
+
 def cmd_pool_export(args: argparse.Namespace) -> None:
     """Close the pool cleanly for moving its device to another host."""
     from ..engine.pool import export_pool, open_pool
@@ -772,7 +784,7 @@ def _check_line(j: dict) -> str:
 
 
 def _pool_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
-    """pool create, show, import, export, check"""
+    """pool create, show, import, export, upgrade, check"""
     pool = sub.add_parser("pool", help="create or inspect the pool").add_subparsers(dest="sub", required=True)
     pc = pool.add_parser("create", help="format a device or file as a pool (daemon not running)")
     pc.add_argument("--dir", default="/var/lib/pstorage",
@@ -801,6 +813,11 @@ def _pool_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
                     help="import a pool another host opened and never exported (that host "
                     "must be down: two hosts writing one pool destroy it)")
     pi.set_defaults(local=cmd_pool_import)
+    pu = pool.add_parser("upgrade", help="move a format-1 pool's metadata from the host onto its "
+                         "device (daemon stopped)")
+    pu.add_argument("--dir", default="/var/lib/pstorage", help="the pool directory holding meta/")
+    pu.add_argument("--meta-size", help="metadata region size (default 10%% of the device)")
+    pu.set_defaults(local=cmd_pool_upgrade)
     pe = pool.add_parser("export", help="close the pool cleanly to move its device (daemon stopped)")
     pe.add_argument("--dir", default="/var/lib/pstorage", help="runtime directory that serves it")
     pe.set_defaults(local=cmd_pool_export)

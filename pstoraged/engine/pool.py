@@ -14,6 +14,7 @@ they are.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -39,9 +40,13 @@ from . import discovery
 from .backing import Backing
 from .format import (
     DEFAULT_SEGMENT_SIZE,
+    FORMAT_VERSION,
     META_OFFSET,
     METADATA_VERSION,
     REGION_ALIGN,
+    SEG_FREE,
+    SEG_KEY,
+    SEG_META,
     SUPERBLOCK_OFFSETS,
     SUPPORTED_METADATA_VERSIONS,
     Superblock,
@@ -492,3 +497,69 @@ def raw_metadata(directory: str) -> Iterator[MetaStore]:
             backing.close()
     finally:
         os.close(lock_fd)
+
+
+def upgrade_pool(directory: str, *, meta_size: int | None = None) -> Superblock:
+    """Move a format-1 pool's metadata from `directory/meta` onto its device.
+
+    The region goes behind the last segment when the device has room there (a
+    grown device), else it is carved from the last segments, which must be
+    free (segment 0 stays where it is; the superblock's meta_offset names the
+    region wherever it lies). Crash-safe: the compacted copy is
+    written and synced into the region first; the version-2 superblocks that
+    point at it are the commit; only then is the host's copy removed. A crash
+    before the superblocks leaves the format-1 pool as it was."""
+    pool = open_pool(directory)
+    try:
+        sb = pool.sb
+        if pool.region is not None:
+            raise InvalidArgument(f"pool {sb.uuid.hex()} already keeps its metadata on its device")
+        used = pool.meta.usage()["used"]
+        want = meta_size or default_meta_size(sb.device_size)
+        want = align_up(max(want, 2 * used, META_MIN), REGION_ALIGN)
+        end = sb.data_offset + sb.segment_count * sb.segment_size
+        if pool.backing.size - align_up(end, REGION_ALIGN) >= want:
+            # room behind the last segment (a grown device): the segments stay
+            new = dataclasses.replace(sb, meta_offset=align_up(end, REGION_ALIGN), meta_size=want,
+                                      version=FORMAT_VERSION)
+        else:
+            want = align_up(want, sb.segment_size)
+            first = sb.segment_count - want // sb.segment_size
+            if first < MIN_SEGMENTS:
+                raise InvalidArgument(f"the device has no room for a {want >> 20} MiB "
+                                      "metadata region")
+            busy = [s for key, val in pool.meta.txn.cursor(db=pool.meta.segs)
+                    if (s := SEG_KEY.unpack(key)[0]) >= first
+                    and SEG_META.unpack(val)[0] != SEG_FREE]
+            if busy:
+                raise Conflict(
+                    f"the last {sb.segment_count - first} segments, which a {want >> 20} MiB "
+                    f"metadata region needs, hold data ({len(busy)} in use)",
+                    f"grow the device by {want >> 20} MiB (the region then goes behind the "
+                    "segments), or pass a smaller --meta-size")
+            for seg in range(first, sb.segment_count):  # they leave the segment log
+                pool.meta.txn.delete(SEG_KEY.pack(seg), db=pool.meta.segs)
+            pool.meta.commit()
+            new = dataclasses.replace(sb, segment_count=first, meta_size=want,
+                                      version=FORMAT_VERSION,
+                                      meta_offset=sb.data_offset + first * sb.segment_size)
+        region = RegionDevice(pool.backing.path, new.meta_offset, new.meta_size,
+                              node_dir=directory)
+        try:
+            fd = os.open(region.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                pool.meta.env.copyfd(fd, compact=True)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            region.close()
+        raw = new.to_bytes()
+        for off in SUPERBLOCK_OFFSETS:
+            pool.backing.pwrite(off, raw)
+        pool.backing.sync()
+    finally:
+        pool.close()
+    _clear_legacy(directory)
+    _write_cache(directory, new, pool.backing.path)
+    return new
