@@ -231,8 +231,11 @@ def test_a_damaged_record_with_no_copy_is_reported(pool_dir):
     _read_back(pool_dir, want)
 
 
-def test_a_dedupe_index_gap_is_rebuilt(pool_dir):
-    _populate(pool_dir)
+@pytest.mark.parametrize("slice_", [16384, 5], ids=["one-transaction", "slices-of-5"])
+def test_a_dedupe_index_gap_is_rebuilt(pool_dir, monkeypatch, slice_):
+    """(slices-of-5: the rebuild commits every few entries, as a 10 TiB pool's must)"""
+    monkeypatch.setattr(check, "COMMIT_EVERY", slice_)
+    want = _populate(pool_dir)
 
     def drop(pool):
         cur = pool.meta.txn.cursor(db=pool.meta.fp)
@@ -245,6 +248,7 @@ def test_a_dedupe_index_gap_is_rebuilt(pool_dir):
     assert "is not in the dedupe index" in job.problems[0]["message"]
     assert check_offline(pool_dir, repair=True).remaining() == 0
     assert check_offline(pool_dir).counts == {}
+    _read_back(pool_dir, want)
 
 
 def test_reference_counting_spills_sorted_runs(pool_dir, monkeypatch):

@@ -588,10 +588,29 @@ class Checker:
             return
         meta = self.meta
         meta.txn.drop(meta.fp, delete=False)
-        done = 0
-        for k, v in meta.txn.cursor(db=meta.chunks):
-            meta.txn.put(bytes(v[-32:]), U64.pack(CHUNK_KEY.unpack(k)[0]), db=meta.fp)
-            done += 1
+        meta.commit()
+        # in slices of COMMIT_EVERY, each its own transaction: one transaction
+        # for a 10 TiB pool's index would outgrow LMDB's dirty-page limit. A
+        # crash in between leaves the index short (it is a hint: duplicates
+        # are stored again, never wrongly shared) and the next check says so.
+        done, last = 0, b""
+        while True:
+            cur = meta.txn.cursor(db=meta.chunks)
+            ok = cur.set_range(last) if last else cur.first()
+            if ok and last and cur.key() == last:
+                ok = cur.next()
+            n = 0
+            while ok and n < COMMIT_EVERY:
+                k, v = cur.key(), cur.value()
+                meta.txn.put(bytes(v[-32:]), U64.pack(CHUNK_KEY.unpack(k)[0]), db=meta.fp)
+                last = bytes(k)
+                n += 1
+                ok = cur.next()
+            done += n
+            if not ok:
+                break
+            meta.commit()
+            self._step(0)
         nxt = self._meta_json_txn("counters", {}).get("next_chunk", 1)
         meta.put_json("fp_upto", nxt)
         meta.put_json("prune", None)
