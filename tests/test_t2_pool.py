@@ -35,6 +35,10 @@ def test_refuses_a_file_holding_a_filesystem(tmp_path):
 def test_too_small_and_bad_geometry(tmp_path):
     with pytest.raises(InvalidArgument, match="segments"):
         create_pool(str(tmp_path), str(tmp_path / "d"), file_size=2 << 20)
+    # a refused create leaves nothing it made: neither the directory nor the file
+    with pytest.raises(InvalidArgument, match="segments"):
+        create_pool(str(tmp_path / "new"), str(tmp_path / "new.img"), file_size=2 << 20)
+    assert not os.path.exists(tmp_path / "new") and not os.path.exists(tmp_path / "new.img")
     with pytest.raises(InvalidArgument, match="segment size"):
         create_pool(str(tmp_path), str(tmp_path / "e"), file_size=64 << 20, segment_size=5000)
 

@@ -196,6 +196,27 @@ def create_pool(
         )
     if len(label.encode()) > 32:
         raise InvalidArgument(f"label {label!r} is longer than 32 bytes")
+    made_dir = not os.path.exists(directory)
+    made_file = file_size is not None and not os.path.exists(device)
+    try:
+        return _create(directory, device, file_size=file_size, segment_size=segment_size,
+                       force=force, label=label, meta_size=meta_size)
+    except BaseException:
+        # a refused create leaves nothing behind that it made
+        if made_file:
+            try:
+                os.unlink(device)
+            except FileNotFoundError:
+                pass
+        if made_dir and os.path.isdir(directory):
+            for name in os.listdir(directory):
+                os.unlink(os.path.join(directory, name))
+            os.rmdir(directory)
+        raise
+
+
+def _create(directory: str, device: str, *, file_size: int | None, segment_size: int,
+            force: bool, label: str, meta_size: int | None) -> Superblock:
     _private_dir(directory)
     if os.path.exists(os.path.join(directory, POOL_FILE)) and not force:
         raise InvalidArgument(
