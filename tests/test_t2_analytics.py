@@ -272,6 +272,34 @@ def test_scrub_reads_every_chunk_and_reports_the_bad_one(eng, caplog):
     assert eng.chunks.checksum_errors == 1
 
 
+def test_scrub_counts_a_device_read_error_and_goes_on(eng, monkeypatch):
+    """A chunk the device cannot read is listed as bad; the chunks after it in
+    the same batch are still checked (before, the error ended the batch)."""
+    from pstoraged.engine.jobs import JobRegistry
+    from pstoraged.engine.scrub import ScrubJob, ScrubRun
+    from pstoraged.errors import DeviceIOError
+
+    v = eng.create_volume("v", 16 * MiB)
+    eng.write(v, 0, os.urandom(1 * MiB))
+    eng.flush()
+    bad = eng.maps.lookup(v, 10, v.gen)
+    real = eng.chunks.read_chunk
+
+    def read_chunk(cid):
+        if cid == bad:
+            raise DeviceIOError("read of segment 0 failed: Input/output error")
+        return real(cid)
+
+    monkeypatch.setattr(eng.chunks, "read_chunk", read_chunk)
+    job = JobRegistry().add(lambda i: ScrubJob(i))
+    eng.background.start_job(ScrubRun(eng, job).step)
+    while eng.background.step(4096, busy=True):
+        pass
+    assert job.state == "done" and job.chunks_checked == 256
+    assert job.bad_chunks == 1 and job.bad[0]["chunk"] == bad
+    assert "Input/output error" in job.bad[0]["problem"]
+
+
 # ---------------------------------------------------------------- reduction report
 def reduction(eng: Engine) -> dict:
     """GET /api/v1/metrics/reduction's report, on the committed state."""

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CorruptData
+from ..errors import CorruptData, DeviceIOError
 from .engine import Engine
 from .format import CHUNK_KEY, CHUNK_META
 from .jobs import JobRecord, fraction
@@ -60,7 +60,10 @@ class ScrubRun:
         for cid, s, off, slen in todo:
             try:
                 eng.chunks.read_chunk(cid)
-            except CorruptData as e:
+            except (CorruptData, DeviceIOError) as e:
+                # a device read error is this chunk's problem, not the scrub's:
+                # counted and listed like a bad record, and the scrub goes on
+                # (raised, it would skip the rest of this batch on retry)
                 job.bad_chunks += 1
                 if len(job.bad) < MAX_LISTED:
                     job.bad.append({"chunk": cid, "segment": s, "offset": off, "problem": e.message})
