@@ -122,7 +122,8 @@ class Engine:
         self.observer: Observer | None = None  # e.g. the heat map (data temperature)
         self.segs = SegmentLog(pool.backing, pool.sb, reserve=reserve_segments)
         txn = self.meta.txn
-        self.segs.load(((bytes(k), bytes(v)) for k, v in txn.cursor(db=self.meta.segs)),
+        self.segs.load(b"".join(txn.cursor(db=self.meta.segs).iternext(values=False)),
+                       b"".join(txn.cursor(db=self.meta.segs).iternext(keys=False)),
                        {k: bytes(v) for k in TAIL_KEYS
                         if (v := txn.get(k, db=self.meta.meta)) is not None})
         c = self.meta.get_json("counters", {})

@@ -63,7 +63,12 @@ class RegionDevice:
         self.own_node = ""  # a node we made (no devtmpfs node in a container's /dev)
         src = os.open(backing_path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         try:
-            flags = LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO | (LO_FLAGS_READ_ONLY if readonly else 0)
+            # Direct I/O over a block device (the pool's own caches and the
+            # loop's page cache are enough); buffered over a pool file, so the
+            # file's page cache keeps the metadata warm across opens (each
+            # open is a new loop device, whose own cache starts cold)
+            dio = LO_FLAGS_DIRECT_IO if stat.S_ISBLK(os.fstat(src).st_mode) else 0
+            flags = LO_FLAGS_AUTOCLEAR | dio | (LO_FLAGS_READ_ONLY if readonly else 0)
             name = os.path.basename(backing_path).encode()[:63]
             cfg = _LOOP_CONFIG.pack(src, 0, 0, 0, 0, offset, size, 0, 0, 0, flags, name, b"", b"",
                                     0, 0)

@@ -41,6 +41,8 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..errors import CorruptData, PoolFull
 from .backing import Backing
 from .format import (
@@ -62,6 +64,13 @@ from .format import (
 from .freespace import FreeSegments
 
 log = logging.getLogger(__name__)
+
+# SEG_META as a numpy record: state, stream, reserved, seq, write_ptr, live,
+# erase_count, sealed_ns (little-endian, packed: 32 bytes)
+_SEG_DTYPE = np.dtype([("state", "u1"), ("stream", "u1"), ("res", "<u2"), ("seq", "<u8"),
+                       ("write_ptr", "<u4"), ("live", "<u4"), ("erase", "<u4"),
+                       ("sealed_ns", "<u8")])
+assert _SEG_DTYPE.itemsize == SEG_META.size
 
 _HEADER = ChunkHeader.SIZE
 WRITE_BEHIND = 1 << 20  # write full blocks out once this much is buffered
@@ -131,25 +140,34 @@ class SegmentLog:
         self._nfree, self._nsealed = n, 0  # segments in state SEG_FREE, SEG_SEALED
 
     # persistence -------------------------------------------------------------
-    def load(self, items: Iterator[tuple[bytes, bytes]],
+    def load(self, keys: bytes, values: bytes,
              tails: dict[bytes, bytes] | None = None) -> None:
-        """Load the `segs` table, then reopen the open segments; `tails` holds
-        the meta table's tail records (key: TAIL_KEYS[stream])."""
+        """Load the `segs` table, given as all its keys and all its values
+        joined (read in two passes, so that a 10 TiB pool's 2.6 M records are
+        decoded as arrays, not one by one), then reopen the open segments;
+        `tails` holds the meta table's tail records (key: TAIL_KEYS[stream])."""
         self._tails = tails or {}
-        opened = []
-        for k, v in items:
-            (s,) = SEG_KEY.unpack(k)
-            if s >= self.count:
-                continue
-            st, stream, _, seq, wp, live, erase, sealed = SEG_META.unpack(v)
-            self.state[s], self.seq[s], self.write_ptr[s] = st, seq, wp
-            self.live[s], self.erase[s], self.sealed_ns[s] = live, erase, sealed
-            self.stream[s] = stream if stream < STREAMS else USER
-            self.next_seq = max(self.next_seq, seq + 1)
-            if st == SEG_OPEN:
-                opened.append(s)
-            elif st == SEG_SEALED and live == 0:
-                self.pending_free.add(s)  # freed by a commit, then a crash
+        ids = np.frombuffer(keys, dtype=">u4").astype(np.int64)
+        recs = np.frombuffer(values, dtype=_SEG_DTYPE)
+        if len(ids) != len(recs):
+            raise CorruptData(f"segs table: {len(ids)} keys but {len(recs)} records")
+        keep = ids < self.count  # (records past the end: a pool upgraded in place)
+        ids, recs = ids[keep], recs[keep]
+        np.frombuffer(self.state, dtype=np.uint8)[ids] = recs["state"]
+        np.frombuffer(self.seq, dtype=np.uint64)[ids] = recs["seq"]
+        np.frombuffer(self.write_ptr, dtype=np.uint32)[ids] = recs["write_ptr"]
+        np.frombuffer(self.live, dtype=np.uint32)[ids] = recs["live"]
+        np.frombuffer(self.erase, dtype=np.uint32)[ids] = recs["erase"]
+        np.frombuffer(self.sealed_ns, dtype=np.uint64)[ids] = recs["sealed_ns"]
+        stream = recs["stream"].copy()
+        stream[stream >= STREAMS] = USER
+        np.frombuffer(self.stream, dtype=np.uint8)[ids] = stream
+        if len(recs):
+            self.next_seq = max(self.next_seq, int(recs["seq"].max()) + 1)
+        # freed by a commit, then a crash
+        dead = (recs["state"] == SEG_SEALED) & (recs["live"] == 0)
+        self.pending_free.update(int(x) for x in ids[dead])
+        opened = [int(x) for x in ids[recs["state"] == SEG_OPEN]]
         for s in sorted(opened, key=lambda x: self.seq[x]):
             self._reopen(s)
         self._tails = {}
