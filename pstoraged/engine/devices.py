@@ -103,7 +103,7 @@ def _unescape(s: str) -> str:  # mountinfo and /proc/swaps octal-escape spaces e
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), s)
 
 
-def _fstype(path: str) -> str:
+def fstype(path: str) -> str:
     """The file system type of the mount holding `path` (by name: works on a dead FUSE mount)."""
     best, fstype = "", ""
     with open("/proc/self/mountinfo") as f:
@@ -119,7 +119,7 @@ def _fstype(path: str) -> str:
 def _volume_behind(path: str) -> str | None:
     """The PStorage volume a file is, if it is one: a file in the daemon's FUSE
     mount, or nbdfuse's RUN/exports/NAME/fuse/NAME (exports.py)."""
-    if _fstype(path) == "fuse.pstorage":
+    if fstype(path) == "fuse.pstorage":
         return os.path.basename(path)
     m = re.fullmatch(r"(.*/exports/([^/]+))/fuse/\2", path)
     if m and os.path.exists(os.path.join(m[1], "state.json")):

@@ -67,12 +67,33 @@ def _block_devices() -> list[str]:
                     continue
         except (OSError, ValueError):
             continue
-        if name.startswith(("ram", "zram")):
+        if name.startswith(("ram", "zram", "nbd")) or _served_by_fuse(name):
             continue
         node = f"/dev/{name}"
         if os.path.exists(node):
             out.append(node)
     return out
+
+
+def _served_by_fuse(name: str) -> bool:
+    """A loop device over a file in a FUSE mount (a PStorage volume attached
+    through the daemon's FUSE front end or nbdfuse). Reading it could wait
+    forever: its server may be this very daemon, still starting. Such devices
+    (and nbd devices, for the same reason) are never scanned; name one with
+    --device to look at it anyway."""
+    if not name.startswith("loop"):
+        return False
+    try:
+        with open(f"{SYS_BLOCK}/{name}/loop/backing_file") as f:
+            backing = f.read().strip().removesuffix(" (deleted)")
+    except OSError:
+        return False
+    from .devices import fstype  # (devices.py imports pyudev: only loops need it)
+
+    try:
+        return fstype(backing).startswith("fuse")
+    except OSError:
+        return True
 
 
 def _expand(search: list[str]) -> list[str]:
