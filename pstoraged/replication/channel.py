@@ -182,8 +182,8 @@ async def open_tls(address: str, ctx: ssl.SSLContext,
     with trio.move_on_after(within) as scope:
         try:
             tcp = await trio.open_tcp_stream(host, int(port))
-        except OSError as e:
-            raise PeerUnreachable(f"cannot reach {address}: {e.strerror or e}",
+        except (OSError, ValueError) as e:  # (ValueError: a name IDNA cannot encode)
+            raise PeerUnreachable(f"cannot reach {address}: {getattr(e, 'strerror', '') or e}",
                                   "is the peer's replication listener on, and the "
                                   "network up?") from None
         tls = trio.SSLStream(tcp, ctx, server_hostname=SNI)

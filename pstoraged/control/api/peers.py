@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from ...engine.units import parse_size
 from ...errors import NotFound
 from ...replication.peers import DEFAULT_KEY_TTL
 from ...replication.service import Replication
 from .context import Context, Ctx
-from .models import ERRORS, SIZE_PATTERN, _Strict
+from .models import ERRORS, SIZE_PATTERN
 
 router = APIRouter()
 
@@ -29,23 +29,32 @@ PEER_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class KeyRequest(_Strict):
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+# HOST:PORT: an IPv4 address or host name, or [IPv6]
+ADDRESS = rf"^(?:\[[0-9A-Fa-f:.]{{2,45}}\]|{_LABEL}(?:\.{_LABEL}){{0,126}}):{_PORT}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KeyRequest(Strict):
     ttl: float = Field(DEFAULT_KEY_TTL, gt=0, le=7 * 86400,
                        description="seconds the key stays valid (default one hour)")
 
 
-class ConnectRequest(_Strict):
-    address: str = Field(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]{1,253}):[0-9]{1,5}$",
-                         max_length=300, description="the target's replication listener",
-                         examples=["10.0.0.2:8471"])
+class ConnectRequest(Strict):
+    address: str = Field(pattern=ADDRESS, max_length=300, description="the target's replication listener",
+                         examples=["127.0.0.1:8471"])
     key: str = Field(pattern=r"^pst1-[a-z2-7]{8}(-[a-z2-7]{8}){3}$",
                      description="the connection key 'pstorage peer key' printed on the target")
     name: str | None = Field(None, pattern=PEER_NAME,
                              description="what to call the peer here (default: its own name)")
 
 
-class PeerPatch(_Strict):
-    bandwidth: int | Annotated[str, Field(pattern=SIZE_PATTERN.replace("K)", "K|0)"),
+class PeerPatch(Strict):
+    bandwidth: Annotated[int, Field(ge=0, le=1 << 50)] | Annotated[str, Field(pattern=SIZE_PATTERN.replace("K)", "K|0)"),
                                           max_length=32)] = Field(
         description="bytes per second sent to the peer at most (\"50M\"); 0: no limit")
 
