@@ -143,3 +143,32 @@ class CheckProblems(PStorageError):
     status = 500
     exit_code = 11
     code = "check_problems"
+
+
+class ProtocolError(PStorageError):
+    """A replication peer sent bytes that are not a valid frame or message
+    (replication/wire.py): the connection is closed, nothing else happens."""
+
+    errno = _errno.EPROTO
+    status = 502
+    exit_code = 12
+    code = "protocol_error"
+
+
+class PeerUnreachable(PStorageError):
+    """A replication peer did not answer (link down, daemon stopped, timeout)."""
+
+    errno = _errno.EHOSTUNREACH
+    status = 503
+    exit_code = 12
+    code = "peer_unreachable"
+
+
+class PeerRefused(PStorageError):
+    """Pairing or a peer connection was refused: a wrong or expired connection
+    key, an unknown peer, or a certificate that is not the pinned one."""
+
+    errno = _errno.EACCES
+    status = 403
+    exit_code = 10
+    code = "peer_refused"

@@ -30,11 +30,12 @@ class Daemon:
         self.client = Client(os.path.join(run_dir, "control.sock"), timeout=60)
         self.env = dict(os.environ, PSTORAGE_CONTROL=self.client.path)
         self.args: list[str] = []  # extra pstoraged arguments
+        self.wrap: list[str] = []  # a command prefix, e.g. ip netns exec NS
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pstoraged.control.daemon", "--pool-dir", self.pool_dir,
+            [*self.wrap, sys.executable, "-m", "pstoraged.control.daemon", "--pool-dir", self.pool_dir,
              "--run-dir", self.run_dir, "--log-level", "DEBUG", "--config", "/dev/null",
              *self.args],
             stdout=log, stderr=log,

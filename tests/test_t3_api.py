@@ -430,6 +430,13 @@ mode = "positive"
 include-path = "/api/v1/volumes/{name}/export"
 include-method = "POST"
 checks = { positive_data_acceptance = { enabled = false } }
+
+# pairing dials the address in the request: a peer that cannot be reached or
+# does not speak the protocol is a gateway failure (502/503), as HTTP has it
+[[operations]]
+include-path = "/api/v1/peers"
+include-method = "POST"
+checks = { not_a_server_error = { enabled = false } }
 """
 
 

@@ -700,6 +700,112 @@ def cmd_jobs(args: argparse.Namespace, c: Client) -> None:
     _emit(args, jobs, "\n".join(_job_line(j) for j in jobs) or "no jobs")
 
 
+# ---------------------------------------------------------------- peers
+def _ago(t: float | None) -> str:
+    if not t:
+        return "never"
+    s = max(0.0, datetime.now().timestamp() - t)
+    return f"{s:.0f}s ago" if s < 120 else (f"{s / 60:.0f}m ago" if s < 7200
+                                           else f"{s / 3600:.0f}h ago")
+
+
+def _seconds(text: str) -> float:
+    """"90", "30s", "15m", "1h", "2d" as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise InvalidArgument(f"not a duration: {text!r}", "e.g. 600, 30m, 1h, 2d") from None
+
+
+def cmd_peer_key(args: argparse.Namespace, c: Client) -> None:
+    k = c.post("/api/v1/peers/key", {"ttl": _seconds(args.ttl)})
+    where = ", ".join(k["listen"]) if k["listen"] else \
+        "nowhere: set [replication] listen in the config and restart, or peers cannot dial this daemon"
+    _emit(args, k, f"{k['key']}\n\none-time connection key, valid until "
+          f"{datetime.fromtimestamp(k['expires']):%Y-%m-%d %H:%M:%S}; on the other daemon run:\n"
+          f"  pstorage peer connect THIS-HOST:PORT --key {k['key']}\n"
+          f"this daemon listens on {where}\n"
+          f"certificate SHA-256 {k['fingerprint']}")
+
+
+def _peer_rows(peers: list[dict]) -> list[list[str]]:
+    return [[p["name"], p["address"] or "-", p["state"] + (" (connected)" if p["connected"] else ""),
+             _ago(p["last_seen"]), "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f} ms",
+             human_bytes(p["bandwidth"]) + "/s" if p["bandwidth"] else "unlimited",
+             p["fingerprint"][:16]] for p in peers]
+
+
+PEER_HEADER = ["NAME", "ADDRESS", "STATE", "LAST SEEN", "RTT", "BANDWIDTH", "CERTIFICATE"]
+
+
+def cmd_peer_list(args: argparse.Namespace, c: Client) -> None:
+    data = c.get("/api/v1/peers")
+    me = data["self"]
+    head = (f"this daemon: {me['name']} (pool {me['id']}), listening on "
+            f"{', '.join(me['bound']) if me['bound'] else 'nothing (replication listener off)'}")
+    rows = _peer_rows(data["peers"])
+    errors = [f"{p['name']}: {p['last_error']}" for p in data["peers"]
+              if p["last_error"] and p["state"] == "unreachable"]
+    _emit(args, data, head + "\n" + (table(rows, PEER_HEADER) if rows else "no peers")
+          + "".join("\n" + e for e in errors))
+
+
+def cmd_peer_connect(args: argparse.Namespace, c: Client) -> None:
+    body = {"address": args.address, "key": args.key}
+    if args.name:
+        body["name"] = args.name
+    p = c.post("/api/v1/peers", body)
+    _emit(args, p, f"paired with {p['name']} at {p['address']} (certificate SHA-256 "
+          f"{p['fingerprint']}); round trip {p['rtt_ms']} ms")
+
+
+def cmd_peer_disconnect(args: argparse.Namespace, c: Client) -> None:
+    r = c.delete(f"/api/v1/peers/{args.name}")
+    _emit(args, r, f"forgot peer {args.name}" + ("; it forgot this daemon too" if r["peer_told"]
+          else "; it could not be told (it keeps its record of this daemon until it is "
+          "disconnected there)"))
+
+
+def cmd_peer_set(args: argparse.Namespace, c: Client) -> None:
+    bw = 0 if args.bandwidth.strip() in ("0", "unlimited", "none") else parse_size(args.bandwidth)
+    p = c.patch(f"/api/v1/peers/{args.name}", {"bandwidth": bw})
+    _emit(args, p, f"peer {p['name']}: bandwidth " + (f"{human_bytes(bw)}/s" if bw else
+                                                       "unlimited"))
+
+
+def cmd_peer_ping(args: argparse.Namespace, c: Client) -> None:
+    r = c.post(f"/api/v1/peers/{args.name}/ping")
+    _emit(args, r, f"{args.name}: {r['rtt_ms']:.2f} ms")
+
+
+def _peer_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """peer key, connect, list, set, ping, disconnect"""
+    pe = sub.add_parser("peer", help="replication peers: pair, list, limit, forget"
+                        ).add_subparsers(dest="sub", required=True)
+    x = pe.add_parser("key", help="a one-time connection key for pairing (run on the target)")
+    x.add_argument("--ttl", default="1h", help="how long it is valid (default 1h)")
+    x.set_defaults(fn=cmd_peer_key)
+    x = pe.add_parser("connect", help="pair with the daemon at HOST:PORT (run on the source)")
+    x.add_argument("address", metavar="HOST:PORT", help="the target's replication listener")
+    x.add_argument("--key", required=True, help="the key 'pstorage peer key' printed there")
+    x.add_argument("--name", help="what to call the peer here (default: its own name)")
+    x.set_defaults(fn=cmd_peer_connect)
+    pe.add_parser("list", help="paired peers, reachable or not, last seen"
+                  ).set_defaults(fn=cmd_peer_list)
+    x = pe.add_parser("set", help="change a peer's settings")
+    x.add_argument("name")
+    x.add_argument("--bandwidth", required=True, help="bytes/s sent to it at most (50M; 0: no limit)")
+    x.set_defaults(fn=cmd_peer_set)
+    x = pe.add_parser("ping", help="round-trip time to a peer")
+    x.add_argument("name")
+    x.set_defaults(fn=cmd_peer_ping)
+    x = pe.add_parser("disconnect", help="forget a peer (and tell it, if it answers)")
+    x.add_argument("name")
+    x.set_defaults(fn=cmd_peer_disconnect)
+
+
 class _Parser(argparse.ArgumentParser):
     """Every command and subcommand takes --json and --socket, before or after its name."""
 
@@ -716,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     # in this order: --help lists the commands so
     for add in (_pool_commands, _volume_commands, _snapshot_commands, _serving_commands,
-                _report_commands, _maintenance_commands):
+                _report_commands, _maintenance_commands, _peer_commands):
         add(sub)
     return p
 

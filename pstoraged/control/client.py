@@ -20,6 +20,7 @@ _BY_CODE: dict[str, type[errors.PStorageError]] = {
         errors.InvalidArgument, errors.NotFound, errors.Conflict, errors.ReadOnly,
         errors.PoolFull, errors.CorruptData, errors.DeviceIOError, errors.FormatError,
         errors.PoolLocked, errors.TooLarge, errors.ValidationFailed, errors.Unauthorized,
+        errors.ProtocolError, errors.PeerUnreachable, errors.PeerRefused,
     )
 }
 

@@ -81,6 +81,16 @@ class DedupeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicationConfig:
+    """[replication]: peers and their TCP listener (pstoraged/replication/); read at start."""
+
+    listen: str | None = None  # "ADDR:PORT" of the replication listener; None: off
+    advertise: str | None = None  # "HOST:PORT" peers should dial; None: the listen address
+    name: str = ""  # what peers call this daemon when pairing; "": the pool's label or UUID
+    ping_interval: float = 10.0  # seconds between liveness checks of each peer
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """Every pstoraged setting, with its default."""
 
@@ -99,6 +109,7 @@ class Config:
     exports: ExportsConfig = field(default_factory=ExportsConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
 
 
 # What SIGHUP applies to the running daemon. Everything else needs a restart:
@@ -108,7 +119,7 @@ RELOADABLE = frozenset({"log_level", "sample_interval", "temperature_days",
                         "destroy_grace_hours"})
 
 SECTIONS: dict[str, type] = {"exports": ExportsConfig, "fuse": FuseConfig,
-                             "dedupe": DedupeConfig}
+                             "dedupe": DedupeConfig, "replication": ReplicationConfig}
 
 # The environment variables pstoraged has always honoured.
 ENVIRONMENT = {"pool": "PSTORAGE_POOL", "pool_dir": "PSTORAGE_POOL_DIR", "run_dir": "PSTORAGE_RUN_DIR",
@@ -266,6 +277,14 @@ def _memory(v: Any, where: str) -> int:
     return n
 
 
+def _peer_name(v: Any, where: str) -> str:
+    s = _string(v, where)
+    if s and not (len(s) <= 63 and s.replace("-", "").replace("_", "").replace(".", "").isalnum()
+                  and s.isascii()):
+        raise InvalidArgument(f"{where} must be 1-63 letters, digits, '.', '_' or '-', not {s!r}")
+    return s
+
+
 CHECKS: dict[str, Check] = {
     "pool": _pool_name,
     "pool_dir": _path,
@@ -284,6 +303,10 @@ CHECKS: dict[str, Check] = {
     "fuse.mountpoint": _path_or_empty,
     "fuse.enabled": _auto_or_boolean,
     "dedupe.index_memory": _memory,
+    "replication.listen": _optional(_addr_port),
+    "replication.advertise": _optional(_addr_port),
+    "replication.name": _peer_name,
+    "replication.ping_interval": _positive,
 }
 
 

@@ -25,6 +25,8 @@ from ..frontends.dataplane import DataPlane
 from ..frontends.exports import ExportManager
 from ..frontends.fusefs import FuseFrontEnd
 from ..frontends.loopdev import loop_devices_on
+from ..replication.peers import PeerStore
+from ..replication.service import Replication
 from . import config, logsetup, sdnotify
 from .api import Context, build_app
 from .server import ControlServer
@@ -89,6 +91,12 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
         await dataplane.call(lambda: engine.background.add_service(SegmentCleaner(engine)))
         dataplane.resolve = ctx.catalog.view  # VOL@SNAP exports
         eradicator = Eradicator(ctx.catalog, dataplane.call)
+        sb = engine.pool.sb
+        rc = cfg.replication
+        ctx.replication = Replication(
+            PeerStore(engine.meta, dataplane.call), sb.uuid.hex(),
+            rc.name or sb.label or f"pool-{sb.uuid.hex()[:8]}", run_dir,
+            listen=rc.listen, advertise=rc.advertise, ping_interval=rc.ping_interval)
         control = ControlServer(build_app(ctx), os.path.join(run_dir, "control.sock"),
                                 tcp=cfg.api_listen, token_file=cfg.api_token_file)
 
@@ -129,6 +137,7 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
                 sdnotify.store_fds([fuse.connection_fd], "fuse")
             nursery.start_soon(ctx.analytics.run, name="capacity sampler")
             nursery.start_soon(eradicator.run, name="eradicator")
+            await nursery.start(ctx.replication.run)  # peers; the listener if configured
             nursery.start_soon(watchdog.run, name="watchdog")
             ctx.ready = True
             log.info("pstoraged ready: pool %s, %d volumes, sockets in %s",
@@ -148,6 +157,7 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
             ctx.ready = False
             ctx.analytics.stop()
             eradicator.stop()
+            ctx.replication.stop()
             control.stop()
             if fuse is not None:
                 # with devices attached and an fd store to hold the mount, leave it
