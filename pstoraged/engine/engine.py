@@ -391,6 +391,31 @@ class Engine:
                 break
         self.flush()
 
+    # ------------------------------------------------------------------ replicas
+    def map_blocks(self, vol: Volume, rows: list[tuple[int, int]]) -> None:
+        """Point blocks of `vol`'s live generation at live chunks (one more
+        reference each) or NO_CHUNK, whatever its read-only flag: a replica's
+        apply (replica.py), which verified the chunks first."""
+        self.check_failed()
+        if self.meta_full:
+            self._refuse_meta_full()
+        incref = self._incref
+        for lba, cid in rows:
+            if cid != NO_CHUNK:
+                incref(cid)
+            self._map(vol, lba, cid)
+        self.dirty = True
+
+    def clear_volume(self, vol: Volume) -> int:
+        """Drop every block of the live generation (a replica's rollback when it
+        has no snapshot yet); returns how many held data."""
+        return self._unmap_range(vol, 0, -(-vol.size // BLOCK_SIZE))
+
+    def check_room(self) -> None:
+        """PoolFull while the metadata region is too full for new data."""
+        if self.meta_full:
+            self._refuse_meta_full()
+
     # ------------------------------------------------------------------ changed blocks
     def changed_blocks(self, vol: Volume, lo: int, hi: int, first: int = 0
                        ) -> Iterator[tuple[int, int]]:
