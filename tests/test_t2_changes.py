@@ -17,7 +17,7 @@ from pstoraged.engine.snapshots import Catalog, diff
 
 from .conftest import crash, make_pool
 
-VOL_BLOCKS = 4 * EXTENT_BLOCKS  # 4 extents
+VOL_BLOCKS = 1024  # 4 MiB
 
 
 def both(eng: Engine, vid: int, lo: int, hi: int) -> tuple[list, list]:

@@ -3,7 +3,7 @@
 A snapshot diff (snapshots.diff) and the export of a replication delta
 (replica.py) want the blocks whose visible map entry differs between two
 generations. Walking every map entry of the volume costs O(volume); this
-module keeps, per (volume, generation), the set of 1 MiB extents (EXTENT_BLOCKS
+module keeps, per (volume, generation), the set of 64 KiB extents (EXTENT_BLOCKS
 blocks) that had a map entry created, replaced or removed while that
 generation was the live one, so a diff of (lo, hi] visits only the extents
 marked in generations lo+1..hi: O(changes).
@@ -38,9 +38,9 @@ from .maps import L2P_LBA_END, entries_by_block
 from .metadata import MetaStore
 from .volumes import Volume
 
-EXTENT_SHIFT = 8  # 256 blocks: 1 MiB extents
+EXTENT_SHIFT = 4  # 16 blocks: 64 KiB extents (a diff walks whole extents)
 EXTENT_BLOCKS = 1 << EXTENT_SHIFT
-GROUP_SHIFT = 10  # extents per record: a 128-byte bitmap covers 1 GiB of volume
+GROUP_SHIFT = 10  # extents per record: a 128-byte bitmap covers 64 MiB of volume
 GROUP_EXTENTS = 1 << GROUP_SHIFT
 GROUP_BYTES = GROUP_EXTENTS // 8
 CBT_KEY = struct.Struct(">III")  # volume id, generation, group (big-endian: ordered)
