@@ -38,7 +38,7 @@ import sys
 from pstoraged.engine.units import parse_size
 from pstoraged.errors import PStorageError
 
-from . import scale, space
+from . import replication, scale, space
 from .bench import ALL_TARGETS, Bench
 from .system import MiB, log
 
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--space" in argv:  # snapshot creation time, GC write amplification (space.py)
         return space.main([x for x in argv if x != "--space"])
+    if "--replication" in argv:  # diff cost, async replication data path (replication.py)
+        return replication.main([x for x in argv if x != "--replication"])
     if "--scale" in argv:  # allocation and memory at 10 TiB, metadata per TiB (scale.py)
         return scale.main([x for x in argv if x != "--scale"])
     args = parse_args(argv)

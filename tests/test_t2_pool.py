@@ -66,7 +66,7 @@ def test_unknown_versions_and_foreign_devices_are_refused(tmp_path):
         meta.commit()
     open_pool(a).close()
     with raw_metadata(a) as meta:
-        assert meta.get_json("format_version") == METADATA_VERSION == 4
+        assert meta.get_json("format_version") == METADATA_VERSION == 5
     b = make_pool(str(tmp_path / "b"))
     c = make_pool(str(tmp_path / "c"))
     with open(os.path.join(b, "pool.json")) as f:

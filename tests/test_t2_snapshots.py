@@ -393,10 +393,10 @@ def test_diff_and_space_accounting(engine, cat):
     txn = engine.meta.env.begin(write=False)
     try:
         _, ga, gb = cat.generations("v", "a", "b")
-        d = diff(txn, engine.meta.l2p, v.id, ga, gb)
+        d = diff(txn, engine.meta, v.id, ga, gb, tracked=True)
         assert [(r["offset"], r["length"]) for r in d["ranges"]] == [
             (8192, 8192), (1 << 19, 4096), (3 << 20, 4096)]
-        d2 = diff(txn, engine.meta.l2p, v.id, gb, v.gen)
+        d2 = diff(txn, engine.meta, v.id, gb, v.gen, tracked=True)
         assert [(r["offset"], r["length"]) for r in d2["ranges"]] == [(16384, 4096)]
         sp = space(txn, engine.meta, v.id, [ga, gb, v.gen])
     finally:

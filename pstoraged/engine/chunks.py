@@ -103,6 +103,20 @@ class ChunkStore:
             return None
         return cid, raw
 
+    def find(self, fp: bytes) -> int | None:
+        """The live chunk holding this fingerprint, exactly: not subject to the
+        sparse index's sampling (a B-tree lookup per fingerprint not in memory),
+        and checked against the chunk's entry. Replication asks this."""
+        cid = self.fps.get_exact(fp)
+        if cid is None:
+            return None
+        raw = self.meta.txn.get(_ckey(cid), db=self.meta.chunks)
+        return cid if raw is not None and raw[-32:] == fp else None
+
+    def fingerprint(self, cid: int) -> bytes:
+        """The fingerprint of a live chunk."""
+        return self.location(cid)[3]
+
     def incref(self, cid: int, raw: bytes | memoryview | None = None) -> None:
         """One more reference to chunk `cid` (`raw`: its entry, if the caller has it)."""
         txn, key = self.meta.txn, _ckey(cid)
@@ -196,6 +210,25 @@ class ChunkStore:
         """The data of a live chunk, verified."""
         s, off, slen, fp = self.location(cid)
         return self.decode(cid, s, off, slen, fp, self.segs.read(s, off, ChunkHeader.SIZE + slen))
+
+    def read_stored(self, cid: int) -> tuple[int, int, bytes, int]:
+        """(codec, raw length, payload as stored, payload CRC-32) of a live chunk:
+        its record's header checked against the metadata and the payload
+        against its CRC, not decompressed (replication ships it as it is)."""
+        s, off, slen, fp = self.location(cid)
+        rec = self.segs.read(s, off, ChunkHeader.SIZE + slen)
+        try:
+            _kind, codec, chunk_id, raw_len, stored_len, fpr, pcrc, rseq = unpack_chunk_header(rec)
+            if chunk_id != cid or stored_len != slen or fpr != fp:
+                raise CorruptData(f"segment {s} offset {off} holds chunk {chunk_id}, not {cid}")
+            if rseq and rseq != self.segs.seq_of(s) & SEQ_MASK:
+                raise CorruptData(stale_message(s, off, rseq, self.segs.seq_of(s)))
+            payload = bytes(memoryview(rec)[ChunkHeader.SIZE : ChunkHeader.SIZE + slen])
+            if _zcrc32(payload) != pcrc:
+                raise CorruptData(f"chunk {cid} (segment {s} offset {off}): payload checksum mismatch")
+        except CorruptData as e:
+            self.count_corruption(str(e))
+        return codec, raw_len, payload, pcrc
 
     def read_chunks(self, cids: list[int]) -> dict[int, bytes]:
         """Read many chunks, one device read per run of physically adjacent records."""

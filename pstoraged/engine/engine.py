@@ -35,6 +35,8 @@ import lmdb
 from ..errors import DeviceIOError, InvalidArgument, NotFound, PoolFull, ReadOnly
 from . import codecs
 from .background import BackgroundService, BackgroundWork, QueuedWork, Supervisor
+from .changes import EXTENT_SHIFT, ChangeTracker
+from .changes import changed_blocks as _changed_blocks
 from .chunks import ChunkStore
 from .format import (
     BLOCK_SIZE,
@@ -131,6 +133,9 @@ class Engine:
         self.catalog = VolumeCatalog(self.meta, c.get("next_volume", 1))
         self.volumes = self.catalog.volumes  # name -> Volume
         self.by_id = self.catalog.by_id  # id -> Volume
+        # changed-block tracking: every map change marks its extent (changes.py)
+        self.tracker = ChangeTracker(self.meta, self.by_id.values())
+        self._changed = self.tracker.pending.add
         self.chunks = ChunkStore(
             self.meta, self.segs, c, on_failure=self._fail, mark_dirty=self.mark_dirty,
             on_index_update=self._updated, index_memory=index_memory)
@@ -148,7 +153,7 @@ class Engine:
         self.reclaiming = self.reclaimer.reclaiming
         self.generations = Generations(self.meta, self.catalog, self.maps, ch,
                                        map_block=self._map, heat_mapped=self._observe_mapped,
-                                       mark_dirty=self.mark_dirty)
+                                       mark_dirty=self.mark_dirty, tracker=self.tracker)
         self.dropping = self.generations.dropping  # [volume id, generation, next lba]
         self.restoring = self.generations.restoring  # volume id -> [gen, size, next lba, changed]
         self.filling = self.generations.filling  # clone id -> [source id, gen, next lba, shared]
@@ -214,7 +219,11 @@ class Engine:
             self.observer.mapped(vid, lba, delta)
 
     def _observe_drop(self, vid: int, budget: int) -> int:
-        return self.observer.drop_volume(vid, budget) if self.observer is not None else 0
+        """A deleted volume's records beside its map: change marks, then temperature."""
+        done = self.tracker.drop_volume(vid, budget)
+        if done < budget and self.observer is not None:
+            done += self.observer.drop_volume(vid, budget - done)
+        return done
 
     # ------------------------------------------------------------------ volumes
     def volume(self, name: str) -> Volume:
@@ -304,6 +313,7 @@ class Engine:
             vol.stats.mapped_blocks += delta
             if self.observer is not None:
                 self.observer.mapped(vol.id, lba, delta)
+        self._changed((vol.id, gen, lba >> EXTENT_SHIFT))
         self.map_changes += 1
         self.meta.pending_ops += 1
 
@@ -381,6 +391,43 @@ class Engine:
             else:
                 break
         self.flush()
+
+    # ------------------------------------------------------------------ replicas
+    def map_blocks(self, vol: Volume, rows: list[tuple[int, int]]) -> None:
+        """Point blocks of `vol`'s live generation at live chunks (one more
+        reference each) or NO_CHUNK, whatever its read-only flag: a replica's
+        apply (replica.py), which verified the chunks first."""
+        self.check_failed()
+        if self.meta_full:
+            self._refuse_meta_full()
+        incref = self._incref
+        for lba, cid in rows:
+            if cid != NO_CHUNK:
+                incref(cid)
+            self._map(vol, lba, cid)
+        self.dirty = True
+
+    def clear_volume(self, vol: Volume) -> int:
+        """Drop every block of the live generation (a replica's rollback when it
+        has no snapshot yet); returns how many held data."""
+        return self._unmap_range(vol, 0, -(-vol.size // BLOCK_SIZE))
+
+    def check_room(self) -> None:
+        """PoolFull while the metadata region is too full for new data."""
+        if self.meta_full:
+            self._refuse_meta_full()
+
+    # ------------------------------------------------------------------ changed blocks
+    def changed_blocks(self, vol: Volume, lo: int, hi: int, first: int = 0
+                       ) -> Iterator[tuple[int, int]]:
+        """(lba, chunk id at `hi` or NO_CHUNK) of the blocks of `vol` from lba `first`
+        on whose content differs between generations lo < hi (0: before the
+        first), in lba order; visits only the extents marked in (lo, hi]
+        (changes.py). Reads the open transaction: consume it before the next
+        change to the maps."""
+        self.tracker.persist()
+        return _changed_blocks(self.meta.txn, self.meta.l2p, self.meta.cbt, vol.id, lo, hi,
+                               first, tracked=self.tracker.tracked(vol.id, lo))
 
     # ------------------------------------------------------------------ I/O
     def _check_range(self, vol: Volume, offset: int, length: int) -> None:
@@ -633,6 +680,7 @@ class Engine:
             self.segs.flush_data()
             if self.observer is not None:
                 self.observer.before_commit()
+            self.tracker.persist()
             self._persist_counters()
             txn = self.meta.txn
             for k, v in self.segs.dirty_records():

@@ -30,8 +30,11 @@ SUPPORTED_VERSIONS = (1, 2)
 # 3: new `fp` entries wait in memory, merged in the background (`fp_upto`).
 # 4: restores and clone fills run in the background (`restoring`, `filling`);
 #    a daemon that only knows 3 would serve a half-copied volume, so it refuses.
-METADATA_VERSION = 4
-SUPPORTED_METADATA_VERSIONS = (1, 2, 3, 4)
+# 5: changed-block tracking (`cbt` table, meta `cbt_since`, changes.py); a
+#    daemon that only knows 4 would change maps without marking them, and later
+#    diffs would miss those changes, so it refuses.
+METADATA_VERSION = 5
+SUPPORTED_METADATA_VERSIONS = (1, 2, 3, 4, 5)
 
 BLOCK_SIZE = 4096  # logical block of every volume
 ALIGN = 4096  # device I/O alignment (O_DIRECT, and padding at each flush)

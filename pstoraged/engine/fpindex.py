@@ -184,6 +184,18 @@ class FingerprintIndex:
                 cid = U64.unpack(hit)[0]
         return cid
 
+    def get_exact(self, fp: bytes) -> int | None:
+        """get() without sparse mode's sampling: every fingerprint not in memory is
+        looked up in the B-tree (the filter still answers the sampled misses).
+        For callers that must not miss a chunk the pool holds (replica.py)."""
+        cid = self.recent.get(fp)
+        if cid is None:
+            cid = self.merging.get(fp)
+            if cid is None:
+                hit = self._btree_get(fp)
+                return None if hit is None else U64.unpack(hit)[0]
+        return cid
+
     def _sparse_get(self, fp: bytes) -> int | None:
         """Sparse mode: the locality cache, then the B-tree for sampled fps only."""
         cid = self._near.get(fp)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import Conflict, NotFound
+from .changes import ChangeTracker
 from .chunks import ChunkStore
 from .format import BLOCK_SIZE, NO_CHUNK, U64, l2p_key
 from .maps import L2PMap
@@ -52,7 +53,7 @@ class Generations:
     def __init__(self, meta: MetaStore, catalog: VolumeCatalog, maps: L2PMap, chunks: ChunkStore,
                  *, map_block: Callable[[Volume, int, int], None],
                  heat_mapped: Callable[[int, int, int], None],
-                 mark_dirty: Callable[[], None]) -> None:
+                 mark_dirty: Callable[[], None], tracker: ChangeTracker) -> None:
         self.meta = meta
         self.catalog = catalog
         self.maps = maps
@@ -60,6 +61,7 @@ class Generations:
         self.map_block = map_block
         self.heat_mapped = heat_mapped
         self.mark_dirty = mark_dirty
+        self.tracker = tracker  # changed-block marks (changes.py): a fill's, a release's
         # released snapshot generations whose entries are still being dropped:
         # [volume id, generation, next lba]
         self.dropping: list[list[int]] = meta.get_json("dropping", [])
@@ -94,6 +96,8 @@ class Generations:
         """A snapshot is gone: drop (in the background) the entries only it could see."""
         self.check_not_copied_from(vol, gen)
         vol.frozen.remove(gen)
+        # what was written in `gen` and survives is seen from the next generation
+        self.tracker.release(vol.id, gen, min(x for x in [*vol.frozen, vol.gen] if x > gen))
         self.catalog.persist(vol)
         self.dropping.append([vol.id, gen, 0])
         self.meta.put_json("dropping", self.dropping)
@@ -245,6 +249,7 @@ class Generations:
         for lba, cid in rows:
             self.chunks.incref(cid)
             txn.put(l2p_key(dst.id, lba, dst.gen), U64.pack(cid), db=db)
+            self.tracker.mark(dst.id, dst.gen, lba)
             self.heat_mapped(dst.id, lba, 1)
         dst.stats.mapped_blocks += len(rows)
         self.meta.pending_ops += len(rows)

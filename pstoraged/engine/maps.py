@@ -106,15 +106,16 @@ class L2PMap:
         return out, None
 
 
-def entries_by_block(txn: lmdb.Transaction, db: Any, vid: int
-                     ) -> Iterator[tuple[int, list[tuple[int, int]]]]:
-    """(lba, [(gen, chunk), newest first]) for every block of the volume with entries."""
+def entries_by_block(txn: lmdb.Transaction, db: Any, vid: int, first: int = 0,
+                     end: int = L2P_LBA_END) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+    """(lba, [(gen, chunk), newest first]) for every block of the volume in
+    [first, end) with entries (by default: the whole volume)."""
     cur = txn.cursor(db=db)
-    ok = cur.set_range(L2P_KEY.pack(vid, 0, 0))
+    ok = cur.set_range(L2P_KEY.pack(vid, first, 0))
     lba_cur, entries = -1, list[tuple[int, int]]()
     while ok:
         v, lba, g = l2p_unpack(cur.key())
-        if v != vid:
+        if v != vid or lba >= end:
             break
         if lba != lba_cur:
             if entries:

@@ -63,6 +63,7 @@ class MetaStore:
         self.heat = self.env.open_db(b"heat")  # temperature.py: per-extent access and mapping
         self.hist = self.env.open_db(b"hist")  # history.py: capacity samples
         self.snaps = self.env.open_db(b"snaps")  # snapshots.py: the snapshot catalog
+        self.cbt = self.env.open_db(b"cbt")  # changes.py: changed extents per generation
         self._txn: lmdb.Transaction | None = None
         self._owner = 0  # thread that began the open transaction
         self.pending_ops = 0  # updates in the open transaction
@@ -111,7 +112,7 @@ class MetaStore:
 
     def tables(self) -> list[Any]:
         return [self.l2p, self.chunks, self.fp, self.segs, self.vols, self.meta, self.heat,
-                self.hist, self.snaps]
+                self.hist, self.snaps, self.cbt]
 
     def refresh(self) -> None:
         """After a commit: is the region full, and how many updates may the next

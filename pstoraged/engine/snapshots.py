@@ -32,9 +32,9 @@ import lmdb
 import trio
 
 from ..errors import Conflict, InvalidArgument, NotFound
-from .engine import NO_CHUNK, Engine, Volume
+from .changes import changed_blocks
+from .engine import Engine, Volume
 from .format import BLOCK_SIZE
-from .maps import entries_by_block
 from .units import validate_name
 from .usage import walk_volume
 
@@ -370,23 +370,21 @@ class Eradicator:
 
 
 # ---------------------------------------------------------------- read-only walks
-def _at(entries: list[tuple[int, int]], gen: int) -> int:
-    return next((c for g, c in entries if g <= gen), NO_CHUNK)
-
-
-def diff(txn: lmdb.Transaction, db: Any, vid: int, ga: int, gb: int,
+def diff(txn: lmdb.Transaction, meta: Any, vid: int, ga: int, gb: int, *, tracked: bool,
          limit: int = MAX_DIFF_RANGES) -> dict[str, Any]:
     """Block ranges whose content differs between generations ga and gb.
 
     Compares map entries only (chunk ids: equal ids are equal data, and a
     rewrite with the same data dedupes to the same chunk), never reads data.
+    Visits only the extents changed in between (changes.py); `tracked`:
+    Engine.tracker.tracked(vid, min(ga, gb)), else the whole map is walked.
     """
     ranges: list[list[int]] = []
     changed = 0
     truncated = False
-    for lba, entries in entries_by_block(txn, db, vid):
-        if _at(entries, ga) == _at(entries, gb):
-            continue
+    lo, hi = min(ga, gb), max(ga, gb)
+    blocks = changed_blocks(txn, meta.l2p, meta.cbt, vid, lo, hi, tracked=tracked) if lo < hi else ()
+    for lba, _cid in blocks:
         changed += 1
         if ranges and ranges[-1][0] + ranges[-1][1] == lba:
             ranges[-1][1] += 1

@@ -190,10 +190,11 @@ async def diff_route(ctx: Ctx, name: VolumeName,
                      to: Annotated[str | None, Query(pattern=NAME_PATTERN, description=
                                                      "newer snapshot (default: the live volume)")] = None,
                      ) -> dict[str, Any]:
-    def gens() -> tuple[int, int, int]:
+    def gens() -> tuple[int, int, int, bool]:
         vol, ga, gb = ctx.catalog.generations(name, base, to)
-        return vol.id, ga, gb
+        return vol.id, ga, gb, ctx.engine.tracker.tracked(vol.id, min(ga, gb))
 
-    vid, ga, gb = await ctx.call(gens, flush=True)
-    out = await ctx.read_committed(lambda txn: walk_diff(txn, ctx.engine.meta.l2p, vid, ga, gb))
+    vid, ga, gb, tracked = await ctx.call(gens, flush=True)
+    out = await ctx.read_committed(
+        lambda txn: walk_diff(txn, ctx.engine.meta, vid, ga, gb, tracked=tracked))
     return {"volume": name, "from": base, "to": to, **out}
