@@ -98,6 +98,26 @@ def daemon():
 
 
 @pytest.fixture
+def fuse_daemon(tmp_path):
+    """A daemon whose attach uses its own FUSE front end ([fuse] enabled)."""
+    import subprocess
+
+    from .daemon_util import new_daemon, remove
+
+    d = new_daemon(size=4 << 30)
+    conf = tmp_path / "pstoraged.toml"
+    conf.write_text(f'[fuse]\nenabled = true\nmountpoint = "{d.run_dir}/dev"\n')
+    d.args = ["--config", str(conf)]
+    try:
+        d.start()
+        yield d
+    finally:
+        for mnt in getattr(d, "mounts", []):
+            subprocess.run(["umount", "-l", mnt], capture_output=True)
+        remove(d)
+
+
+@pytest.fixture
 def fs_daemon():
     """A running daemon on a 6 GiB sparse pool, for tests that mount filesystems."""
     import subprocess

@@ -171,35 +171,28 @@ def test_daemon_opens_its_pool_by_label_on_any_block_device(tmp_path):
 
 
 
-def test_the_scan_never_reads_a_loop_device_over_a_fuse_file(tmp_path):
+def test_the_scan_never_reads_a_loop_device_over_a_fuse_file(fuse_daemon):
     """A volume attached through FUSE is a loop device over a file the daemon
     serves: a scan (pool import, or a daemon looking for its moved pool) must
     not read it, or a starting daemon could wait on itself forever. Here the
     volume even holds a pool's superblock, and the scan still skips it."""
-    d = new_daemon(size=1 << 30)
-    conf = tmp_path / "pstoraged.toml"
-    conf.write_text(f'[fuse]\nenabled = true\nmountpoint = "{d.run_dir}/dev"\n')
-    d.args = ["--config", str(conf)]
-    try:
-        d.start()
-        d.cli("volume", "create", "f", "--size", "64M")
-        dev = d.cli("attach", "f").stdout.strip()
-        real = os.path.realpath(dev)
-        assert os.path.basename(real).startswith("loop")
-        # a superblock on it (pool create refuses a PStorage volume as a device)
-        from pstoraged.engine.format import Superblock
+    d = fuse_daemon
+    d.cli("volume", "create", "f", "--size", "64M")
+    dev = d.cli("attach", "f").stdout.strip()
+    real = os.path.realpath(dev)
+    assert os.path.basename(real).startswith("loop")
+    # a superblock on it (pool create refuses a PStorage volume as a device)
+    from pstoraged.engine.format import Superblock
 
-        sb = Superblock(uuid.uuid4().bytes, 1, 64 << 20, 1 << 20, 40, 9 << 20, "inner",
-                        1 << 20, 8 << 20)
-        fd = os.open(real, os.O_WRONLY)
-        try:
-            os.pwrite(fd, sb.to_bytes(), 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        assert discovery.probe(real) is not None  # a pool is there ...
-        assert real not in [f.path for f in discovery.scan()]  # ... but the scan skips it
-        assert discovery.scan([real])[0].sb.label == "inner"  # named, it is read
-        d.cli("detach", "f")
+    sb = Superblock(uuid.uuid4().bytes, 1, 64 << 20, 1 << 20, 40, 9 << 20, "inner",
+                    1 << 20, 8 << 20)
+    fd = os.open(real, os.O_WRONLY)
+    try:
+        os.pwrite(fd, sb.to_bytes(), 0)
+        os.fsync(fd)
     finally:
-        remove(d)
+        os.close(fd)
+    assert discovery.probe(real) is not None  # a pool is there ...
+    assert real not in [f.path for f in discovery.scan()]  # ... but the scan skips it
+    assert discovery.scan([real])[0].sb.label == "inner"  # named, it is read
+    d.cli("detach", "f")

@@ -8,14 +8,13 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
 from pstoraged.engine.devices import dev_dir
 from pstoraged.errors import Conflict
 
-from .daemon_util import Daemon, new_daemon, remove
+from .daemon_util import Daemon
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,22 +25,6 @@ pytestmark = [
 ]
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def fuse_daemon(tmp_path) -> Iterator[Daemon]:
-    """A daemon whose attach uses its own FUSE front end ([fuse] enabled)."""
-    d = new_daemon(size=4 << 30)
-    conf = tmp_path / "pstoraged.toml"
-    conf.write_text(f'[fuse]\nenabled = true\nmountpoint = "{d.run_dir}/dev"\n')
-    d.args = ["--config", str(conf)]
-    try:
-        d.start()
-        yield d
-    finally:
-        for mnt in getattr(d, "mounts", []):
-            subprocess.run(["umount", "-l", mnt], capture_output=True)
-        remove(d)
 
 
 def getsize(dev: str) -> int:
