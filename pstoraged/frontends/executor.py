@@ -97,6 +97,9 @@ class MirrorHook(Protocol):
         """A durable request, committed here: answer it via Executor.answer once
         the peer has it durable too."""
 
+    def kick(self) -> None:
+        """A batch ran: send what it queued."""
+
     def detach(self) -> None:
         """No more requests come: answer what is held."""
 
@@ -325,6 +328,9 @@ class Executor:
         self.max_batch = max(self.max_batch, len(batch))
         if durable:
             self._commit_and_answer(durable)
+        if mirrors:
+            for m in mirrors.values():
+                m.kick()
         if self.policy.due():
             # the replies are out; the reducer works on what came in while we commit
             self.read_ahead()

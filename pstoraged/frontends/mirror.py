@@ -161,11 +161,12 @@ class Mirror:
         self._queued_total = self._durable_total = 0
         self._totals: deque[tuple[int, int]] = deque()
         self._load()
-        # --- shared with the link thread (under _cv)
+        # --- shared with the link thread: the queue (deque appends and pops are
+        # atomic; the link waits on _cv, woken when the queue was empty), the rest under _cv
         self._cv = threading.Condition()
         self._queue: deque[MirrorOp] = deque()
-        self._queued = 0  # bytes in _queue
-        self._in_flight = 0  # bytes being sent
+        self._taken_total = 0  # link thread: wire bytes taken off the queue since start
+        self._in_flight = 0  # link thread: bytes being sent
         self._flush_upto = 0  # the engine wants the peer flushed through this seq
         self._resync_asked = False  # a resync step is posted and has not run yet
         self._stopping = False
@@ -249,7 +250,8 @@ class Mirror:
         self._mark(offset, length)  # before the op can reach the peer: commits with the data
         if not self._accepting:
             return
-        if self._queued > self.max_queued:  # the peer falls behind: resend from the data later
+        if self._queued_total - self._taken_total > self.max_queued:
+            # the peer falls behind: resend from the data later
             self._e_behind(offset, length)
             return
         self._queue_op(offset, length, data, red)
@@ -265,10 +267,15 @@ class Mirror:
         size = _wire_size(length, data, red)
         self._queued_total += size
         self._totals.append((seq, self._queued_total))
-        with self._cv:
-            self._queue.append(MirrorOp(seq, offset, length, data, red))
-            self._queued += size
-            self._cv.notify()
+        self._queue.append(MirrorOp(seq, offset, length, data, red))  # kick() wakes the link
+
+    def kick(self) -> None:
+        """The end of an executor batch: wake the link thread for what the batch
+        queued (once per batch, not per op: a wake-up per 4 KiB write cost ~40 us
+        of thread switching at QD32)."""
+        if self._queue:
+            with self._cv:
+                self._cv.notify()
 
     # ------------------------------------------------------------ the bitmap (engine thread)
     def _load(self) -> None:
@@ -459,9 +466,7 @@ class Mirror:
                 if self._stopping:
                     return
             if not up:
-                with self._cv:  # their extents are in the bitmap: the resync sends them
-                    self._queue.clear()
-                    self._queued = 0
+                self._take()  # dropped: their extents are in the bitmap, the resync sends them
                 try:
                     self.link.connect()
                 except OSError as e:
@@ -479,10 +484,9 @@ class Mirror:
                     self._cv.wait(1.0)
                 if self._stopping:
                     return
-                ops = list(self._queue)
-                self._queue.clear()
-                self._in_flight, self._queued = self._queued, 0
-                want = self._flush_upto
+                want = self._flush_upto  # before the take: ops up to it are queued already
+                ops = self._take()
+                self._in_flight = sum(_wire_size(op.length, op.data, op.red) for op in ops)
                 if self._resync_left and not self._resync_asked and \
                         self._in_flight < self.max_queued // 2:
                     self._resync_asked = True
@@ -510,6 +514,14 @@ class Mirror:
                     if not self._stopping:
                         self._cv.wait(self.retry)
 
+    def _take(self) -> list[MirrorOp]:
+        """Everything queued so far (link thread)."""
+        q, ops = self._queue, []
+        while q:
+            ops.append(q.popleft())
+        self._taken_total += sum(_wire_size(op.length, op.data, op.red) for op in ops)
+        return ops
+
     # ------------------------------------------------------------ status
     def statistics(self) -> MirrorStatistics:
         """Any thread (figures may be a moment apart)."""
@@ -518,7 +530,7 @@ class Mirror:
             volume=self.vol.name, policy=self.policy, state=self.state,
             connected=self._accepting, sent_ops=self.sent_ops, sent_bytes=self.sent_bytes,
             logical_bytes=self.logical_bytes, resync_bytes=self.resync_bytes,
-            pending_bytes=self._queued,
+            pending_bytes=max(0, self._queued_total - self._taken_total),
             lag_bytes=max(0, self._queued_total - self._durable_total),
             lag_seconds=time.monotonic() - oldest if oldest else 0.0,
             out_of_sync_bytes=self._oos * EXTENT,
