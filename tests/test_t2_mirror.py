@@ -302,3 +302,23 @@ TestMirrorInterleavings = MirrorInterleavings.TestCase
 TestMirrorInterleavings.settings = settings(
     max_examples=12, stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_a_peer_that_refuses_a_change_is_a_lost_peer(pair, caplog):
+    """An error from the peer's engine (not a network error) must not end the link
+    thread: the pair degrades, and recovers once the peer accepts again."""
+    caplog.allowed_errors = True
+    real = pair.peer.apply
+
+    def refuse(ops):
+        raise CorruptData("peer says no")
+
+    pair.peer.apply = refuse  # type: ignore[method-assign]
+    pair.loop.write(pair.vol, 0, b"x" * BLOCK_SIZE)
+    pair.loop.flush(pair.vol)  # degrade: durable here, the extent is owed
+    pair.wait_state(M.DEGRADED)
+    assert "peer says no" in pair.mirror.statistics().last_error
+    assert any("refused a change" in r.getMessage() for r in caplog.records)
+    pair.peer.apply = real  # type: ignore[method-assign]
+    pair.wait_in_sync()
+    assert pair.peer_read(0, BLOCK_SIZE) == b"x" * BLOCK_SIZE

@@ -469,8 +469,8 @@ class Mirror:
                 self._take()  # dropped: their extents are in the bitmap, the resync sends them
                 try:
                     self.link.connect()
-                except OSError as e:
-                    self.last_error = str(e) or type(e).__name__
+                except Exception as e:  # unreachable, or refused: try again later
+                    self.last_error = _describe(e)
                     with self._cv:
                         if not self._stopping:
                             self._cv.wait(self.retry)
@@ -503,11 +503,16 @@ class Mirror:
                     self.link.flush()
                     flushed = self._sent
                     self._post(self._e_durable, flushed)
-            except OSError as e:
+            except Exception as e:
+                # OSError: the link is lost. Anything else: the peer refused an
+                # op (its pool is full, a bug): also a loss, never a dead thread.
+                if not isinstance(e, OSError):
+                    log.error("mirror %s: the peer refused a change, the pair is split until a "
+                              "resync succeeds: %s", self.vol.name, _describe(e))
                 up = False
                 self._in_flight = 0
                 self.disconnects += 1
-                self.last_error = str(e) or type(e).__name__
+                self.last_error = _describe(e)
                 self._post(self._e_lost, self.last_error)
                 with self._cv:
                     self._resync_asked = False
@@ -536,6 +541,10 @@ class Mirror:
             out_of_sync_bytes=self._oos * EXTENT,
             resync_left_bytes=self._resync_left * EXTENT, held_flushes=len(self._held),
             disconnects=self.disconnects, last_error=self.last_error)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def _ignore(req: X.Request) -> None:
