@@ -322,3 +322,17 @@ def test_a_peer_that_refuses_a_change_is_a_lost_peer(pair, caplog):
     pair.peer.apply = real  # type: ignore[method-assign]
     pair.wait_in_sync()
     assert pair.peer_read(0, BLOCK_SIZE) == b"x" * BLOCK_SIZE
+
+
+def test_a_quiet_link_confirms_without_a_client_flush(pair):
+    """Without a flush from the client the peer is still flushed once the link is
+    quiet, so the bitmap and the lag go back to zero."""
+    pair.mirror.idle_flush = 0.05
+    pair.loop.write(pair.vol, 0, os.urandom(4 * BLOCK_SIZE))
+    st = pair.mirror.statistics()
+    assert st.out_of_sync_bytes == M.EXTENT and st.lag_bytes > 0
+    end = time.monotonic() + 10
+    while pair.mirror.statistics().out_of_sync_bytes or pair.mirror.statistics().lag_bytes:
+        assert time.monotonic() < end, pair.mirror.statistics()
+        time.sleep(0.01)
+    assert pair.peer.flushes >= 1

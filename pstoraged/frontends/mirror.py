@@ -56,6 +56,9 @@ PAGE_BYTES = 512  # bitmap bytes per LMDB record: 4096 extents, 4 GiB of volume
 MAX_QUEUED = 64 << 20  # bytes queued for the peer; beyond, changes wait for a resync
 RESYNC_BYTES = 8 << 20  # extents read per resync step on the engine thread
 RETRY_SECONDS = 1.0  # between attempts to reach a lost peer
+# A quiet link flushes the peer after this long, so that its confirmation
+# clears the bitmap and the lag without waiting for the client's next flush.
+IDLE_FLUSH_SECONDS = 1.0
 OP_HEADER = 24  # bytes counted on the wire per op besides its payload (seq, offset, length)
 
 STRICT, DEGRADE = "strict", "degrade"
@@ -132,7 +135,7 @@ class Mirror:
 
     def __init__(self, engine: Engine, vol: Volume, link: PeerLink, executor: X.Executor,
                  policy: str = DEGRADE, *, retry: float = RETRY_SECONDS,
-                 max_queued: int = MAX_QUEUED) -> None:
+                 max_queued: int = MAX_QUEUED, idle_flush: float = IDLE_FLUSH_SECONDS) -> None:
         if policy not in POLICIES:
             raise InvalidArgument(f"unknown sync replication policy {policy!r}",
                                   f"use one of {', '.join(POLICIES)}")
@@ -142,6 +145,7 @@ class Mirror:
         self.executor = executor
         self.policy = policy
         self.retry = retry
+        self.idle_flush = idle_flush
         self.max_queued = max_queued
         # --- engine thread
         self._accepting = False  # connected: changes are queued for the peer
@@ -478,13 +482,18 @@ class Mirror:
                 up = True
                 flushed = self._sent  # a flush now would confirm nothing of the old session
                 self._post(self._e_connected)
+            idle = False
             with self._cv:
                 while (not self._queue and self._flush_upto <= flushed and not self._stopping
                        and not (self._resync_left and not self._resync_asked)):
-                    self._cv.wait(1.0)
+                    if not self._cv.wait(self.idle_flush) and self._sent > flushed:
+                        idle = True  # quiet: have the peer confirm what it got
+                        break
                 if self._stopping:
                     return
                 want = self._flush_upto  # before the take: ops up to it are queued already
+                if idle:
+                    want = max(want, self._sent)
                 ops = self._take()
                 self._in_flight = sum(_wire_size(op.length, op.data, op.red) for op in ops)
                 if self._resync_left and not self._resync_asked and \
