@@ -336,3 +336,18 @@ def test_a_quiet_link_confirms_without_a_client_flush(pair):
         assert time.monotonic() < end, pair.mirror.statistics()
         time.sleep(0.01)
     assert pair.peer.flushes >= 1
+
+
+def test_a_writer_that_never_flushes_is_confirmed_too(pair):
+    """Under a steady stream of writes without flushes the link is never quiet;
+    the peer is still flushed every idle_flush seconds, so the per-op records
+    behind lag_bytes do not grow without bound."""
+    pair.mirror.idle_flush = 0.05
+    end = time.monotonic() + 1.0
+    blk = 0
+    while time.monotonic() < end:
+        pair.loop.write(pair.vol, blk % (SIZE // BLOCK_SIZE) * BLOCK_SIZE,
+                        os.urandom(BLOCK_SIZE))
+        blk += 1
+    assert pair.peer.flushes >= 3
+    assert len(pair.mirror._totals) < blk / 2

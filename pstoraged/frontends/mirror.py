@@ -56,8 +56,9 @@ PAGE_BYTES = 512  # bitmap bytes per LMDB record: 4096 extents, 4 GiB of volume
 MAX_QUEUED = 64 << 20  # bytes queued for the peer; beyond, changes wait for a resync
 RESYNC_BYTES = 8 << 20  # extents read per resync step on the engine thread
 RETRY_SECONDS = 1.0  # between attempts to reach a lost peer
-# A quiet link flushes the peer after this long, so that its confirmation
-# clears the bitmap and the lag without waiting for the client's next flush.
+# A quiet link flushes the peer after this long, a busy one at least this
+# often, so that its confirmation clears the bitmap and the lag records
+# without waiting for the client's next flush.
 IDLE_FLUSH_SECONDS = 1.0
 OP_HEADER = 24  # bytes counted on the wire per op besides its payload (seq, offset, length)
 
@@ -465,6 +466,7 @@ class Mirror:
     def _run(self) -> None:
         up = False
         flushed = 0
+        last_flush = time.monotonic()
         while True:
             with self._cv:
                 if self._stopping:
@@ -508,9 +510,13 @@ class Mirror:
                     self.sent_bytes += self._in_flight
                     self.logical_bytes += sum(op.length for op in ops)
                 self._in_flight = 0
-                if want > flushed and self._sent >= want:
+                now = time.monotonic()
+                if (want > flushed and self._sent >= want) or (
+                        self._sent > flushed and now - last_flush >= self.idle_flush):
+                    # asked for, or due: a writer that never flushes must not keep
+                    # the bitmap and the per-op lag records growing
                     self.link.flush()
-                    flushed = self._sent
+                    flushed, last_flush = self._sent, now
                     self._post(self._e_durable, flushed)
             except Exception as e:
                 # OSError: the link is lost. Anything else: the peer refused an
