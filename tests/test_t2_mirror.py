@@ -351,3 +351,16 @@ def test_a_writer_that_never_flushes_is_confirmed_too(pair):
         blk += 1
     assert pair.peer.flushes >= 3
     assert len(pair.mirror._totals) < blk / 2
+
+
+def test_large_writes_ship_as_stored(pair):
+    """A large write goes to the peer as the reducer left it: compressed payloads
+    (and nothing for zero blocks), checked and stored as they are."""
+    data = (b"pstorage replicates compressed chunks " * 2000)[:60 * 1024]
+    data += bytes(4096)  # 15 compressible blocks and a zero one
+    before = pair.mirror.statistics().sent_bytes
+    pair.loop.write(pair.vol, 0, data)
+    pair.loop.flush(pair.vol)
+    sent = pair.mirror.statistics().sent_bytes - before
+    assert sent < len(data) // 4, sent
+    assert pair.peer_read(0, len(data)) == data
