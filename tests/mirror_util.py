@@ -13,6 +13,7 @@ from typing import Any
 
 from pstoraged.engine.engine import Engine, Volume
 from pstoraged.engine.pool import open_pool
+from pstoraged.errors import DeviceIOError
 from pstoraged.frontends import executor as X
 from pstoraged.frontends.metrics import IoStats
 from pstoraged.frontends.mirror import IN_SYNC, LocalPeer, Mirror
@@ -142,8 +143,10 @@ class Pair:
             if st.state == IN_SYNC and not st.out_of_sync_bytes and not st.lag_bytes:
                 return
             assert time.monotonic() < end, f"not in sync: {st}"
-            # a flush makes the peer confirm what it has
-            self.loop.flush(self.vol)
+            try:  # a flush makes the peer confirm what it has
+                self.loop.flush(self.vol)
+            except DeviceIOError:  # strict, not reconnected yet
+                pass
             time.sleep(0.01)
 
     def peer_read(self, offset: int, length: int) -> bytes:

@@ -245,8 +245,11 @@ def test_bad_policy_is_refused(pair):
 
 
 class MirrorInterleavings(RuleBasedStateMachine):
-    """Random writes, trims, flushes, link losses and returns, in degrade mode:
-    flushes never fail, and once the link is back the two volumes are equal."""
+    """Random writes, trims, flushes, link losses and returns. Degrade: flushes
+    never fail. Strict: a refused change is applied nowhere. Either way, once
+    the link is back the two volumes equal the model."""
+
+    policy = "degrade"
 
     def __init__(self) -> None:
         super().__init__()
@@ -256,7 +259,7 @@ class MirrorInterleavings(RuleBasedStateMachine):
         os.mkdir(b)
         make_pool(a, size=32 << 20)
         make_pool(b, size=32 << 20)
-        self.p = Pair(a, b, 4 << 20)
+        self.p = Pair(a, b, 4 << 20, policy=self.policy)
         self.p.wait_state()
         self.model = bytearray(4 << 20)
 
@@ -264,18 +267,31 @@ class MirrorInterleavings(RuleBasedStateMachine):
     def write(self, blk, n, fua):
         n = min(n, 1024 - blk)
         data = os.urandom(n * BLOCK_SIZE)
-        self.p.loop.write(self.p.vol, blk * BLOCK_SIZE, data, fua=fua)
+        try:
+            self.p.loop.write(self.p.vol, blk * BLOCK_SIZE, data, fua=fua)
+        except DeviceIOError as e:
+            assert self.policy == "strict"
+            if "writes are refused" in str(e):  # refused: applied nowhere
+                return
+            assert fua  # applied here, its flush not confirmed by the peer
         self.model[blk * BLOCK_SIZE:(blk + n) * BLOCK_SIZE] = data
 
     @rule(blk=st.integers(0, 1023), n=st.integers(1, 300))
     def trim(self, blk, n):
         n = min(n, 1024 - blk)
-        self.p.loop.do(X.TRIM, self.p.vol, blk * BLOCK_SIZE, n * BLOCK_SIZE)
+        try:
+            self.p.loop.do(X.TRIM, self.p.vol, blk * BLOCK_SIZE, n * BLOCK_SIZE)
+        except DeviceIOError:
+            assert self.policy == "strict"
+            return
         self.model[blk * BLOCK_SIZE:(blk + n) * BLOCK_SIZE] = bytes(n * BLOCK_SIZE)
 
     @rule()
     def flush(self):
-        self.p.loop.flush(self.p.vol)
+        try:
+            self.p.loop.flush(self.p.vol)
+        except DeviceIOError:  # the peer is away, or back and not reconnected yet
+            assert self.policy == "strict"
 
     @precondition(lambda self: not self.p.peer.down)
     @rule()
@@ -364,3 +380,11 @@ def test_large_writes_ship_as_stored(pair):
     sent = pair.mirror.statistics().sent_bytes - before
     assert sent < len(data) // 4, sent
     assert pair.peer_read(0, len(data)) == data
+
+
+class StrictMirrorInterleavings(MirrorInterleavings):
+    policy = "strict"
+
+
+TestStrictMirrorInterleavings = StrictMirrorInterleavings.TestCase
+TestStrictMirrorInterleavings.settings = TestMirrorInterleavings.settings
