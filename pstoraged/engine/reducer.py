@@ -148,6 +148,16 @@ def reduce_now(data: bytes, codec: int, zstd_level: int = 3) -> Pending:
     return p
 
 
+def finished(red: Reduction) -> Pending:
+    """A Pending holding a Reduction made elsewhere (a sync replication peer's
+    write, frontends/mirror.py), for Engine.write_reduced."""
+    p = Pending(b"", 0)
+    p._result = red
+    p._data = None
+    p._done.release()
+    return p
+
+
 def start(zstd_level: int = 3) -> ReducerThread | None:
     """The worker, or None when the compiled reducer is missing (logged once)."""
     if not AVAILABLE:
