@@ -154,3 +154,44 @@ def test_interrupted_sync_resumes(net):
     point = tgt["last_consistent_point"]
     assert tgt["state"] == "idle"
     assert digest(b, f"big@{point}", 32 * MiB) == digest(a, f"big@{point}", 32 * MiB)
+
+
+def test_sync_resumes_after_the_target_restarts_and_schedules_run(net):
+    link, a, b = net
+    a.cli("volume", "create", "logs", "--size", "16M")
+    data = os.urandom(8 * MiB)
+    write(a, "logs", data)
+    a.cli("replication", "create", "logs", "--peer", "dr")
+    a.cli("peer", "set", "dr", "--bandwidth", "1M")
+    try:
+        a.cli("replication", "sync", "logs")
+        deadline = time.monotonic() + 30
+        while status(a)[("logs", "source")]["progress"] < 0.1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        b.kill9()  # the target dies mid-transfer
+        deadline = time.monotonic() + 90
+        while status(a)[("logs", "source")]["state"] != "error":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    finally:
+        if b.proc is None:
+            b.start()
+    assert status(b)[("logs", "target")]["state"] == "syncing"  # its progress survived
+    a.cli("peer", "set", "dr", "--bandwidth", "0")
+    r = json.loads(a.cli("replication", "sync", "logs", "--wait", "--json").stdout)["last_sync"]
+    assert 0 < r["resumed_at"] and r["blocks"] < 8 * MiB // 4096
+    point = status(b)[("logs", "target")]["last_consistent_point"]
+    assert digest(b, f"logs@{point}", 16 * MiB) == digest(a, f"logs@{point}", 16 * MiB)
+    # a schedule: the next point comes by itself
+    write(a, "logs", os.urandom(4096), 12 * MiB)
+    a.cli("replication", "delete", "logs")
+    out = a.cli("replication", "create", "logs", "--peer", "dr", "--every", "1s").stdout
+    assert "every 1s" in out
+    deadline = time.monotonic() + 30
+    while status(b)[("logs", "target")]["last_consistent_point"] == point:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    a.cli("replication", "delete", "logs")
+    later = status(b)[("logs", "target")]["last_consistent_point"]
+    assert digest(b, f"logs@{later}", 16 * MiB) == digest(a, f"logs@{later}", 16 * MiB)

@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from ..engine import codecs
 from ..engine.format import BLOCK_SIZE
 from ..engine.replica import (
     DEFAULT_KEEP,
@@ -54,7 +55,10 @@ log = logging.getLogger("pstoraged.replication")
 
 PAIRS_KEY = "repl_pairs"
 SNAP_PREFIX = "repl-"
-BATCH_BLOCKS = 1024  # blocks per snap.blocks message: at most 4 MiB of chunks follow
+BATCH_BLOCKS = 1024  # blocks per snap.blocks message
+# chunks per snap.chunks message: at most 256 KiB, so that a slow (limited)
+# link still carries the pings between them in time
+CHUNKS_PER_MESSAGE = 64
 CALL_TIMEOUT = 60.0
 SCHEDULE_TICK = 1.0  # seconds between looks at the schedules
 _BLOCK = struct.Struct(">QB32s")  # lba, 1 = a chunk (0 = a hole), fingerprint
@@ -129,6 +133,12 @@ def decode_chunks(data: bytes) -> list[ChunkPayload]:
         out.append(ChunkPayload(fp, codec, raw_len, bytes(data[pos:pos + n]), crc))
         pos += n
     return out
+
+
+def _verify_all(payloads: list[ChunkPayload]) -> None:
+    comp = codecs.Compressor()
+    for p in payloads:
+        verify_payload(p, comp)
 
 
 def _int(body: dict[str, Any], key: str, lo: int = 0, hi: int = 1 << 62) -> int:
@@ -323,11 +333,14 @@ class AsyncReplication:
                 raise ProtocolError("the peer's list of missing chunks is malformed")
             if lacking:
                 fps = [lacking[i:i + 32] for i in range(0, len(lacking), 32)]
-                payloads: list[ChunkPayload] = await self.call(exp.chunk_payloads, fps)
-                data = encode_chunks(payloads)
-                await self._send(peer, "snap.chunks", head, data, st=st)
-                st.chunks_sent += len(payloads)
-                st.payload_bytes += sum(len(p.data) for p in payloads)
+                for i in range(0, len(fps), CHUNKS_PER_MESSAGE):
+                    part = fps[i:i + CHUNKS_PER_MESSAGE]
+                    payloads: list[ChunkPayload] = await self.call(exp.chunk_payloads, part)
+                    last = i + CHUNKS_PER_MESSAGE >= len(fps)
+                    await self._send(peer, "snap.chunks", {**head, "last": last},
+                                     encode_chunks(payloads), st=st)
+                    st.chunks_sent += len(payloads)
+                    st.payload_bytes += sum(len(p.data) for p in payloads)
             st.blocks += len(batch.blocks)
             st.logical_bytes += len(batch.blocks) * BLOCK_SIZE
             rt.progress = batch.next_lba / end if end else 1.0
@@ -479,6 +492,7 @@ class AsyncReplication:
                 lacking = imp.missing(fp for _, fp in batch.blocks if fp is not HOLE)
                 if not lacking:
                     imp.apply(batch)
+                    self.engine.flush()  # durable: a restart resumes after it
                 return lacking
             lacking = await self.call(step)
             if lacking:
@@ -491,10 +505,10 @@ class AsyncReplication:
         name = _name(msg.body, "volume", "volume")
         assert name is not None
         payloads = decode_chunks(msg.payload)
-        for p in payloads:  # off the engine thread: the expensive part
-            await trio.to_thread.run_sync(verify_payload, p)
+        await trio.to_thread.run_sync(_verify_all, payloads)  # off the engine thread
+        last = bool(msg.body.get("last", True))
         async with self._lock(name):
-            batch = self._pending.pop(name, None)
+            batch = self._pending.get(name)
             if batch is None or batch.first_lba != _int(msg.body, "first"):
                 raise Conflict(f"replica {name!r} expects no chunks now",
                                "send the batch's blocks first")
@@ -502,9 +516,13 @@ class AsyncReplication:
             def step() -> int:
                 imp = self._replica(peer, name)
                 new = imp.store_chunks(payloads)
-                imp.apply(batch)
+                if last:  # the batch's chunks are all here: map it
+                    imp.apply(batch)
+                    self.engine.flush()  # durable: a restart resumes after it
                 return new
             new: int = await self.call(step)
+            if last:
+                self._pending.pop(name, None)
         return {"stored": new}
 
     async def _on_commit(self, peer: Peer, msg: Message) -> dict[str, Any]:
