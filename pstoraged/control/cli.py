@@ -806,6 +806,82 @@ def _peer_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     x.set_defaults(fn=cmd_peer_disconnect)
 
 
+# ---------------------------------------------------------------- replication
+REPL_HEADER = ["VOLUME", "ROLE", "PEER", "STATE", "LAST POINT", "LAG", "LOGICAL", "WIRE"]
+
+
+def _repl_state(p: dict) -> str:
+    if p["state"] == "syncing" and p.get("progress") is not None:
+        return f"syncing {100 * p['progress']:.0f}%"
+    return p["state"]
+
+
+def _repl_rows(pairs: list[dict]) -> list[list[str]]:
+    rows = []
+    for p in pairs:
+        last = p.get("last_sync") or {}
+        lag = p.get("lag_seconds")
+        rows.append([p["volume"], p["role"], str(p["peer"]), _repl_state(p),
+                     p.get("last_consistent_point") or "-",
+                     "-" if lag is None else f"{lag:.0f}s",
+                     human_bytes(last["logical_bytes"]) if last else "-",
+                     human_bytes(last["wire_bytes"]) if last else "-"])
+    return rows
+
+
+def cmd_repl_create(args: argparse.Namespace, c: Client) -> None:
+    p = c.post("/api/v1/replication", {"volume": args.volume, "peer": args.peer,
+                                       "keep": args.keep, "every": _seconds(args.every)})
+    _emit(args, p, f"volume {args.volume} replicates to {p['peer']}" +
+          (f" every {args.every}" if p["every"] else " on demand (pstorage replication sync)"))
+
+
+def cmd_repl_sync(args: argparse.Namespace, c: Client) -> None:
+    wait = "true" if args.wait else "false"
+    p = c.post(f"/api/v1/replication/{args.volume}/sync?wait={wait}")
+    if not args.wait:
+        _emit(args, p, f"sync of {args.volume} started; see pstorage replication status")
+        return
+    last = p["last_sync"]
+    _emit(args, p, f"{args.volume} replicated to {p['peer']}: {last['blocks']} changed blocks "
+          f"({human_bytes(last['logical_bytes'])}), {last['chunks_sent']} chunks sent, "
+          f"{human_bytes(last['wire_bytes'])} on the wire")
+
+
+def cmd_repl_status(args: argparse.Namespace, c: Client) -> None:
+    data = c.get("/api/v1/replication")
+    pairs = data["pairs"]
+    errors = [f"{p['volume']}: {p['last_error']}" for p in pairs if p.get("last_error")]
+    _emit(args, data, (table(_repl_rows(pairs), REPL_HEADER) if pairs else "no replication")
+          + "".join(f"\n{e}" for e in errors))
+
+
+def cmd_repl_delete(args: argparse.Namespace, c: Client) -> None:
+    r = c.delete(f"/api/v1/replication/{args.volume}")
+    _emit(args, r, f"volume {args.volume} no longer replicates (the replica stays on the peer)")
+
+
+def _replication_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """replication create, sync, status, delete"""
+    rp = sub.add_parser("replication", help="asynchronous replication of volumes to peers"
+                        ).add_subparsers(dest="sub", required=True)
+    x = rp.add_parser("create", help="replicate VOLUME to a peer")
+    x.add_argument("volume")
+    x.add_argument("--peer", required=True, help="a peer name ('pstorage peer list')")
+    x.add_argument("--keep", type=int, default=4, help="replica snapshots kept there (default 4)")
+    x.add_argument("--every", default="0", help="sync on a schedule (15m, 1h; default: on demand)")
+    x.set_defaults(fn=cmd_repl_create)
+    x = rp.add_parser("sync", help="ship VOLUME's changes since its last replica point now")
+    x.add_argument("volume")
+    x.add_argument("--wait", action="store_true", help="return when the sync is done")
+    x.set_defaults(fn=cmd_repl_sync)
+    rp.add_parser("status", help="every pair: role, state, last consistent point, lag, bytes"
+                  ).set_defaults(fn=cmd_repl_status)
+    x = rp.add_parser("delete", help="stop replicating VOLUME (its replica stays on the peer)")
+    x.add_argument("volume")
+    x.set_defaults(fn=cmd_repl_delete)
+
+
 class _Parser(argparse.ArgumentParser):
     """Every command and subcommand takes --json and --socket, before or after its name."""
 
@@ -822,7 +898,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     # in this order: --help lists the commands so
     for add in (_pool_commands, _volume_commands, _snapshot_commands, _serving_commands,
-                _report_commands, _maintenance_commands, _peer_commands):
+                _report_commands, _maintenance_commands, _peer_commands,
+                _replication_commands):
         add(sub)
     return p
 

@@ -25,6 +25,7 @@ from ..frontends.dataplane import DataPlane
 from ..frontends.exports import ExportManager
 from ..frontends.fusefs import FuseFrontEnd
 from ..frontends.loopdev import loop_devices_on
+from ..replication.async_repl import AsyncReplication
 from ..replication.peers import PeerStore
 from ..replication.service import Replication
 from . import config, logsetup, sdnotify
@@ -97,6 +98,7 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
             PeerStore(engine.meta, dataplane.call), sb.uuid.hex(),
             rc.name or sb.label or f"pool-{sb.uuid.hex()[:8]}", run_dir,
             listen=rc.listen, advertise=rc.advertise, ping_interval=rc.ping_interval)
+        ctx.async_replication = AsyncReplication(ctx.replication, dataplane.call, ctx.catalog)
         control = ControlServer(build_app(ctx), os.path.join(run_dir, "control.sock"),
                                 tcp=cfg.api_listen, token_file=cfg.api_token_file)
 
@@ -138,6 +140,7 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
             nursery.start_soon(ctx.analytics.run, name="capacity sampler")
             nursery.start_soon(eradicator.run, name="eradicator")
             await nursery.start(ctx.replication.run)  # peers; the listener if configured
+            await nursery.start(ctx.async_replication.run)  # pairs and their schedules
             nursery.start_soon(watchdog.run, name="watchdog")
             ctx.ready = True
             log.info("pstoraged ready: pool %s, %d volumes, sockets in %s",
@@ -157,6 +160,7 @@ async def serve(engine: Engine, args: argparse.Namespace, cfg: config.Config,
             ctx.ready = False
             ctx.analytics.stop()
             eradicator.stop()
+            ctx.async_replication.stop()
             ctx.replication.stop()
             control.stop()
             if fuse is not None:

@@ -56,6 +56,10 @@ TYPES: dict[str, int] = {
     "auth": 0x0002,  # pairing: proof of the connection key (HMAC)
     "ping": 0x0003,  # liveness, round-trip time; echoes a digest of its payload
     "peer.forget": 0x0004,  # `peer disconnect`: the other side forgets us too
+    "snap.offer": 0x0101,  # async: a delta base -> snap of a volume; answer: resume lba
+    "snap.blocks": 0x0102,  # async: a batch of (lba, fingerprint); answer: missing ones
+    "snap.chunks": 0x0103,  # async: the missing chunks as stored; the batch is applied
+    "snap.commit": 0x0104,  # async: the whole delta is there: take the replica snapshot
     # 0x0100-0x01ff: asynchronous replication; 0x0200-0x02ff: synchronous
 }
 NAMES = {v: k for k, v in TYPES.items()}

@@ -2,8 +2,8 @@
 
 build_app() makes the app: its OpenAPI metadata, the request-id middleware,
 the error handlers, and one router per resource (system, pool, volumes,
-snapshots, exports, analytics, peers), each a module here. The daemon calls it with
-the Context (context.py) the handlers receive.
+snapshots, exports, analytics, peers, replication), each a module here. The
+daemon calls it with the Context (context.py) the handlers receive.
 
 Handlers never touch the engine directly: engine work is queued on the data
 plane thread with `ctx.call()`, blocking tools (nbdkit, losetup, nvme-cli)
@@ -29,7 +29,7 @@ from starlette.routing import Match, Route
 
 from ... import __version__
 from ...errors import PStorageError
-from . import analytics, exports, peers, pool, snapshots, system, volumes
+from . import analytics, exports, peers, pool, replication, snapshots, system, volumes
 from .context import Context
 from .models import FIELD_HINTS
 
@@ -37,7 +37,7 @@ __all__ = ["Context", "build_app"]
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (system, pool, volumes, snapshots, exports, analytics, peers)
+ROUTERS = (system, pool, volumes, snapshots, exports, analytics, peers, replication)
 
 
 def build_app(ctx: Context) -> FastAPI:

@@ -42,6 +42,7 @@ class Context:
         self.analytics: Any = None  # analytics.Analytics, set by the daemon
         self.fuse: Any = None  # fusefs.FuseFrontEnd when the daemon serves one
         self.replication: Any = None  # replication.service.Replication, set by the daemon
+        self.async_replication: Any = None  # replication.async_repl.AsyncReplication, too
         self.catalog: Catalog = Catalog(self.engine)  # snapshots and SafeMode
         self.usage = UsageCache(self.engine.meta)  # cached walks of the volumes' maps
         # per volume, held from check to change by export, attach and the start
