@@ -64,3 +64,22 @@ def veth_pair() -> Iterator[Link]:
     finally:
         for n in made:  # deleting a namespace deletes its veth end (and so the pair)
             subprocess.run(["ip", "netns", "del", n], capture_output=True, timeout=30)
+
+
+def start_daemon_in(link: Link, side: int, port: int, size: int = 64 << 20):  # type: ignore[no-untyped-def]
+    """A daemon in namespace `side` of `link` with its replication listener on
+    that side's address (pings every second)."""
+    from .daemon_util import new_daemon, remove
+
+    d = new_daemon(size=size)
+    cfg = os.path.join(d.pool_dir, "pstoraged.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[replication]\nlisten = "{link.addr[side]}:{port}"\nping_interval = 1\n')
+    d.args = ["--config", cfg]
+    d.wrap = link.exec(side)
+    try:
+        d.start()
+    except BaseException:
+        remove(d)
+        raise
+    return d

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from . import netns_util
-from .daemon_util import Daemon, nbd_read, nbd_write, new_daemon, remove
+from .daemon_util import Daemon, nbd_read, nbd_write, remove
 
 pytestmark = pytest.mark.skipif(bool(netns_util.available()), reason=netns_util.available()
                                 or "n/a")
@@ -23,18 +23,7 @@ MiB = 1 << 20
 
 
 def start_in(link: netns_util.Link, side: int) -> Daemon:
-    d = new_daemon(size=256 << 20)
-    cfg = os.path.join(d.pool_dir, "pstoraged.toml")
-    with open(cfg, "w") as f:
-        f.write(f'[replication]\nlisten = "{link.addr[side]}:{PORT}"\nping_interval = 1\n')
-    d.args = ["--config", cfg]
-    d.wrap = link.exec(side)
-    try:
-        d.start()
-    except BaseException:
-        remove(d)
-        raise
-    return d
+    return netns_util.start_daemon_in(link, side, PORT, size=256 << 20)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from pstoraged.errors import PeerRefused
 
 from . import netns_util
-from .daemon_util import Daemon, new_daemon, remove
+from .daemon_util import Daemon, remove
 
 pytestmark = pytest.mark.skipif(bool(netns_util.available()), reason=netns_util.available()
                                 or "n/a")
@@ -26,18 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def start_in(link: netns_util.Link, side: int, port: int = PORT) -> Daemon:
-    d = new_daemon(size=64 << 20)
-    cfg = os.path.join(d.pool_dir, "pstoraged.toml")
-    with open(cfg, "w") as f:
-        f.write(f'[replication]\nlisten = "{link.addr[side]}:{port}"\nping_interval = 1\n')
-    d.args = ["--config", cfg]
-    d.wrap = link.exec(side)
-    try:
-        d.start()
-    except BaseException:
-        remove(d)
-        raise
-    return d
+    return netns_util.start_daemon_in(link, side, port)
 
 
 def peers(d: Daemon) -> dict[str, dict]:
