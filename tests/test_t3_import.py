@@ -196,3 +196,34 @@ def test_the_scan_never_reads_a_loop_device_over_a_fuse_file(fuse_daemon):
     assert real not in [f.path for f in discovery.scan()]  # ... but the scan skips it
     assert discovery.scan([real])[0].sb.label == "inner"  # named, it is read
     d.cli("detach", "f")
+
+
+def test_daemon_init_imports_a_device_that_already_holds_a_pool(tmp_path):
+    """`pstoraged --init --device DEV` on a host with no pool directory: the
+    device is the pool, so it is imported (volumes kept), not refused or formatted."""
+    d = new_daemon(size=256 << 20)
+    fresh: Daemon | None = None
+    try:
+        d.start()
+        d.cli("volume", "create", "keep", "--size", "4M")
+        uri = d.cli("export", "keep").stdout.strip()
+        data = os.urandom(64 << 10)
+        nbd_write(uri, 0, data)
+        d.cli("unexport", "keep")
+        assert d.stop() == 0
+        base = os.path.dirname(d.pool_dir)
+        dev = os.path.join(base, "disk.img")
+        os.rename(os.path.join(d.pool_dir, "dev.img"), dev)
+        shutil.rmtree(d.pool_dir)
+        fresh = Daemon(os.path.join(base, "fresh"), os.path.join(base, "run3"))
+        fresh.log_path = os.path.join(base, "fresh.log")
+        fresh.args = ["--init", "--device", dev, "--size", "1G"]
+        fresh.start()
+        uri = fresh.cli("export", "keep").stdout.strip()
+        assert nbd_read(uri, 0, len(data)) == data
+        assert "imported pool" in fresh.log()
+        fresh.cli("unexport", "keep")
+    finally:
+        if fresh is not None:
+            fresh.cleanup()
+        remove(d)

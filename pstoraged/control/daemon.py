@@ -13,6 +13,7 @@ import trio
 
 from ..analytics.sampler import Analytics
 from ..analytics.temperature import HeatMap, Thresholds
+from ..engine import discovery
 from ..engine.cleaner import SegmentCleaner
 from ..engine.engine import Engine
 from ..engine.format import DEFAULT_SEGMENT_SIZE
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pool-dir", help="the pool's runtime directory on this host: where it was "
                    f"last seen, locks (default {config.DEFAULT_POOL_DIR})")
     p.add_argument("--run-dir", help=f"sockets and export state (default {config.DEFAULT_RUN_DIR})")
-    p.add_argument("--init", action="store_true", help="create the pool first if there is none")
+    p.add_argument("--init", action="store_true", help="create the pool first if there is none (a --device that already holds a pool is imported)")
     p.add_argument("--device", help="with --init: backing block device or file")
     p.add_argument("--size", help="with --init: create the backing file with this size (e.g. 20G)")
     p.add_argument("--segment-size", default=str(DEFAULT_SEGMENT_SIZE), help="with --init")
@@ -209,10 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.init and not os.path.exists(os.path.join(cfg.pool_dir, "pool.json")):
             if not args.device:
                 raise PStorageError("--init needs --device", "e.g. --device /var/lib/pstorage/pool.img --size 20G")
-            create_pool(cfg.pool_dir, args.device,
-                        file_size=parse_size(args.size) if args.size else None,
-                        segment_size=parse_size(args.segment_size), force=args.force)
-            log.info("created pool in %s on %s", cfg.pool_dir, args.device)
+            found = discovery.probe(args.device) if os.path.exists(args.device) else None
+            if found is not None and found.has_region:
+                # the device is the pool: a host that lost (or never had) the
+                # pool directory imports it rather than refusing or formatting
+                import_pool(cfg.pool_dir, found.uuid.hex(), search=[args.device]).close()
+                log.info("imported pool %s from %s into %s", found.uuid.hex(), args.device,
+                         cfg.pool_dir)
+            else:
+                create_pool(cfg.pool_dir, args.device,
+                            file_size=parse_size(args.size) if args.size else None,
+                            segment_size=parse_size(args.segment_size), force=args.force)
+                log.info("created pool in %s on %s", cfg.pool_dir, args.device)
         engine = Engine(open_named_pool(cfg), index_memory=cfg.dedupe.index_memory)
         HeatMap.attach(engine)  # data temperature: an observer of the engine's maps
     except PStorageError as e:
