@@ -93,14 +93,20 @@ def main() -> int:
     # Everything from here on is undone in `finally`, whenever Ctrl-C comes.
     try:
         client = Client(args.control)
-        for _ in range(200):
+        for _ in range(600):
             try:
-                client.get("/healthz")
-                break
+                status, _, body = client.raw("GET", "/healthz")
+                if status == 200:
+                    break
+                # 503 "starting" (e.g. a reopened pool's dedupe index loading): wait
+                if b'"starting"' not in body:
+                    raise SystemExit(f"pstoraged is not healthy: {body.decode(errors='replace')}"
+                                     f"; see {log_path}")
             except DaemonUnavailable:
-                if daemon.poll() is not None:
-                    raise SystemExit(f"pstoraged exited; see {log_path}") from None
-                time.sleep(0.1)
+                pass
+            if daemon.poll() is not None:
+                raise SystemExit(f"pstoraged exited; see {log_path}") from None
+            time.sleep(0.1)
         try:
             client.get(f"/api/v1/volumes/{args.volume}")
         except NotFound:
