@@ -302,6 +302,15 @@ def _open_region(directory: str, backing: Backing, sb: Superblock,
         raise
 
 
+def _open_store(directory: str, backing: Backing, sb: Superblock,
+                ) -> tuple[MetaStore, RegionDevice | None]:
+    """The pool's metadata store: its region on the device (format 2), or
+    DIR/meta on the host (format 1)."""
+    if sb.has_region:
+        return _open_region(directory, backing, sb)
+    return MetaStore(os.path.join(directory, "meta")), None
+
+
 def read_superblock(backing: Backing) -> Superblock:
     errors = []
     for off in SUPERBLOCK_OFFSETS:
@@ -372,10 +381,7 @@ def _open_device(directory: str, device: str, lock_fd: int, *, expect: str | Non
             )
         if backing.size < sb.data_offset + sb.segment_count * sb.segment_size:
             raise FormatError(f"{device} is smaller than the pool it holds")
-        if sb.has_region:
-            meta, region = _open_region(directory, backing, sb)
-        else:
-            meta = MetaStore(os.path.join(directory, "meta"))
+        meta, region = _open_store(directory, backing, sb)
         try:
             _check_metadata(meta, uid, force)
         except BaseException:
@@ -504,10 +510,7 @@ def raw_metadata(directory: str) -> Iterator[MetaStore]:
         backing = Backing(_locate(directory, info, None))
         try:
             sb = read_superblock(backing)
-            if sb.has_region:
-                meta, region = _open_region(directory, backing, sb)
-            else:
-                meta, region = MetaStore(os.path.join(directory, "meta")), None
+            meta, region = _open_store(directory, backing, sb)
             try:
                 yield meta
             finally:
