@@ -62,7 +62,6 @@ from .format import (
     SEG_KEY,
     SEG_META,
     SEG_SEALED,
-    SEG_TAIL,
     SEQ_MASK,
     U64,
     ChunkHeader,
@@ -77,7 +76,7 @@ from .format import (
 from .jobs import JobRecord, fraction
 from .metadata import MetaStore
 from .pool import open_pool
-from .segments import TAIL_KEYS
+from .segments import TAIL_KEYS, parse_tail
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +240,9 @@ class _Segments:
                 st, _stream, _, seq, wp, live, _erase, _sealed = SEG_META.unpack(v)
                 out.state[s], out.seq[s], out.write_ptr[s], out.live[s] = st, seq, wp, live
         for key in TAIL_KEYS:
-            raw = txn.get(key, db=meta.meta)
-            if raw is None or len(raw) < SEG_TAIL.size:
-                continue
-            s, seq, start = SEG_TAIL.unpack_from(raw)
-            if s < count and seq == out.seq[s]:
-                out.tails[s] = (start, bytes(raw[SEG_TAIL.size:]))
+            rec = parse_tail(txn.get(key, db=meta.meta))
+            if rec is not None and rec[0] < count and rec[1] == out.seq[rec[0]]:
+                out.tails[rec[0]] = (rec[2], rec[3])
         return out
 
 

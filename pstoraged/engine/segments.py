@@ -108,6 +108,15 @@ class SegmentStatistics:
     max_erase: int
 
 
+def parse_tail(raw: bytes | memoryview | None) -> tuple[int, int, int, bytes] | None:
+    """A `seg_tail:<stream>` record: (segment, its seq, start, the bytes from
+    start to the write pointer); None if there is none."""
+    if raw is None or len(raw) < SEG_TAIL.size:
+        return None
+    seg, seq, start = SEG_TAIL.unpack_from(raw)
+    return seg, seq, start, bytes(raw[SEG_TAIL.size:])
+
+
 class SegmentLog:
     def __init__(self, backing: Backing, sb: Superblock, reserve: int = 2) -> None:
         self.backing = backing
@@ -203,11 +212,9 @@ class SegmentLog:
         start = wp // ALIGN * ALIGN
         tail = b""
         if wp > start:
-            raw = self._tails.get(TAIL_KEYS[stream], b"")
-            if len(raw) >= SEG_TAIL.size:
-                seg, seq, at = SEG_TAIL.unpack_from(raw)
-                if (seg, seq, at) == (s, self.seq[s], start):
-                    tail = raw[SEG_TAIL.size:]
+            rec = parse_tail(self._tails.get(TAIL_KEYS[stream]))
+            if rec is not None and rec[:3] == (s, self.seq[s], start):
+                tail = rec[3]
             if len(tail) != wp - start:
                 raise CorruptData(
                     f"open segment {s}: the metadata has no tail record for its last "
